@@ -1,0 +1,66 @@
+"""Model registry: build a network by name, or rebuild one from its spec."""
+
+from __future__ import annotations
+
+from ..encoding import ENCODINGS
+from ..errors import UserError
+from .base import NEURON_DEFAULTS, SpikingNetwork
+from .resnet import RESNET_LAYOUTS, SpikingResNet, resnet_spec
+from .vgg import VGG_FEATURES, SpikingVGG, vgg_spec
+
+MODEL_NAMES = tuple(VGG_FEATURES) + tuple(RESNET_LAYOUTS)
+FAMILIES = {"vgg": SpikingVGG, "resnet": SpikingResNet}
+
+
+def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
+                encoding: str = "direct", neuron: dict | None = None, **options) -> SpikingNetwork:
+    """Build a named network in SNN mode.
+
+    Args:
+        name: one of :data:`MODEL_NAMES` (``vgg5/9/11/16``, ``convnet``, ``resnet20/19``).
+        num_classes: number of output classes.
+        in_shape: ``(C, H, W)`` of the input images.
+        timesteps: T, the number of simulation steps.
+        encoding: ``"direct"`` (default) or ``"poisson"``.
+        neuron: LIF options (``leak``, ``threshold``, ``reset``, ``surrogate``,
+            ``learn_leak``, ``learn_threshold``, ``per_channel``, ``backend``).
+        **options: family options: VGG ``features``, ``classifier``,
+            ``batchnorm``, ``dropout``, ``conv_dropout``; ResNet ``batchnorm``,
+            ``dropout``, ``width_mult``.
+
+    Returns:
+        a network whose ``forward(images [B, C, H, W])`` returns logits
+        ``[B, num_classes]``; ``.ann_twin()`` gives its ReLU twin.
+    """
+    if name not in MODEL_NAMES:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    try:
+        family = resnet_spec(name, **options) if name in RESNET_LAYOUTS else vgg_spec(name, **options)
+    except TypeError as exc:
+        raise UserError(f"bad option for model {name!r}: {exc}") from None
+    unknown = set(neuron or {}) - set(NEURON_DEFAULTS)
+    if unknown:
+        raise UserError(f"unknown neuron option(s) {sorted(unknown)}; allowed: {sorted(NEURON_DEFAULTS)}")
+    spec = {
+        "arch": name, **family, "in_shape": [int(v) for v in in_shape],
+        "num_classes": int(num_classes), "timesteps": int(timesteps), "encoding": encoding,
+        "neuron": {**NEURON_DEFAULTS, **(neuron or {})},
+    }
+    return build_from_spec(spec)
+
+
+def build_from_spec(spec: dict) -> SpikingNetwork:
+    """Rebuild a network from ``model.spec`` (the architecture as data)."""
+    if spec.get("family") not in FAMILIES:
+        raise UserError(f"model spec has unknown family {spec.get('family')!r}")
+    if int(spec.get("timesteps", 0)) < 1:
+        raise UserError(f"timesteps must be >= 1, got {spec.get('timesteps')}")
+    if spec.get("encoding", "direct") not in ENCODINGS:
+        raise UserError(f"unknown encoding {spec.get('encoding')!r}; choose one of {ENCODINGS}")
+    try:
+        return FAMILIES[spec["family"]](spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"model spec is not valid: {exc}") from None
+
+
+__all__ = ["MODEL_NAMES", "SpikingNetwork", "build_model", "build_from_spec"]

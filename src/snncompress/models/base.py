@@ -1,0 +1,166 @@
+"""What every snncompress network shares: the SNN/ANN twin switch, time handling, specs.
+
+A network runs in one of two modes with the same parameters:
+
+* SNN (``spiking=True``): images ``[B, C, H, W]`` are encoded into ``T``
+  timesteps, layers run on ``[T, B, ...]`` tensors, every :class:`LIF`
+  integrates and fires, and the logits are the sum over t of the last
+  layer's output, ``[B, classes]``.
+* ANN twin (``spiking=False``): the same layers with ReLU in place of each
+  LIF, one pass, ``[B, classes]``.
+
+Stateless layers (conv, linear, pooling, BatchNorm) see time folded into the
+batch (``[T*B, ...]``). Everything before the first LIF is computed once per
+image and broadcast over t (direct input: conv1 runs once).
+
+The architecture is data: ``model.spec`` is a JSON-able dict from which
+:func:`snncompress.models.build_from_spec` rebuilds the same network, pruned
+or not.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..encoding import encode
+from ..neuron import LIF
+
+NEURON_DEFAULTS = {
+    "leak": 1.0, "threshold": 1.0, "reset": "soft", "surrogate": "linear",
+    "learn_leak": True, "learn_threshold": True, "per_channel": False, "backend": "auto",
+}
+
+
+def make_lif(neuron: dict, channels: int) -> LIF:
+    """A :class:`LIF` configured from the spec's ``neuron`` dict for a layer of ``channels`` channels."""
+    opts = {**NEURON_DEFAULTS, **neuron}
+    return LIF(leak=opts["leak"], threshold=opts["threshold"], reset=opts["reset"],
+               surrogate=opts["surrogate"], learn_leak=opts["learn_leak"],
+               learn_threshold=opts["learn_threshold"], per_channel=opts["per_channel"],
+               num_channels=channels, backend=opts["backend"])
+
+
+def fold_time(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a stateless module to ``[T, B, ...]`` by folding time into batch; returns ``[T, B, ...]``."""
+    t, b = x.shape[:2]
+    y = module(x.reshape(t * b, *x.shape[2:]))
+    return y.reshape(t, b, *y.shape[1:])
+
+
+class TimeDropout(nn.Module):
+    """Dropout whose mask is drawn once per mini-batch and held over all timesteps.
+
+    Input ``[T, B, ...]`` (SNN) or ``[B, ...]`` (ANN); the mask has shape ``[B, ...]``.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor, has_time: bool) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        sample = x[0] if has_time else x
+        mask = torch.bernoulli(torch.full_like(sample, 1 - self.p)) / (1 - self.p)
+        return x * mask
+
+
+def init_weights(module: nn.Module) -> None:
+    """DIET init: conv N(0, sqrt(2/(k*k*C_out))), linear N(0, 0.01), BN weight 1 bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, (2.0 / n) ** 0.5)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class SpikingNetwork(nn.Module):
+    """Base class: owns the spec, the mode switch and the time loop plumbing.
+
+    Subclasses implement :meth:`run_layers(x, has_time)` on encoded input and
+    return logits ``[T, B, K]`` (SNN) or ``[B, K]`` (ANN).
+    """
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = copy.deepcopy(spec)
+        self.spiking = True
+        #: Pruning masks ``{param_name: bool tensor}``; masked weights are held at zero.
+        self.masks: dict[str, torch.Tensor] = {}
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.spec["timesteps"])
+
+    @timesteps.setter
+    def timesteps(self, value: int) -> None:
+        self.spec["timesteps"] = int(value)
+
+    def set_spiking(self, spiking: bool) -> "SpikingNetwork":
+        """Switch between SNN (True) and ANN twin (False) mode in place; returns self."""
+        self.spiking = bool(spiking)
+        return self
+
+    def ann_twin(self) -> "SpikingNetwork":
+        """A deep copy in ANN mode (ReLU), sharing no tensors with this model."""
+        return copy.deepcopy(self).set_spiking(False)
+
+    def activation(self, lif: LIF, x: torch.Tensor, has_time: bool) -> tuple[torch.Tensor, bool]:
+        """LIF in SNN mode (broadcasting a time-less input over T first), ReLU in ANN mode."""
+        if not self.spiking:
+            return F.relu(x), has_time
+        if not has_time:
+            x = x.unsqueeze(0).expand(self.timesteps, *x.shape)
+        return lif(x), True
+
+    def stateless(self, module: nn.Module, x: torch.Tensor, has_time: bool) -> torch.Tensor:
+        return fold_time(module, x) if has_time else module(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` (normalised) -> logits ``[B, classes]`` (SNN: summed over t)."""
+        if self.spiking and self.spec.get("encoding", "direct") == "poisson":
+            x, has_time = encode(images, self.timesteps, "poisson"), True
+        else:
+            x, has_time = images, False
+        out, has_time = self.run_layers(x, has_time)
+        if self.spiking:
+            if not has_time:  # a network with no spiking layer still integrates over T
+                return out * self.timesteps
+            return out.sum(0)
+        return out
+
+    def run_layers(self, x: torch.Tensor, has_time: bool) -> tuple[torch.Tensor, bool]:
+        raise NotImplementedError
+
+    def spiking_layers(self) -> Iterator[tuple[str, LIF]]:
+        """All LIF layers in forward order, with their qualified module names."""
+        for name, m in self.named_modules():
+            if isinstance(m, LIF):
+                yield name, m
+
+    def clamp_neurons(self) -> None:
+        """Project every LIF's leak and threshold back into range (after each optimizer step)."""
+        for _, lif in self.spiking_layers():
+            lif.clamp_()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every masked weight (call after each optimizer step when masks are set)."""
+        params = dict(self.named_parameters())
+        for name, mask in self.masks.items():
+            params[name].mul_(mask.to(params[name].dtype))
+
+    def set_lif_backend(self, backend: str) -> None:
+        """Use the named :func:`lif_multistep` backend in every LIF layer."""
+        for _, lif in self.spiking_layers():
+            lif.backend = backend
+        self.spec.setdefault("neuron", {})["backend"] = backend

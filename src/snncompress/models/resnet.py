@@ -1,0 +1,130 @@
+"""Spiking ResNets: DIET's ResNet-20 and the ResNet-19 of tdBN / CRIT.
+
+Basic block (SPEC §1)::
+
+    o1 = LIF1(BN1(conv1(x)))
+    I2 = BN2(conv2(o1)) + shortcut(x)      shortcut: identity, or 1x1 conv (+BN)
+    o  = LIF2(I2)                          the residual enters the second neuron's current
+
+The spec lists every block explicitly (``{"in", "mid", "out", "stride"}``),
+so a channel-pruned network with uneven widths rebuilds from its spec. A
+block has a 1x1 projection shortcut whenever ``stride != 1`` or
+``in != out``.
+
+Spec keys: ``stem`` (widths of the 3x3 stem convolutions), ``stem_pool``
+(2x2 average pool after the stem), ``blocks``, ``classifier`` (hidden widths
+after global average pooling), ``batchnorm``, ``dropout``, plus the common
+keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..neuron import LIF
+from .base import SpikingNetwork, TimeDropout, init_weights, make_lif
+
+#: (stem widths, stem pool, stages as (width, blocks, stride), classifier hidden widths)
+RESNET_LAYOUTS = {
+    # DIET ResNet-20: 3 stem convs + 4 stages x 2 blocks x 2 convs + 1 linear = 20 layers.
+    "resnet20": ([64, 64, 64], True, [(128, 2, 1), (256, 2, 2), (512, 2, 2), (512, 2, 2)], []),
+    # ResNet-19 (tdBN, CRIT): 1 stem conv + (3 + 3 + 2) blocks x 2 convs + 2 linear = 19 layers.
+    "resnet19": ([128], False, [(128, 3, 1), (256, 3, 2), (512, 2, 2)], [256]),
+}
+
+
+def _norm(bn: bool, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if bn else nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    """Spiking basic block; its forward is driven by :class:`SpikingResNet`."""
+
+    def __init__(self, cfg: dict, neuron: dict, bn: bool):
+        super().__init__()
+        cin, mid, out, stride = int(cfg["in"]), int(cfg["mid"]), int(cfg["out"]), int(cfg["stride"])
+        self.conv1 = nn.Conv2d(cin, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = _norm(bn, mid)
+        self.lif1 = make_lif(neuron, mid)
+        self.conv2 = nn.Conv2d(mid, out, 3, padding=1, bias=False)
+        self.bn2 = _norm(bn, out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != out:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, out, 1, stride=stride, bias=False), _norm(bn, out))
+        self.lif2 = make_lif(neuron, out)
+
+
+class SpikingResNet(SpikingNetwork):
+    """ResNet built from its spec; see the module docstring for the layout."""
+
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        c = spec["in_shape"][0]
+        neuron, bn = spec.get("neuron", {}), spec.get("batchnorm", False)
+        stem: list[nn.Module] = []
+        for width in spec["stem"]:
+            stem += [nn.Conv2d(c, int(width), 3, padding=1, bias=False), _norm(bn, int(width)),
+                     make_lif(neuron, int(width))]
+            c = int(width)
+        if spec.get("stem_pool", False):
+            stem.append(nn.AvgPool2d(2))
+        self.stem = nn.Sequential(*stem)
+        self.blocks = nn.ModuleList(BasicBlock(b, neuron, bn) for b in spec["blocks"])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        width = int(spec["blocks"][-1]["out"]) if spec["blocks"] else c
+        head: list[nn.Module] = []
+        for hidden in spec.get("classifier", []):
+            head += [nn.Linear(width, int(hidden), bias=False), make_lif(neuron, int(hidden)),
+                     TimeDropout(spec.get("dropout", 0.0))]
+            width = int(hidden)
+        head.append(nn.Linear(width, int(spec["num_classes"]), bias=False))
+        self.classifier = nn.Sequential(*head)
+        init_weights(self)
+
+    def _run_seq(self, seq: nn.Sequential, x: torch.Tensor, has_time: bool):
+        for m in seq:
+            if isinstance(m, LIF):
+                x, has_time = self.activation(m, x, has_time)
+            elif isinstance(m, TimeDropout):
+                x = m(x, has_time)
+            else:
+                x = self.stateless(m, x, has_time)
+        return x, has_time
+
+    def _run_block(self, block: BasicBlock, x: torch.Tensor, has_time: bool):
+        y = self.stateless(block.bn1, self.stateless(block.conv1, x, has_time), has_time)
+        y, y_time = self.activation(block.lif1, y, has_time)
+        current = self.stateless(block.bn2, self.stateless(block.conv2, y, y_time), y_time)
+        residual = self.stateless(block.shortcut, x, has_time) if len(block.shortcut) else x
+        if y_time and not has_time:
+            residual = residual.unsqueeze(0).expand(self.timesteps, *residual.shape)
+        return self.activation(block.lif2, current + residual, y_time)
+
+    def run_layers(self, x: torch.Tensor, has_time: bool):
+        x, has_time = self._run_seq(self.stem, x, has_time)
+        for block in self.blocks:
+            x, has_time = self._run_block(block, x, has_time)
+        x = self.stateless(self.pool, x, has_time)
+        x = x.flatten(2) if has_time else x.flatten(1)
+        return self._run_seq(self.classifier, x, has_time)
+
+
+def resnet_spec(name: str, batchnorm: bool | None = None, dropout: float = 0.2,
+                width_mult: float = 1.0) -> dict:
+    """The family-specific part of a ResNet spec, every block listed explicitly."""
+    stem, stem_pool, stages, classifier = RESNET_LAYOUTS[name]
+    scale = lambda w: max(1, int(round(w * width_mult)))  # noqa: E731
+    stem = [scale(w) for w in stem]
+    blocks, cin = [], stem[-1]
+    for width, count, stride in stages:
+        for i in range(count):
+            blocks.append({"in": cin, "mid": scale(width), "out": scale(width),
+                           "stride": stride if i == 0 else 1})
+            cin = scale(width)
+    return {
+        "family": "resnet", "stem": stem, "stem_pool": stem_pool, "blocks": blocks,
+        "classifier": list(classifier),
+        "batchnorm": (name == "resnet19") if batchnorm is None else bool(batchnorm),
+        "dropout": float(dropout),
+    }

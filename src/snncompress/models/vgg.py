@@ -1,0 +1,98 @@
+"""DIET-style VGG networks and the small convnet for 28x28 inputs.
+
+Layout (SPEC §1): ``features`` is a list of 3x3 convolutions (stride 1,
+padding 1, no bias), each followed by an optional BatchNorm and a LIF, with
+``"A"`` entries for 2x2 average pooling; then ``classifier``: hidden linear
+layers (no bias), each followed by a LIF and dropout, then the output linear
+layer, which has no neuron (its outputs are summed over t as the logits).
+
+Spec keys: ``features`` (list of int | "A"), ``classifier`` (hidden widths),
+``batchnorm`` (bool), ``dropout`` (classifier dropout probability),
+``conv_dropout`` (dropout after each conv neuron), ``in_shape``,
+``num_classes``, ``timesteps``, ``encoding``, ``neuron``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..neuron import LIF
+from .base import SpikingNetwork, TimeDropout, init_weights, make_lif
+
+#: Feature configurations; "A" = 2x2 average pooling.
+VGG_FEATURES = {
+    "vgg5": [64, "A", 128, 128, "A"],
+    "vgg9": [64, 64, "A", 128, 128, "A", 256, 256, 256, "A"],
+    "vgg11": [64, "A", 128, 256, "A", 512, 512, 512, "A", 512, 512],
+    "vgg16": [64, 64, "A", 128, 128, "A", 256, 256, 256, "A", 512, 512, 512, "A", 512, 512, 512],
+    "convnet": [32, "A", 64, "A"],
+}
+
+#: Hidden widths of the classifier (DIET VGG16: 4096, 4096).
+VGG_CLASSIFIER = {
+    "vgg5": [1024, 1024],
+    "vgg9": [1024, 1024],
+    "vgg11": [4096, 4096],
+    "vgg16": [4096, 4096],
+    "convnet": [256],
+}
+
+
+class SpikingVGG(SpikingNetwork):
+    """VGG / convnet built from its spec; see the module docstring for the layout."""
+
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        c, h, w = spec["in_shape"]
+        neuron, bn = spec.get("neuron", {}), spec.get("batchnorm", False)
+        layers: list[nn.Module] = []
+        for item in spec["features"]:
+            if item == "A":
+                layers.append(nn.AvgPool2d(2))
+                h, w = h // 2, w // 2
+                continue
+            layers.append(nn.Conv2d(c, int(item), 3, padding=1, bias=False))
+            if bn:
+                layers.append(nn.BatchNorm2d(int(item)))
+            layers.append(make_lif(neuron, int(item)))
+            if spec.get("conv_dropout", 0.0) > 0:
+                layers.append(TimeDropout(spec["conv_dropout"]))
+            c = int(item)
+        self.features = nn.Sequential(*layers)
+        width = c * h * w
+        head: list[nn.Module] = []
+        for hidden in spec["classifier"]:
+            head.append(nn.Linear(width, int(hidden), bias=False))
+            head.append(make_lif(neuron, int(hidden)))
+            head.append(TimeDropout(spec.get("dropout", 0.0)))
+            width = int(hidden)
+        head.append(nn.Linear(width, int(spec["num_classes"]), bias=False))
+        self.classifier = nn.Sequential(*head)
+        init_weights(self)
+
+    def _run(self, seq: nn.Sequential, x: torch.Tensor, has_time: bool):
+        for m in seq:
+            if isinstance(m, LIF):
+                x, has_time = self.activation(m, x, has_time)
+            elif isinstance(m, TimeDropout):
+                x = m(x, has_time)
+            else:
+                x = self.stateless(m, x, has_time)
+        return x, has_time
+
+    def run_layers(self, x: torch.Tensor, has_time: bool):
+        x, has_time = self._run(self.features, x, has_time)
+        x = x.flatten(2) if has_time else x.flatten(1)
+        return self._run(self.classifier, x, has_time)
+
+
+def vgg_spec(name: str, features: list | None = None, classifier: list | None = None,
+             batchnorm: bool = False, dropout: float = 0.2, conv_dropout: float = 0.0) -> dict:
+    """The family-specific part of a VGG/convnet spec with the named defaults."""
+    return {
+        "family": "vgg",
+        "features": list(features if features is not None else VGG_FEATURES[name]),
+        "classifier": list(classifier if classifier is not None else VGG_CLASSIFIER[name]),
+        "batchnorm": bool(batchnorm), "dropout": float(dropout), "conv_dropout": float(conv_dropout),
+    }
