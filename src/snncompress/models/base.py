@@ -93,7 +93,7 @@ class SpikingNetwork(nn.Module):
     def __init__(self, spec: dict):
         super().__init__()
         self.spec = copy.deepcopy(spec)
-        self.spiking = True
+        self.spiking = bool(self.spec.get("spiking", True))
         #: Pruning masks ``{param_name: bool tensor}``; masked weights are held at zero.
         self.masks: dict[str, torch.Tensor] = {}
 
@@ -106,8 +106,9 @@ class SpikingNetwork(nn.Module):
         self.spec["timesteps"] = int(value)
 
     def set_spiking(self, spiking: bool) -> "SpikingNetwork":
-        """Switch between SNN (True) and ANN twin (False) mode in place; returns self."""
+        """Switch between SNN (True) and ANN twin (False) mode in place (recorded in the spec); returns self."""
         self.spiking = bool(spiking)
+        self.spec["spiking"] = self.spiking
         return self
 
     def ann_twin(self) -> "SpikingNetwork":

@@ -1,0 +1,108 @@
+"""Command line: ``snncompress run | demo | evaluate | report``.
+
+User mistakes (bad recipe, missing data, incompatible checkpoint) end with one
+line on stderr and exit code 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def builtin_recipe(name: str) -> Path:
+    """Path of a recipe shipped inside the package (``recipes/<name>.yaml``)."""
+    path = Path(str(resources.files("snncompress") / "recipes" / f"{name}.yaml"))
+    if not path.is_file():
+        raise UserError(f"no built-in recipe {name!r}")
+    return path
+
+
+def cmd_run(args) -> dict:
+    from .pipeline import run_recipe
+
+    return run_recipe(args.recipe, args.out, args.set or [])
+
+
+def cmd_demo(args) -> dict:
+    from .pipeline import run_recipe
+
+    return run_recipe(builtin_recipe("demo"), args.out, args.set or [], recipe_label="recipes/demo.yaml")
+
+
+def cmd_evaluate(args) -> dict:
+    from .evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(args.checkpoint, args.out, dataset=args.dataset, data_dir=args.data_dir,
+                               overrides=args.set or [])
+
+
+def cmd_report(args) -> None:
+    from .report import compare_runs
+
+    compare_runs([Path(d) for d in args.runs], Path(args.out))
+    print(f"comparison written to {Path(args.out) / 'report.md'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snncompress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe's stages into a run folder")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("--out", required=True, help="run folder (created; a rerun resumes)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a recipe value, e.g. --set stages.train_snn.epochs=3")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="train a convnet DIET-SNN on the built-in MNIST subset")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value")
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("evaluate", help="measure a checkpoint: accuracy, spikes, SynOps, energy, ...")
+    ev.add_argument("checkpoint", help="model.safetensors written by a stage")
+    ev.add_argument("--out", required=True, help="folder for report.json, report.md and plots")
+    ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
+    ev.add_argument("--data-dir", help="offline data folder (default: env SNNCOMPRESS_DATA)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="measurement option, e.g. --set energy_preset=int8")
+    ev.set_defaults(func=cmd_evaluate)
+
+    rep = sub.add_parser("report", help="put several runs side by side in one table and Pareto plot")
+    rep.add_argument("runs", nargs="+", help="run folders holding report.json")
+    rep.add_argument("--out", required=True, help="folder for the comparison")
+    rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def summarize(report: dict | None) -> None:
+    if not report:
+        return
+    final = report.get("final", {})
+    keys = ("accuracy", "timesteps", "footprint_bytes", "spikes_per_image", "energy_uj", "latency_ms")
+    print(json.dumps({k: final.get(k) for k in keys}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summarize(args.func(args))
+    except UserError as exc:
+        print(f"snncompress: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("snncompress: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""``snncompress evaluate``: measure any checkpoint on its dataset and write a report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .checkpoint import load_checkpoint
+from .data import load_data
+from .errors import UserError
+from .recipe import apply_overrides, format_validation_error
+from .stages import EvaluateOptions
+
+
+def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: str | None = None,
+                        overrides: list[str] | None = None, batch_size: int = 512) -> dict:
+    """Measure the model in ``path`` on the test split; writes report.json/.md and plots to ``out_dir``.
+
+    ``dataset`` defaults to the one recorded in the checkpoint; ``overrides``
+    are ``key=value`` measurement options (see the ``evaluate`` stage).
+    """
+    from .metrics import measure_model
+    from .report import write_report
+
+    raw = apply_overrides({"kind": "evaluate"}, overrides or [])
+    try:
+        opts = EvaluateOptions.model_validate(raw).model_dump(exclude={"kind", "name"})
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, "evaluate --set")) from None
+    loaded = load_checkpoint(path)
+    name = dataset or loaded.info.get("dataset")
+    if not name:
+        raise UserError(f"checkpoint {path} does not record its dataset; pass --dataset")
+    _, test_loader, info = load_data(name, data_dir, batch_size, augment=False)
+    expected = (tuple(loaded.model.spec["in_shape"]), loaded.model.spec["num_classes"])
+    if (tuple(info.in_shape), info.num_classes) != expected:
+        raise UserError(f"dataset {info.name} has input {tuple(info.in_shape)} and {info.num_classes} classes; "
+                        f"the checkpoint expects {expected[0]} and {expected[1]}")
+    start = time.perf_counter()
+    metrics = {"checkpoint": Path(path).name, **measure_model(loaded.model, test_loader, quant=loaded.quant, **opts)}
+    report = {"schema": 1, "dataset": info.name, "model": loaded.model.spec.get("arch"),
+              "recipe": loaded.info.get("recipe"),
+              "stages": [{"name": "evaluate", "kind": "evaluate", "seconds": time.perf_counter() - start,
+                          "metrics": metrics}],
+              "baseline": metrics, "final": metrics}
+    write_report(Path(out_dir), report)
+    return report

@@ -1,0 +1,211 @@
+"""Run a recipe: stages in order, one checkpoint and metrics file each, then the report.
+
+Run folder layout::
+
+    OUT/recipe.yaml                     the validated recipe as run (with --set applied)
+    OUT/stages/NN-NAME/model.safetensors   the stage's model (stages that change it)
+    OUT/stages/NN-NAME/metrics.json     written last: marks the stage finished
+    OUT/stages/NN-NAME/train_log.csv    per-epoch metrics of training stages
+    OUT/report.json, report.md, *.png   SPEC §7 report of the run
+
+A stage is skipped when its ``metrics.json`` exists with the same fingerprint
+(hash of the data and model sections, the seed, its own options and the
+previous stage's fingerprint), so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .data import load_data
+from .errors import UserError
+from .recipe import Recipe, format_validation_error, load_recipe
+from .stages import EvaluateOptions, StageContext, StageDef, measure, stage_kinds
+
+CHECKPOINT_NAME = "model.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def validate_stages(recipe: Recipe, where: str) -> list[tuple[StageDef, object]]:
+    """Each raw stage dict -> (its definition, its validated options); names made unique."""
+    kinds, stages, names = stage_kinds(), [], set()
+    for i, raw in enumerate(recipe.stages):
+        kind = raw.get("kind")
+        if kind not in kinds:
+            raise UserError(f"{where}: stages[{i}].kind: unknown stage {kind!r}; "
+                            f"choose one of {', '.join(sorted(kinds))}")
+        try:
+            opts = kinds[kind].options.model_validate(raw)
+        except ValidationError as exc:
+            raise UserError(format_validation_error(exc, f"{where}: stages[{i}] ({kind})")) from None
+        if opts.name is None:
+            opts.name = kind if kind not in names else f"{kind}-{i}"
+        if opts.name in names:
+            raise UserError(f"{where}: stages[{i}].name: duplicate stage name {opts.name!r}")
+        names.add(opts.name)
+        stages.append((kinds[kind], opts))
+    return stages
+
+
+def fingerprint(recipe: Recipe, opts, previous: str) -> str:
+    """Hash of what determines a stage's output (the data folder's location excluded)."""
+    payload = {"data": recipe.data.model_dump(exclude={"data_dir", "num_workers", "test_batch_size"}),
+               "model": recipe.model.model_dump(), "seed": recipe.seed,
+               "stage": opts.model_dump(), "previous": previous}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=float)))
+
+
+def model_summary(model) -> dict:
+    """Cheap metrics every model-producing stage records: timesteps, parameter counts, mode."""
+    params = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    return {"timesteps": model.timesteps, "params": params, "nonzero_params": nonzero,
+            "spiking": model.spiking}
+
+
+class Run:
+    """One execution of a recipe into a run folder."""
+
+    def __init__(self, recipe_path, out_dir, overrides: list[str] | None = None, recipe_label: str | None = None):
+        self.recipe, _ = load_recipe(recipe_path, overrides)
+        where = f"recipe {Path(recipe_path).name}"
+        self.stages = validate_stages(self.recipe, where)
+        try:
+            self.measure_opts = EvaluateOptions(kind="evaluate", **self.recipe.measure).model_dump(
+                exclude={"kind", "name"})
+        except ValidationError as exc:
+            raise UserError(format_validation_error(exc, f"{where}: measure")) from None
+        self.recipe_label = recipe_label or str(recipe_path)
+        self.out = Path(out_dir)
+        self.device = resolve_device(self.recipe.device)
+        d = self.recipe.data
+        self.train_loader, self.test_loader, self.info = load_data(
+            d.dataset, d.data_dir, d.batch_size, train_subset=d.train_subset, test_subset=d.test_subset,
+            augment=d.augment, seed=self.recipe.seed, num_workers=d.num_workers,
+            test_batch_size=d.test_batch_size)
+        self.context(None, Path(".")).new_model()  # model options are checked before anything is written
+
+    def context(self, model, stage_dir: Path, quant=None, previous=None) -> StageContext:
+        return StageContext(recipe=self.recipe, run_dir=self.out, stage_dir=stage_dir, device=self.device,
+                            train_loader=self.train_loader, test_loader=self.test_loader, info=self.info,
+                            model=model, quant=quant or {}, previous=previous or [])
+
+    def execute(self) -> dict:
+        """Run (or skip) every stage, then write and return the report."""
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} exists and is not a folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out / "recipe.yaml",
+                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(self.recipe.model_dump(), sort_keys=False)))
+        model, quant, records, prev_fp, rerun = None, {}, [], "", False
+        for index, (stage, opts) in enumerate(self.stages):
+            stage_dir = self.out / "stages" / f"{index:02d}-{opts.name}"
+            fp = fingerprint(self.recipe, opts, prev_fp)
+            record = None if rerun else self._finished(stage_dir, fp)
+            if record is not None:
+                print(f"[{opts.name}] finished earlier; skipped", flush=True)
+                if record["metrics"].get("checkpoint"):
+                    loaded = load_checkpoint(self.out / record["metrics"]["checkpoint"], self.device)
+                    model, quant = loaded.model, loaded.quant
+            else:
+                rerun = True
+                record, model, quant = self._run_stage(stage, opts, stage_dir, fp, model, quant, records)
+            records.append(record)
+            prev_fp = fp
+        return self._report(records)
+
+    def _finished(self, stage_dir: Path, fp: str) -> dict | None:
+        path = stage_dir / "metrics.json"
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        ckpt = record["metrics"].get("checkpoint")
+        if record.get("fingerprint") != fp or (ckpt and not (self.out / ckpt).is_file()):
+            return None
+        return record
+
+    def _run_stage(self, stage: StageDef, opts, stage_dir: Path, fp: str, model, quant, records):
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True)
+        print(f"[{opts.name}] running stage {stage.kind}", flush=True)
+        start = time.perf_counter()
+        result = stage.run(self.context(model, stage_dir, quant, records), opts)
+        seconds = time.perf_counter() - start
+        metrics = dict(result.metrics)
+        if result.model is not None:
+            model, quant = result.model, result.quant or {}
+            ckpt = stage_dir / CHECKPOINT_NAME
+            metrics = {**model_summary(model), **metrics,
+                       "checkpoint": ckpt.relative_to(self.out).as_posix()}
+            save_checkpoint(ckpt, model, masks=model.masks, quant=quant,
+                            info={"stage": opts.name, "kind": stage.kind, "dataset": self.info.name,
+                                  "recipe": self.recipe.name, "accuracy": metrics.get("accuracy")})
+        else:
+            previous = records[-1]["metrics"] if records else {}
+            metrics = {"checkpoint": previous.get("checkpoint"), **metrics}
+        record = {"name": opts.name, "kind": stage.kind, "seconds": seconds, "metrics": metrics,
+                  "fingerprint": fp, "full_metrics": result.full_metrics,
+                  "dir": stage_dir.relative_to(self.out).as_posix()}
+        write_json(stage_dir / "metrics.json", record)
+        return record, model, quant
+
+    def _report(self, records: list[dict]) -> dict:
+        from .report import write_report
+
+        with_model = [r for r in records if r["metrics"].get("checkpoint")]
+        if not with_model:
+            raise UserError("the recipe produced no model: add a training stage")
+        spiking = [r for r in with_model if r["metrics"].get("spiking", True)]
+        trained = [r for r in spiking if r["kind"] == "train_snn"]
+        baseline = (trained or spiking or with_model)[0]
+        baseline["baseline"] = True
+        for record in dict.fromkeys(map(id, [baseline, records[-1]])):
+            self._ensure_measured(next(r for r in records if id(r) == record), records)
+        report = {
+            "schema": 1, "dataset": self.info.name, "model": self.recipe.model.arch,
+            "recipe": self.recipe_label,
+            "stages": [{"name": r["name"], "kind": r["kind"], "seconds": r["seconds"], "metrics": r["metrics"]}
+                       for r in records],
+            "baseline": baseline["metrics"], "final": records[-1]["metrics"],
+            "device": str(self.device),
+        }
+        write_report(self.out, report)
+        return report
+
+    def _ensure_measured(self, record: dict, records: list[dict]) -> None:
+        """Give ``record`` the full SPEC §6 metrics (cached in its metrics.json)."""
+        if record.get("full_metrics"):
+            return
+        loaded = load_checkpoint(self.out / record["metrics"]["checkpoint"], self.device)
+        ctx = self.context(loaded.model, self.out, loaded.quant, [r for r in records if r.get("baseline")])
+        print(f"[report] measuring {record['name']}", flush=True)
+        record["metrics"] = {**record["metrics"], **measure(ctx, loaded.model, self.measure_opts)}
+        record["full_metrics"] = True
+        write_json(self.out / record["dir"] / "metrics.json", record)
+
+
+def run_recipe(recipe_path, out_dir, overrides: list[str] | None = None, recipe_label: str | None = None) -> dict:
+    """Validate, run and report a recipe into ``out_dir``; returns the report dict."""
+    return Run(recipe_path, out_dir, overrides, recipe_label).execute()

@@ -1,0 +1,52 @@
+"""Threshold calibration: layer by layer, in forward order, exact percentiles."""
+
+import pytest
+import torch
+
+from snncompress import build_model, lif_multistep
+from snncompress.convert import calibrate_thresholds
+
+
+def _mlp():
+    """Two spiking linear layers on 2x2 one-channel images: features [] -> classifier [3, 3]."""
+    torch.manual_seed(0)
+    model = build_model("convnet", 2, (1, 2, 2), 3, features=[], classifier=[3, 3], dropout=0.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.uniform_(0.0, 1.0)
+    return model
+
+
+def test_calibration_sets_thresholds_layer_by_layer_in_order():
+    model, images = _mlp(), torch.rand(5, 1, 2, 2)
+    lif1, lif2 = model.classifier[1], model.classifier[4]
+    seen_by_layer2 = []
+    lif2.register_forward_pre_hook(lambda m, i: seen_by_layer2.append(lif1.threshold.item()))
+    thresholds = calibrate_thresholds(model, images, calib_timesteps=6, percentile=100.0, scale=0.9)
+
+    # Hand computation: layer 1 gets a constant current W1 x; its threshold is its max.
+    w1, w2 = model.classifier[0].weight, model.classifier[3].weight
+    current1 = images.flatten(1) @ w1.T
+    thr1 = 0.9 * current1.max()
+    # Layer 2 is calibrated with layer 1 already spiking at thr1 (leak 1, soft reset).
+    spikes1 = lif_multistep(current1.expand(6, *current1.shape), torch.tensor(1.0), thr1)
+    thr2 = 0.9 * (spikes1 @ w2.T).max()
+
+    assert list(thresholds) == ["classifier.1", "classifier.4"]
+    assert thresholds["classifier.1"] == pytest.approx(thr1.item(), rel=1e-6)
+    assert thresholds["classifier.4"] == pytest.approx(thr2.item(), rel=1e-6)
+    assert lif2.threshold.item() == pytest.approx(thr2.item(), rel=1e-6)
+    assert seen_by_layer2 and all(v == pytest.approx(thr1.item()) for v in seen_by_layer2[-1:])
+    assert model.timesteps == 3                      # restored after calibrating at T = 6
+
+
+def test_percentile_is_exact_and_independent_of_chunking():
+    model, images = _mlp(), torch.rand(40, 1, 2, 2)
+    current1 = images.flatten(1) @ model.classifier[0].weight.T       # 120 values per step
+    a = calibrate_thresholds(model, images, calib_timesteps=2, percentile=90.0, chunk=7)
+    b = calibrate_thresholds(model, images, calib_timesteps=2, percentile=90.0, chunk=40)
+    # nearest rank: the ceil(0.1 * 120) = 12th largest value
+    expected = torch.sort(current1.flatten(), descending=True).values[11]
+    assert a["classifier.1"] == pytest.approx(expected.item(), rel=1e-6)
+    assert a == pytest.approx(b)

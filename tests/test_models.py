@@ -1,0 +1,140 @@
+"""Networks: shapes, twin parameter names, encoding reuse, checkpoint round trips."""
+
+import pytest
+import torch
+
+from snncompress import UserError, build_from_spec, build_model, load, load_checkpoint, save_checkpoint
+from snncompress.models import MODEL_NAMES
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_runs_as_snn_and_ann(name):
+    shape = (1, 28, 28) if name == "convnet" else (3, 32, 32)
+    model = build_model(name, 10, shape, 2)
+    images = torch.randn(2, *shape)
+    assert model(images).shape == (2, 10)
+    twin = model.ann_twin()
+    assert twin(images).shape == (2, 10)
+    assert [n for n, _ in twin.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert model.spiking and not twin.spiking
+
+
+def test_snn_logits_are_sums_over_timesteps():
+    """Sequential T-step evaluation of the classifier equals the summed logits."""
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, (1, 28, 28), 3, features=[4, "A"], classifier=[])
+    model.eval()
+    images = torch.randn(2, 1, 28, 28)
+    captured = []
+    model.classifier[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+    logits = model(images)
+    per_step = captured[0].reshape(3, 2, 10)
+    assert torch.allclose(logits, per_step.sum(0), atol=1e-6)
+
+
+def test_conv1_runs_once_per_image_with_direct_input():
+    model = build_model("convnet", 10, (1, 28, 28), 5)
+    shapes = []
+    model.features[0].register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    model(torch.randn(3, 1, 28, 28))
+    assert shapes == [(3, 1, 28, 28)]            # not T*B = 15
+
+
+def test_poisson_encoding_changes_with_time_and_runs():
+    model = build_model("convnet", 10, (1, 28, 28), 4, encoding="poisson")
+    shapes = []
+    model.features[0].register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    model(torch.rand(3, 1, 28, 28))
+    assert shapes == [(12, 1, 28, 28)]
+
+
+def test_dropout_mask_is_fixed_over_time():
+    from snncompress.models.base import TimeDropout
+
+    drop = TimeDropout(0.5).train()
+    x = torch.ones(4, 8, 16)
+    y = drop(x, has_time=True)
+    assert torch.equal(y[0], y[3]) and (y[0] == 0).any() and (y[0] == 2).any()
+
+
+def _complex_model():
+    torch.manual_seed(1)
+    model = build_model("resnet19", 10, (3, 16, 16), 2, width_mult=0.125, batchnorm=True,
+                        neuron={"per_channel": True})
+    with torch.no_grad():
+        for _, lif in model.spiking_layers():
+            lif.threshold.uniform_(0.2, 0.8)
+            lif.leak.uniform_(0.5, 1.0)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_checkpoint_round_trip_reproduces_outputs_exactly(tmp_path):
+    model = _complex_model()
+    weight = "blocks.0.conv1.weight"
+    mask = torch.rand_like(dict(model.named_parameters())[weight]) > 0.5
+    model.masks = {weight: mask}
+    model.apply_masks()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, masks=model.masks, info={"dataset": "cifar10"})
+    images = torch.randn(4, 3, 16, 16)
+    loaded = load_checkpoint(path)
+    assert torch.equal(model(images), loaded.model(images))
+    assert torch.equal(loaded.masks[weight], mask)
+    assert loaded.info["dataset"] == "cifar10"
+    assert loaded.model.spec == model.spec
+
+
+def test_checkpoint_stores_quantized_weights_as_integers(tmp_path):
+    model = build_model("convnet", 10, (1, 28, 28), 2, features=[4, "A"], classifier=[8]).eval()
+    name = "features.0.weight"
+    w = dict(model.named_parameters())[name]
+    scale = w.abs().max() / 7
+    ints = torch.round(w / scale).clamp(-7, 7)
+    with torch.no_grad():
+        w.copy_(ints * scale)
+    path = tmp_path / "q.safetensors"
+    save_checkpoint(path, model, quant={name: {"bits": 4, "int": ints, "scale": scale}})
+    from safetensors.torch import load_file
+    raw = load_file(str(path))
+    assert raw[name].dtype == torch.int8 and raw[name].abs().max() <= 7
+    loaded = load_checkpoint(path)
+    assert loaded.quant[name]["bits"] == 4
+    images = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(images), loaded.model(images))
+
+
+def test_ann_mode_survives_a_checkpoint(tmp_path):
+    model = build_model("convnet", 10, (1, 28, 28), 2).set_spiking(False)
+    save_checkpoint(tmp_path / "a.safetensors", model)
+    assert load(tmp_path / "a.safetensors").spiking is False
+
+
+def test_incompatible_checkpoint_is_a_user_error(tmp_path):
+    model = build_model("convnet", 10, (1, 28, 28), 2)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="not a snncompress checkpoint"):
+        load(bad)
+    # a spec that disagrees with the stored tensors
+    other = build_model("convnet", 10, (1, 28, 28), 2, features=[8, "A"])
+    from snncompress.checkpoint import META_KEY
+    from safetensors.torch import load_file, save_file
+    import json
+    tensors = load_file(str(path))
+    meta = {"format": 1, "spec": other.spec, "quant": {}, "masks": [], "info": {}}
+    save_file(tensors, str(bad), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(UserError, match="does not match"):
+        load(bad)
+
+
+def test_unknown_model_and_bad_spec_are_user_errors():
+    with pytest.raises(UserError, match="unknown model"):
+        build_model("vgg99", 10, (3, 32, 32), 4)
+    with pytest.raises(UserError, match="timesteps"):
+        build_from_spec({**build_model("convnet", 10, (1, 28, 28), 2).spec, "timesteps": 0})
