@@ -1,0 +1,112 @@
+"""The command line: bad input gives one line and exit 2; a rerun skips finished stages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from snncompress.cli import main
+
+
+def run_cli(*args):
+    """Run the CLI in a subprocess (as a user would); returns (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "snncompress.cli", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_user_error(capsys, args, fragment):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("snncompress: error:") and fragment in err, err
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("bogus_key=1", "bogus_key: unknown option"),
+    ("model.timesteps=0", "model.timesteps: Input should be greater than or equal to 1"),
+    ("model.timesteps=four", "model.timesteps: Input should be a valid integer"),
+    ("stages.train_snn.lr=-0.1", "stages[2] (train_snn): lr: Input should be greater than 0"),
+    ("model.arch=vgg99", "unknown model 'vgg99'"),
+    ("stages.convert.percentile=150", "percentile: Input should be less than or equal to 100"),
+    ("stages.0.kind=train_everything", "unknown stage 'train_everything'"),
+    ("data.dataset=mnist", "mnist"),
+    ("model.options={depth: 3}", "bad option for model 'convnet'"),
+])
+def test_bad_recipe_values_exit_2_with_one_line_and_write_nothing(capsys, tiny_recipe, tmp_path, override, fragment,
+                                                                   monkeypatch):
+    monkeypatch.delenv("SNNCOMPRESS_DATA", raising=False)
+    out = tmp_path / "run"
+    assert_user_error(capsys, ["run", tiny_recipe, "--out", out, "--set", override], fragment)
+    assert not out.exists()
+
+
+def test_missing_dataset_files_exit_2(capsys, tiny_recipe, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    assert_user_error(capsys, ["run", tiny_recipe, "--out", out, "--set", "data.dataset=fashion-mnist",
+                               "--set", f"data.data_dir={empty}"], "fashion-mnist")
+    assert not out.exists()
+
+
+def test_missing_recipe_and_bad_yaml_exit_2(capsys, tmp_path):
+    assert_user_error(capsys, ["run", tmp_path / "nope.yaml", "--out", tmp_path / "o"], "recipe not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [unclosed")
+    assert_user_error(capsys, ["run", bad, "--out", tmp_path / "o"], "not valid YAML")
+
+
+def test_incompatible_checkpoint_exit_2(capsys, tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert_user_error(capsys, ["evaluate", bad, "--out", tmp_path / "ev"], "not a snncompress checkpoint")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_subprocess_user_error_has_no_traceback(tiny_recipe, tmp_path):
+    code, _, err = run_cli("run", tiny_recipe, "--out", tmp_path / "r", "--set", "model.timesteps=0")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_writes_report_and_rerun_skips_finished_stages(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_recipe), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "running stage train_snn" in first
+    report = json.loads((out / "report.json").read_text())
+    for key in ("accuracy", "timesteps", "params", "nonzero_params", "checkpoint"):
+        assert report["final"][key] is not None
+    assert report["final"]["timesteps"] == 2
+    assert [s["name"] for s in report["stages"]] == ["train_ann", "convert", "train_snn"]
+    assert (out / report["final"]["checkpoint"]).is_file()
+    stamp = (out / "stages/02-train_snn/model.safetensors").stat().st_mtime_ns
+
+    assert main(["run", str(tiny_recipe), "--out", str(out)]) == 0
+    second = capsys.readouterr().out
+    assert second.count("finished earlier; skipped") == 3 and "running stage" not in second
+    assert (out / "stages/02-train_snn/model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((out / "report.json").read_text())["final"]["accuracy"] == report["final"]["accuracy"]
+
+    # changing the last stage's options reruns that stage only
+    assert main(["run", str(tiny_recipe), "--out", str(out), "--set", "stages.train_snn.lr=2e-4"]) == 0
+    third = capsys.readouterr().out
+    assert third.count("finished earlier; skipped") == 2 and "running stage train_snn" in third
+
+
+def test_same_seed_gives_the_same_run(tiny_recipe, tmp_path, capsys):
+    reports = []
+    for name in ("a", "b"):
+        assert main(["run", str(tiny_recipe), "--out", str(tmp_path / name)]) == 0
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    capsys.readouterr()
+    acc = [[s["metrics"]["accuracy"] for s in r["stages"]] for r in reports]
+    assert acc[0] == acc[1]
+    from snncompress import load
+    import torch
+    a = load(tmp_path / "a" / reports[0]["final"]["checkpoint"])
+    b = load(tmp_path / "b" / reports[1]["final"]["checkpoint"])
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
