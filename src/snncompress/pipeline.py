@@ -198,6 +198,13 @@ class Run:
         """Give ``record`` the full SPEC §6 metrics (cached in its metrics.json)."""
         if record.get("full_metrics"):
             return
+        same_model = next((r for r in records if r.get("full_metrics")
+                           and r["metrics"].get("checkpoint") == record["metrics"]["checkpoint"]), None)
+        if same_model is not None:  # an evaluate stage already measured this checkpoint
+            record["metrics"] = {**record["metrics"], **same_model["metrics"]}
+            record["full_metrics"] = True
+            write_json(self.out / record["dir"] / "metrics.json", record)
+            return
         loaded = load_checkpoint(self.out / record["metrics"]["checkpoint"], self.device)
         ctx = self.context(loaded.model, self.out, loaded.quant, [r for r in records if r.get("baseline")])
         print(f"[report] measuring {record['name']}", flush=True)
