@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .data import load_data
 from .errors import UserError
+from .metrics import count_params, footprint
 from .recipe import Recipe, format_validation_error, load_recipe
 from .stages import EvaluateOptions, StageContext, StageDef, measure, stage_kinds
 
@@ -76,12 +77,11 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=float)))
 
 
-def model_summary(model) -> dict:
-    """Cheap metrics every model-producing stage records: timesteps, parameter counts, mode."""
-    params = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+def model_summary(model, quant: dict) -> dict:
+    """Cheap metrics every model-producing stage records: timesteps, parameters, footprint, mode."""
+    params, nonzero = count_params(model)
     return {"timesteps": model.timesteps, "params": params, "nonzero_params": nonzero,
-            "spiking": model.spiking}
+            "footprint_bytes": footprint(model, quant)["bytes"], "spiking": model.spiking}
 
 
 class Run:
@@ -157,7 +157,7 @@ class Run:
         if result.model is not None:
             model, quant = result.model, result.quant or {}
             ckpt = stage_dir / CHECKPOINT_NAME
-            metrics = {**model_summary(model), **metrics,
+            metrics = {**model_summary(model, quant), **metrics,
                        "checkpoint": ckpt.relative_to(self.out).as_posix()}
             save_checkpoint(ckpt, model, masks=model.masks, quant=quant,
                             info={"stage": opts.name, "kind": stage.kind, "dataset": self.info.name,

@@ -360,11 +360,13 @@ def plot_robustness(report: dict) -> Figure:
 
 def _stage_points(report: dict, key: str) -> list[tuple[str, float, float]]:
     """(stage name, metrics[key], accuracy) of each stage that has both (spiking stages for timesteps)."""
-    points = []
+    points, previous_checkpoint = [], None
     for stage in report.get("stages") or []:
         m = stage.get("metrics") or {}
-        if key == "timesteps" and m.get("spiking") is False:
-            continue
+        same_model = m.get("checkpoint") is not None and m.get("checkpoint") == previous_checkpoint
+        previous_checkpoint = m.get("checkpoint")
+        if same_model or (key == "timesteps" and m.get("spiking") is False):
+            continue  # an evaluate stage re-measures the model already plotted
         if isinstance(m.get(key), (int, float)) and isinstance(m.get("accuracy"), (int, float)):
             points.append((stage.get("name", "?"), float(m[key]), 100 * m["accuracy"]))
     return points
