@@ -222,3 +222,14 @@ class LIF(nn.Module):
         return (f"reset={self.reset}, surrogate={self.surrogate}, per_channel={self.per_channel}, "
                 f"learn_leak={isinstance(self.leak, nn.Parameter)}, "
                 f"learn_threshold={isinstance(self.threshold, nn.Parameter)}")
+
+
+# Fast backends (snncompress.kernels: "cpu", "triton", "torch") register themselves in
+# LIF_BACKENDS. Nothing is compiled here; a broken kernels module never breaks this import.
+try:
+    from . import kernels  # noqa: E402,F401  registers fast LIF backends
+except Exception as _exc:  # noqa: BLE001
+    import warnings
+
+    warnings.warn(f"snncompress.kernels unavailable, LIF uses the reference backend: {_exc!r}",
+                  RuntimeWarning, stacklevel=1)

@@ -1,0 +1,339 @@
+"""Fast LIF backends (snncompress.kernels) against the reference lif_multistep.
+
+Spikes must match exactly; gradients of current, leak and threshold to
+floating-point tolerance (the backward recurrence sums in another order than
+autograd). Also: lean-memory packing, layer checkpointing, the fast average
+pool and the inference preparation leave outputs and gradients unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from snncompress import build_model
+from snncompress.kernels import (checkpoint_layers, cpu, lean_memory, lif_cpu, lif_torch,
+                                 prepare_for_inference)
+from snncompress.neuron import LIF, LIF_BACKENDS, lif_multistep, select_backend
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids barrier waits on a busy 2-core runner (the
+    multi-threaded kernel path has its own test below)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _params(kind: str, channels: int, ndim: int, dtype):
+    """Leak / threshold: scalar (0-dim) or per-channel shaped to broadcast over [B, C, ...]."""
+    g = torch.Generator().manual_seed(1)
+    if kind == "scalar":
+        return torch.tensor(0.8, dtype=dtype), torch.tensor(1.1, dtype=dtype)
+    shape = (channels,) + (1,) * (ndim - 2)
+    leak = torch.rand(shape, generator=g, dtype=dtype) * 0.5 + 0.5
+    thr = torch.rand(shape, generator=g, dtype=dtype) + 0.5
+    if kind == "mixed":  # scalar leak, per-channel threshold
+        leak = torch.tensor(0.9, dtype=dtype)
+    return leak, thr
+
+
+def _run(fn, current, leak, thr, reset, surrogate, scale=None):
+    current = current.detach().clone().requires_grad_(True)
+    leak = leak.detach().clone().requires_grad_(True)
+    thr = thr.detach().clone().requires_grad_(True)
+    out = fn(current, leak, thr, reset, surrogate, scale)
+    weight = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (out * weight).sum().backward()
+    return out.detach(), current.grad, leak.grad, thr.grad
+
+
+def _assert_match(ref, got, dtype):
+    assert torch.equal(ref[0], got[0]), "spikes differ from the reference"
+    for name, a, b in zip(("current", "leak", "threshold"), ref[1:], got[1:]):
+        assert a.shape == b.shape, name
+        scale = a.abs().max().clamp_min(1e-12)
+        err = ((a - b).abs().max() / scale).item()
+        assert err <= TOL[dtype], f"grad {name}: relative error {err:.3g}"
+
+
+def _current(steps, shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((steps, *shape), generator=g, dtype=dtype) * 1.5
+
+
+BACKENDS = [pytest.param(lif_cpu, id="cpu"), pytest.param(lif_torch, id="torch")]
+
+
+def test_backends_registered_and_auto_picks_cpu():
+    assert LIF_BACKENDS["cpu"] is lif_cpu and LIF_BACKENDS["torch"] is lif_torch
+    assert "triton" in LIF_BACKENDS
+    x = torch.zeros(2, 1, 3)
+    assert select_backend("auto", x, False) is lif_cpu
+    assert select_backend("auto", x, True) is lif_multistep  # membrane output: reference
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="no C compiler")
+def test_c_kernel_builds():
+    assert cpu.cext_available(), cpu.build_error()
+
+
+@pytest.mark.parametrize("fn", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("reset", ["soft", "hard"])
+@pytest.mark.parametrize("surrogate", ["linear", "atan", "fast_sigmoid"])
+@pytest.mark.parametrize("params", ["scalar", "channel", "mixed"])
+def test_conv_layer_matches_reference(fn, dtype, reset, surrogate, params):
+    for steps in (1, 3, 8):
+        current = _current(steps, (3, 5, 4, 6), dtype, seed=steps)
+        leak, thr = _params(params, 5, 4, dtype)
+        ref = _run(lif_multistep, current, leak, thr, reset, surrogate)
+        _assert_match(ref, _run(fn, current, leak, thr, reset, surrogate), dtype)
+
+
+@pytest.mark.parametrize("fn", BACKENDS)
+@pytest.mark.parametrize("params", ["scalar", "channel"])
+def test_linear_layer_and_custom_scale(fn, params):
+    current = _current(5, (4, 7), torch.float64)
+    leak, thr = _params(params, 7, 2, torch.float64)
+    for surrogate, scale in (("linear", 0.5), ("atan", 3.0), ("fast_sigmoid", 10.0)):
+        ref = _run(lif_multistep, current, leak, thr, "soft", surrogate, scale)
+        _assert_match(ref, _run(fn, current, leak, thr, "soft", surrogate, scale), torch.float64)
+
+
+@pytest.mark.parametrize("fn", BACKENDS)
+def test_time_broadcast_channels_last_and_strided_inputs(fn):
+    leak, thr = _params("channel", 6, 4, torch.float32)
+    # conv1 output broadcast over T (stride 0), as the models feed the first LIF
+    base = torch.randn(3, 6, 5, 5)
+    expanded = base.unsqueeze(0).expand(4, *base.shape)
+    _assert_match(_run(lif_multistep, expanded, leak, thr, "hard", "atan"),
+                  _run(fn, expanded, leak, thr, "hard", "atan"), torch.float32)
+    # channels_last timesteps (fold_time of a channels_last conv output)
+    cl = torch.randn(12, 6, 5, 5).contiguous(memory_format=torch.channels_last).view(4, 3, 6, 5, 5)
+    _assert_match(_run(lif_multistep, cl, leak, thr, "soft", "linear"),
+                  _run(fn, cl, leak, thr, "soft", "linear"), torch.float32)
+    # a non-dense view
+    strided = torch.randn(4, 3, 5, 5, 6).permute(0, 1, 4, 2, 3)
+    _assert_match(_run(lif_multistep, strided, leak, thr, "soft", "linear"),
+                  _run(fn, strided, leak, thr, "soft", "linear"), torch.float32)
+
+
+@pytest.mark.parametrize("params", ["scalar", "channel"])
+def test_multithreaded_kernel_path(params):
+    """Large enough for the OpenMP path (per-thread parameter-gradient accumulators)."""
+    torch.set_num_threads(2)
+    current = _current(3, (4, 16, 24, 24), torch.float32)  # 36864 neurons per step
+    leak, thr = _params(params, 16, 4, torch.float32)
+    for reset in ("soft", "hard"):
+        _assert_match(_run(lif_multistep, current, leak, thr, reset, "linear"),
+                      _run(lif_cpu, current, leak, thr, reset, "linear"), torch.float32)
+
+
+def test_buffers_inference_mode_and_fallbacks():
+    current = _current(4, (2, 3, 4, 4), torch.float32)
+    leak, thr = _params("channel", 3, 4, torch.float32)
+    ref = lif_multistep(current, leak, thr)
+    # fixed (non-trainable) leak / threshold, grad only to the current
+    x = current.clone().requires_grad_(True)
+    out = lif_cpu(x, leak, thr)
+    out.sum().backward()
+    assert torch.equal(out.detach(), ref) and x.grad is not None
+    with torch.inference_mode():
+        out = lif_cpu(current, leak.requires_grad_(), thr.requires_grad_())
+    assert torch.equal(out, ref) and out.grad_fn is None
+    # unsupported dtype / parameter shape / membrane output -> reference path, same results
+    half = lif_cpu(current.to(torch.bfloat16), leak.to(torch.bfloat16), thr.to(torch.bfloat16))
+    assert torch.equal(half, lif_multistep(current.to(torch.bfloat16), leak.to(torch.bfloat16),
+                                           thr.to(torch.bfloat16)))
+    odd = torch.rand(4, 4) + 0.5  # broadcasts over H, W: not a per-channel layout
+    assert torch.equal(lif_cpu(current, leak, odd), lif_multistep(current, leak, odd))
+    s, u = lif_cpu(current, leak, thr, return_membrane=True)
+    assert torch.equal(s, ref)
+
+
+def test_without_c_compiler_everything_falls_back(monkeypatch):
+    monkeypatch.setattr(cpu, "load_library", lambda: None)
+    current = _current(4, (2, 3, 4, 4), torch.float64)
+    leak, thr = _params("channel", 3, 4, torch.float64)
+    _assert_match(_run(lif_multistep, current, leak, thr, "hard", "atan"),
+                  _run(lif_cpu, current, leak, thr, "hard", "atan"), torch.float64)
+    assert cpu.avg_pool_fast(torch.randn(1, 2, 4, 4), 2) is None
+    assert cpu.pack_u8((torch.rand(20000) < 0.5).float()) is not None  # torch path
+
+
+def test_lif_module_uses_fast_backend_and_matches():
+    torch.manual_seed(0)
+    for per_channel in (False, True):
+        mods = [LIF(leak=0.9, threshold=0.7, per_channel=per_channel, num_channels=4, backend=b)
+                for b in ("reference", "cpu")]
+        x = torch.randn(5, 2, 4, 3, 3)
+        grads = []
+        for m in mods:
+            xi = x.clone().requires_grad_(True)
+            out = m(xi)
+            (out * torch.arange(out.numel()).reshape(out.shape).cos()).sum().backward()
+            grads.append((out.detach(), xi.grad, m.leak.grad, m.threshold.grad))
+        _assert_match(grads[0], grads[1], torch.float32)
+
+
+def test_pack_u8_is_exact_and_rejects_other_values():
+    spikes = (torch.rand(70000) < 0.3).float()
+    pooled = torch.nn.functional.avg_pool2d(spikes[:65536].view(1, 4, 128, 128), 2)
+    for x in (spikes, pooled.contiguous()):
+        q = cpu.pack_u8(x, 16.0)
+        assert q is not None and q.dtype == torch.uint8
+        assert torch.equal(q.float() / 16.0, x)
+    assert cpu.pack_u8(torch.randn(70000), 16.0) is None
+    assert cpu.pack_u8(-spikes, 16.0) is None
+
+
+def _train_step(model, x, y, seed=1):
+    torch.manual_seed(seed)
+    out = model(x)
+    torch.nn.functional.cross_entropy(out, y).backward()
+    return (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("arch,shape,opts", [
+    ("vgg5", (3, 16, 16), {"features": [8, "A", 16, 16, "A"], "classifier": [32]}),
+    ("convnet", (1, 12, 12), {"conv_dropout": 0.2}),
+    ("resnet20", (3, 8, 8), {"batchnorm": True, "width_mult": 0.125}),
+])
+def test_lean_memory_and_checkpointing_give_identical_training(arch, shape, opts):
+    torch.manual_seed(0)
+    base = build_model(arch, 10, shape, 3, neuron={"threshold": 0.3, "per_channel": True}, **opts)
+    x, y = torch.randn(4, *shape), torch.randint(0, 10, (4,))
+    ref = _train_step(copy.deepcopy(base), x, y)
+    for lean, ckpt in ((True, False), (False, True), (True, True)):
+        model = copy.deepcopy(base)
+        if lean:
+            lean_memory(model)
+        if ckpt:
+            checkpoint_layers(model)
+        got = _train_step(model, x, y)
+        assert torch.equal(ref[0], got[0])
+        for name in ref[1]:
+            assert torch.equal(ref[1][name], got[1][name]), (lean, ckpt, name)
+        for name in ref[2]:  # BatchNorm running stats are not updated twice by recompute
+            assert torch.equal(ref[2][name], got[2][name]), (lean, ckpt, name)
+        twin = model.ann_twin()  # settings survive deepcopy and work in ANN mode
+        twin(x).sum().backward()
+    lean_memory(model, False)
+    checkpoint_layers(model, False)
+    assert type(model.features[2]) is torch.nn.AvgPool2d if arch == "vgg5" else True
+
+
+def test_lean_memory_actually_packs_spikes():
+    model = lean_memory(build_model("vgg5", 10, (3, 16, 16), 2, neuron={"threshold": 0.3},
+                                    features=[16, "A", 16, "A"], classifier=[32]))
+    from snncompress.kernels import checkpointing as ck
+
+    packed = []
+    orig = ck._pack
+
+    def spy(t):
+        r = orig(t)
+        packed.append(r is not t)
+        return r
+
+    ck._pack = spy
+    try:
+        model(torch.randn(8, 3, 16, 16)).sum().backward()
+    finally:
+        ck._pack = orig
+    assert any(packed)
+
+
+def test_fast_avg_pool_bit_identical():
+    for dtype in (torch.float32, torch.float64):
+        for shape, k in (((2, 3, 9, 11), 2), ((2, 3, 7, 10), 3), ((4, 8, 8), 2)):
+            x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+            y0 = torch.nn.functional.avg_pool2d(x, k)
+            g = torch.randn_like(y0)
+            (g0,) = torch.autograd.grad(y0, x, g)
+            y1 = cpu.avg_pool_fast(x, k)
+            if y1 is None:
+                pytest.skip("C kernel unavailable")
+            (g1,) = torch.autograd.grad(y1, x, g)
+            assert torch.equal(y0, y1) and torch.equal(g0, g1)
+
+
+def test_prepare_for_inference_keeps_outputs():
+    torch.manual_seed(0)
+    for arch, shape in (("convnet", (1, 12, 12)), ("resnet20", (3, 8, 8))):
+        kw = {"width_mult": 0.125, "batchnorm": True} if arch == "resnet20" else {}
+        model = build_model(arch, 10, shape, 3, neuron={"threshold": 0.3, "backend": "reference"}, **kw)
+        model.eval()
+        x = torch.randn(3, *shape)
+        with torch.inference_mode():
+            ref = model(x)
+            fast = prepare_for_inference(copy.deepcopy(model))(x)
+        assert torch.allclose(ref, fast, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- Triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_triton_matches_reference_on_gpu(dtype):
+    from snncompress.kernels.triton_lif import lif_triton
+
+    assert select_backend("auto", torch.zeros(1, 1, device="cuda"), False) is LIF_BACKENDS["triton"]
+    for reset, surrogate, params, steps in itertools.product(
+            ("soft", "hard"), ("linear", "atan", "fast_sigmoid"), ("scalar", "channel", "mixed"), (1, 4, 9)):
+        current = _current(steps, (3, 5, 4, 6), dtype).cuda()
+        leak, thr = (p.cuda() for p in _params(params, 5, 4, dtype))
+        ref = _run(lif_multistep, current, leak, thr, reset, surrogate)
+        got = _run(lif_triton, current, leak, thr, reset, surrogate)
+        _assert_match([t.cpu() for t in ref], [t.cpu() for t in got], dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers Triton")
+def test_triton_kernel_logic_in_interpreter():
+    """Without a GPU, run the Triton kernels in Triton's CPU interpreter on a few cases."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import itertools, torch
+        from snncompress.neuron import lif_multistep
+        from snncompress.kernels import triton_lif as tl_
+        def run(fn, cur, lk, th, reset, surr):
+            cur, lk, th = (t.clone().requires_grad_(True) for t in (cur, lk, th))
+            o = fn(cur, lk, th, reset, surr)
+            (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).reshape(o.shape)).sum().backward()
+            return o.detach(), cur.grad, lk.grad, th.grad
+        def tri(cur, lk, th, reset, surr):
+            return tl_._LIFTriton.apply(cur, lk, th, reset == "hard", surr,
+                                        tl_.SURROGATE_DEFAULT_SCALE[surr], tl_.channel_layout(cur, lk, th))
+        torch.manual_seed(0)
+        for dt, reset, surr, pc in [(torch.float32, "soft", "linear", False),
+                                    (torch.float64, "hard", "atan", True),
+                                    (torch.float32, "hard", "fast_sigmoid", True)]:
+            cur = torch.randn(4, 2, 3, 4, 5, dtype=dt) * 1.5
+            lk = torch.rand(3, 1, 1, dtype=dt) * 0.5 + 0.5 if pc else torch.tensor(0.8, dtype=dt)
+            th = torch.rand(3, 1, 1, dtype=dt) + 0.5 if pc else torch.tensor(1.1, dtype=dt)
+            a, b = run(lif_multistep, cur, lk, th, reset, surr), run(tri, cur, lk, th, reset, surr)
+            assert torch.equal(a[0], b[0])
+            for x, y in zip(a[1:], b[1:]):
+                assert ((x - y).abs().max() / x.abs().max().clamp_min(1e-12)) < 1e-5
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0 and "No module named" in proc.stderr:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
