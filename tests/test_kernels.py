@@ -122,6 +122,14 @@ def test_time_broadcast_channels_last_and_strided_inputs(fn):
     expanded = base.unsqueeze(0).expand(4, *base.shape)
     _assert_match(_run(lif_multistep, expanded, leak, thr, "hard", "atan"),
                   _run(fn, expanded, leak, thr, "hard", "atan"), torch.float32)
+    leaf = base.clone().requires_grad_(True)
+    out = fn(leaf.unsqueeze(0).expand(4, *leaf.shape), leak, thr)
+    if fn is lif_cpu and cpu.cext_available():  # gradient summed over t inside the kernel
+        assert type(out.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+    out.sum().backward()
+    ref_leaf = base.clone().requires_grad_(True)
+    lif_multistep(ref_leaf.unsqueeze(0).expand(4, *leaf.shape), leak, thr).sum().backward()
+    assert torch.allclose(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)
     # channels_last timesteps (fold_time of a channels_last conv output)
     cl = torch.randn(12, 6, 5, 5).contiguous(memory_format=torch.channels_last).view(4, 3, 6, 5, 5)
     _assert_match(_run(lif_multistep, cl, leak, thr, "soft", "linear"),
@@ -236,6 +244,26 @@ def test_lean_memory_and_checkpointing_give_identical_training(arch, shape, opts
     lean_memory(model, False)
     checkpoint_layers(model, False)
     assert type(model.features[2]) is torch.nn.AvgPool2d if arch == "vgg5" else True
+
+
+def test_lean_conv_chunked_backward(monkeypatch):
+    from snncompress.kernels import checkpointing as ck
+
+    monkeypatch.setattr(ck, "CHUNK_MIN", 1)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2, bias=True)
+    lean = copy.deepcopy(conv)
+    lean.__class__ = ck.LeanConv2d
+    for x in ((torch.rand(10, 4, 9, 9) < 0.3).float(), torch.randn(10, 4, 9, 9)):  # packed / not
+        grads = []
+        for m in (conv, lean):
+            xi = x.clone().requires_grad_(True)
+            y = m(xi)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            grads.append((y.detach(), xi.grad, m.weight.grad.clone(), m.bias.grad.clone()))
+            m.zero_grad()
+        assert torch.equal(grads[0][0], grads[1][0])
+        for a, b in zip(grads[0][1:], grads[1][1:]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_lean_memory_actually_packs_spikes():

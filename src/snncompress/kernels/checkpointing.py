@@ -1,26 +1,30 @@
 """Lean BPTT memory: compact saved activations and layer checkpointing.
 
-Two opt-in tools; both leave the model's parameters, state_dict and results
-unchanged (gradients are bit-identical with and without them).
+Two opt-in tools; both leave the model's parameters, state_dict and outputs
+unchanged, and its gradients too (bit-identical, except that a large
+convolution's weight gradient is summed over batch chunks: equal up to float
+rounding).
 
 :func:`lean_memory` (model-level flag, or the :func:`lean_saved_tensors`
-context manager) stores every activation that autograd saves for backward and
-whose values are ``k/16`` with ``k`` in 0..255 as one uint8 per element
-instead of a float32: spikes (0/1), 2x2 average-pooled spikes (multiples of
-1/4), binary dropout masks scaled by 1.25, sums of a few spike maps. Typical
-savers are the convolution / linear layer after a LIF (its input, for the
-weight gradient) and the average pool after it. The test is exact and stops at
-the first value that does not fit, so a membrane-potential-like tensor costs
-almost nothing to reject; the LIF kernels' own saved ``u`` is never tested.
-Backward unpacks one layer at a time (transient float copy).
+context manager for the packing part) stores every activation that autograd
+saves for backward and whose values are ``k/16`` with ``k`` in 0..255 as one
+uint8 per element instead of a float32: spikes (0/1), 2x2 average-pooled
+spikes (multiples of 1/4), binary dropout masks scaled by 1.25, sums of a few
+spike maps. The test is exact and stops at the first value that does not fit,
+so a membrane-potential-like tensor costs almost nothing to reject; the LIF
+kernels' own saved ``u`` is never tested. It also switches the model's average
+pools to :class:`LeanAvgPool2d` (keeps nothing for backward; PyTorch's keeps
+its whole input to read its shape) and its convolutions to
+:class:`LeanConv2d` (uint8 spike input, backward in batch chunks so that
+oneDNN's temporaries stay small).
 
 :func:`checkpoint_layers` recomputes each spiking layer in backward: the
 model's layer sequences are cut after every LIF (trailing pooling / dropout
 stay with it); each segment keeps only its input (itself packed by
 :func:`lean_memory` when that is on) and reruns its forward during backward,
 so no membrane potential is stored at all. It costs one extra forward pass
-(about +25-35% step time) for the largest memory cut. RNG state is replayed
-(dropout masks match) and BatchNorm running statistics are not updated twice.
+for the largest memory cut. RNG state is replayed (dropout masks match) and
+BatchNorm running statistics are not updated twice.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from ..neuron import LIF
 from .cpu import avg_pool_fast, pack_u8
@@ -130,24 +135,105 @@ class LeanAvgPool2d(nn.AvgPool2d):
         return super().forward(x)
 
 
+#: LeanConv2d runs backward in this many batch chunks when its input has >= CHUNK_MIN elements.
+CONV_CHUNKS = 4
+CHUNK_MIN = 1 << 21
+
+
+class _LeanConv(torch.autograd.Function):
+    """conv2d that keeps a spike-valued input as uint8 and runs backward in batch chunks.
+
+    oneDNN's convolution backward needs ~3.6x its output in temporaries (blocked-format
+    copies of input, grad and result); chunking the batch bounds them, at equal speed on a
+    2-core Xeon. Input gradients are per sample, hence unchanged; the weight gradient is
+    summed over chunks (same value up to float rounding).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        q = _pack(x)
+        if isinstance(q, _Packed):
+            ctx.packed, ctx.x_shape = q, None
+            ctx.save_for_backward(weight)
+        else:
+            ctx.packed = None
+            ctx.save_for_backward(weight, x)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        saved = ctx.saved_tensors
+        weight = saved[0]
+        x = saved[1] if ctx.packed is None else None
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n = g.shape[0]
+        numel = ctx.packed.q.numel() if x is None else x.numel()
+        chunks = min(CONV_CHUNKS, n) if numel >= CHUNK_MIN else 1
+        size = -(-n // chunks)
+        gx = None
+        gw = torch.zeros_like(weight) if need_w else None
+        for a in range(0, n, size):
+            xa = ctx.packed.q[a:a + size].to(g.dtype).mul_(1.0 / LEVELS) if x is None else x[a:a + size]
+            gxa, gwa, _ = torch.ops.aten.convolution_backward(
+                g[a:a + size], xa, weight, None, list(stride), list(padding), list(dilation), False,
+                [0, 0], groups, [need_x, need_w, False])
+            if need_x:
+                if gx is None:
+                    gx = torch.empty((n, *gxa.shape[1:]), dtype=gxa.dtype, device=gxa.device,
+                                     memory_format=torch.contiguous_format)
+                gx[a:a + size] = gxa
+            if need_w:
+                gw += gwa
+            del xa, gxa, gwa
+        gb = g.sum((0, 2, 3)) if (need_b and has_bias) else None
+        return gx, gw, gb, None, None, None, None
+
+
+class LeanConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that stores a spike-valued input as uint8 and chunks its backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4
+                or x.device.type != "cpu" or not torch.is_grad_enabled()
+                or not (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
+        return _LeanConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                               self.groups)
+
+
+_LEAN_CLASSES = {nn.AvgPool2d: LeanAvgPool2d, nn.Conv2d: LeanConv2d}
+
+
 def _swap_pools(model: nn.Module, enable: bool) -> None:
+    """Switch pooling (and, with ``convs``, convolution) modules to their lean subclasses."""
+    _swap(model, enable, (nn.AvgPool2d,))
+
+
+def _swap(model: nn.Module, enable: bool, kinds) -> None:
     for m in model.modules():
-        if enable and type(m) is nn.AvgPool2d:
-            m.__class__ = LeanAvgPool2d
-        elif not enable and type(m) is LeanAvgPool2d:
-            m.__class__ = nn.AvgPool2d
+        for plain in kinds:
+            lean = _LEAN_CLASSES[plain]
+            if enable and type(m) is plain:
+                m.__class__ = lean
+            elif not enable and type(m) is lean:
+                m.__class__ = plain
 
 
 def lean_memory(model: nn.Module, enable: bool = True) -> nn.Module:
     """Turn compact storage of saved spike tensors on (or off) for ``model``'s forward; returns it.
 
     Implemented with forward hooks around the model's own forward, and by switching its
-    ``nn.AvgPool2d`` modules to :class:`LeanAvgPool2d` (same module, a pool that keeps no
-    input for backward); the model class, its parameters and state_dict are untouched.
+    ``nn.AvgPool2d`` modules to :class:`LeanAvgPool2d` (a pool that keeps no input for
+    backward) and ``nn.Conv2d`` to :class:`LeanConv2d` (uint8 spike input, batch-chunked
+    backward); the model class, its parameters and state_dict are untouched.
     Deep copies (e.g. ``ann_twin()``) keep the setting (harmless in ANN mode: ReLU
     outputs are rarely k/16-valued, and the check rejects them at their first value).
     """
-    _swap_pools(model, enable)
+    _swap(model, enable, (nn.AvgPool2d, nn.Conv2d))
     handles = model.__dict__.pop("_snn_lean_handles", None)
     if handles:
         for h in handles:
@@ -207,15 +293,23 @@ class _Checkpoint(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         need_x, need_p = ctx.needs_input_grad[4], ctx.needs_input_grad[5:]
-        x = x.detach().requires_grad_(need_x)
+        x = x.detach()
+        edge = None
         bn = _BNState(ctx.modules)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             with torch.enable_grad(), (lean_saved_tensors() if ctx.lean else contextlib.nullcontext()):
+                if need_x:
+                    # The recompute starts from an alias of x behind a tiny root node, so x's
+                    # storage is freed once the recomputed layers have saved what they need
+                    # (with lean_memory: a uint8 copy); dL/dx is read at the root's edge.
+                    x = _GradRoot.apply(_ANCHOR, x)
+                    edge = get_gradient_edge(x)
                 out, _ = ctx.run(x)
-        wanted = ([x] if need_x else []) + [p for p, need in zip(ctx.params, need_p) if need]
+        del x
+        wanted = ([edge] if need_x else []) + [p for p, need in zip(ctx.params, need_p) if need]
         if wanted and out.requires_grad:
             grads = list(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         else:
@@ -224,6 +318,21 @@ class _Checkpoint(torch.autograd.Function):
         bn.restore()  # after autograd.grad: BatchNorm's backward still reads the buffers
         gx = grads.pop(0) if need_x else None
         return (None, None, None, None, gx, *[grads.pop(0) if need else None for need in need_p])
+
+
+class _GradRoot(torch.autograd.Function):
+    """Identity whose output starts a fresh graph (its gradient edge marks the segment input)."""
+
+    @staticmethod
+    def forward(ctx, anchor, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g
+
+
+_ANCHOR = torch.zeros((), requires_grad=True)
 
 
 def _run_checkpointed(run: Callable, modules: list[nn.Module], x: torch.Tensor, lean: bool):

@@ -183,16 +183,16 @@ static inline __attribute__((always_inline)) void bwd_tile_SUF(
         const SCALAR* restrict G, int64_t gts, const SCALAR* restrict U, SCALAR* restrict dI,
         const SCALAR* restrict lk, const SCALAR* restrict th, SCALAR* restrict al,
         SCALAR* restrict at, int64_t Tn, int64_t N, int64_t n0, int64_t L, SCALAR s,
-        const int HARD, const int KIND) {
-    SCALAR rt[TILE], carry[TILE], zc[TILE], uc[TILE];
+        const int HARD, const int KIND, const int SUMT) {
+    SCALAR rt[TILE], carry[TILE], zc[TILE], uc[TILE], ds[TILE];
     const SCALAR* restrict ul = U + (Tn - 1) * N + n0;
     for (int64_t i = 0; i < L; ++i) {
-        rt[i] = (SCALAR)1 / th[i]; carry[i] = 0; al[i] = 0; at[i] = 0;
+        rt[i] = (SCALAR)1 / th[i]; carry[i] = 0; al[i] = 0; at[i] = 0; ds[i] = 0;
         uc[i] = ul[i]; zc[i] = ul[i] / th[i] - (SCALAR)1;
     }
     for (int64_t t = Tn - 1; t >= 0; --t) {
         const SCALAR* restrict gt = G + t * gts + n0;
-        SCALAR* restrict dt = dI + t * N + n0;
+        SCALAR* restrict dt = dI + (SUMT ? 0 : t * N) + n0;
         const SCALAR* restrict up = U + (t > 0 ? t - 1 : 0) * N + n0;
         const int prev = t > 0;
         for (int64_t i = 0; i < L; ++i) {
@@ -200,7 +200,7 @@ static inline __attribute__((always_inline)) void bwd_tile_SUF(
             SCALAR o = z >= (SCALAR)0 ? (SCALAR)1 : (SCALAR)0;
             SCALAR gz = gt[i] * surr_SUF(z, KIND, s) * r;        /* dL/du through the spike */
             SCALAR du = gz + (HARD ? carry[i] * ((SCALAR)1 - o) : carry[i]);
-            dt[i] = du;
+            if (SUMT) ds[i] += du; else dt[i] = du;
             at[i] -= gz * u * r + (HARD ? (SCALAR)0 : carry[i] * o);
             carry[i] = lk[i] * du;
             SCALAR upv = up[i]; SCALAR zp = upv / the - (SCALAR)1;
@@ -210,6 +210,7 @@ static inline __attribute__((always_inline)) void bwd_tile_SUF(
             uc[i] = upv; zc[i] = zp;
         }
     }
+    if (SUMT) { SCALAR* restrict d0 = dI + n0; for (int64_t i = 0; i < L; ++i) d0[i] = ds[i]; }
 }
 
 /* k x k average pooling with stride k, no padding, floor mode, on P contiguous planes
@@ -270,28 +271,29 @@ void avgpool_bwd_SUF(const SCALAR* g, SCALAR* dx, int64_t P, int64_t H, int64_t 
     }
 }
 
-/* Backward. G[t] at G + t*gts; U [T, N] saved pre-reset potentials; dI [T, N] out.
+/* Backward. G[t] at G + t*gts; U [T, N] saved pre-reset potentials; dI [T, N] out, or
+   [N] = sum over t when sum_t (input broadcast over time: its gradient is that sum).
    dleak / dthr: nthreads x C doubles (zeroed by the caller) or NULL when not needed. */
 void lif_bwd_SUF(const SCALAR* G, int64_t gts, const SCALAR* U, SCALAR* dI,
                  const SCALAR* leak, const SCALAR* thr, double* dleak, double* dthr,
                  int64_t Tn, int64_t N, int64_t C, int64_t S,
-                 int hard, int kind, double scale, int nthreads) {
+                 int hard, int kind, double scale, int sum_t, int nthreads) {
     int64_t ntiles = (N + TILE - 1) / TILE;
     const SCALAR s = (SCALAR)scale;
-    int mode = (hard ? 3 : 0) + kind;
+    int mode = (hard ? 3 : 0) + kind + (sum_t ? 6 : 0);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t tile = 0; tile < ntiles; ++tile) {
         SCALAR lk[TILE], th[TILE], al[TILE], at[TILE]; int32_t ch[TILE];
         int64_t n0 = tile * TILE, L = N - n0 < TILE ? N - n0 : TILE;
         gather_SUF(leak, thr, n0, L, C, S, lk, th, ch);
+#define BWD(H, K, ST) bwd_tile_SUF(G, gts, U, dI, lk, th, al, at, Tn, N, n0, L, s, H, K, ST)
         switch (mode) {
-            case 0: bwd_tile_SUF(G, gts, U, dI, lk, th, al, at, Tn, N, n0, L, s, 0, 0); break;
-            case 1: bwd_tile_SUF(G, gts, U, dI, lk, th, al, at, Tn, N, n0, L, s, 0, 1); break;
-            case 2: bwd_tile_SUF(G, gts, U, dI, lk, th, al, at, Tn, N, n0, L, s, 0, 2); break;
-            case 3: bwd_tile_SUF(G, gts, U, dI, lk, th, al, at, Tn, N, n0, L, s, 1, 0); break;
-            case 4: bwd_tile_SUF(G, gts, U, dI, lk, th, al, at, Tn, N, n0, L, s, 1, 1); break;
-            default: bwd_tile_SUF(G, gts, U, dI, lk, th, al, at, Tn, N, n0, L, s, 1, 2); break;
+            case 0: BWD(0, 0, 0); break;   case 1: BWD(0, 1, 0); break;   case 2: BWD(0, 2, 0); break;
+            case 3: BWD(1, 0, 0); break;   case 4: BWD(1, 1, 0); break;   case 5: BWD(1, 2, 0); break;
+            case 6: BWD(0, 0, 1); break;   case 7: BWD(0, 1, 1); break;   case 8: BWD(0, 2, 1); break;
+            case 9: BWD(1, 0, 1); break;   case 10: BWD(1, 1, 1); break;  default: BWD(1, 2, 1); break;
         }
+#undef BWD
         int tid = snn_tid();
         if (dleak) { double* acc = dleak + (int64_t)tid * C;
             for (int64_t i = 0; i < L; ++i) acc[ch[i]] += (double)al[i]; }
@@ -368,7 +370,7 @@ def _declare(lib) -> None:
         fwd.argtypes = [P, I64, P, P, P, P, I64, I64, I64, I64, INT, INT]
         fwd.restype = None
         bwd = getattr(lib, f"lif_bwd_{suf}")
-        bwd.argtypes = [P, I64, P, P, P, P, P, P, I64, I64, I64, I64, INT, INT, DBL, INT]
+        bwd.argtypes = [P, I64, P, P, P, P, P, P, I64, I64, I64, I64, INT, INT, DBL, INT, INT]
         bwd.restype = None
     for suf in ("f32", "f64"):
         for name in ("avgpool_fwd", "avgpool_bwd"):
@@ -499,10 +501,32 @@ def _like_steps(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return _empty_steps(like).copy_(x)
 
 
-def _empty_steps(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised ``[T, ...]`` tensor, timesteps packed, each in ``like[0]``'s memory order."""
-    n = like[0].numel()
-    return torch.empty_strided(like.shape, (n, *like[0].stride()), dtype=like.dtype, device=like.device)
+def _empty_steps(like: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """An uninitialised ``[T, ...]`` tensor, timesteps packed, each in ``like[0]``'s memory order.
+
+    With ``steps``, ``like`` is one timestep ``[B, ...]`` and the result has ``steps`` of them.
+    """
+    step = like if steps is not None else like[0]
+    shape = (steps, *like.shape) if steps is not None else like.shape
+    return torch.empty_strided(shape, (step.numel(), *step.stride()), dtype=like.dtype, device=like.device)
+
+
+def time_broadcast_base(current: torch.Tensor) -> torch.Tensor | None:
+    """``b`` if ``current`` is exactly ``b`` broadcast over a new leading time dimension, else None.
+
+    The models feed the first LIF with conv1's output ``c.unsqueeze(0).expand(T, ...)``.
+    Running the backend on ``c`` itself (same memory, read with time stride 0) lets its
+    backward return ``dL/dc = sum_t dL/dI[t]`` directly, instead of a ``[T, ...]`` gradient
+    that the expand's backward would sum: one ``[T, B, ...]`` tensor less, written and read.
+    """
+    if current.dim() < 2 or current.shape[0] < 2 or current.stride(0) != 0:
+        return None
+    base = current._base
+    if (base is None or base.shape != current.shape[1:] or base.stride() != current.stride()[1:]
+            or base.storage_offset() != current.storage_offset()
+            or base.requires_grad != current.requires_grad or base.dtype != current.dtype):
+        return None
+    return base
 
 
 def _param_vector(p: torch.Tensor, c: int) -> torch.Tensor:
@@ -535,31 +559,35 @@ def _ptr(x: torch.Tensor | None):
 # The C-kernel autograd function
 # --------------------------------------------------------------------------------------
 class _LIFCext(torch.autograd.Function):
+    """C-kernel LIF. ``current`` is ``[T, B, ...]``, or ``[B, ...]`` broadcast over ``steps``."""
+
     @staticmethod
-    def forward(ctx, current, leak, threshold, hard, kind, scale, layout, fmt):
+    def forward(ctx, current, leak, threshold, hard, kind, scale, layout, steps):
         lib = _lib
         c, s = layout
-        steps = current.shape[0]
-        n = current[0].numel()
-        its = _time_stride(current)
+        bcast = steps is not None
+        step = current if bcast else current[0]
+        steps = steps if bcast else current.shape[0]
+        n = step.numel()
+        its = 0 if bcast else _time_stride(current)
         lk, th = _param_vector(leak, c), _param_vector(threshold, c)
-        out = _empty_steps(current)
+        out = _empty_steps(current, steps if bcast else None)
         need_grad = any(ctx.needs_input_grad[:3])
-        u = _empty_steps(current) if need_grad else None
+        u = torch.empty_like(out) if need_grad else None
         fn = lib.lif_fwd_f32 if current.dtype == torch.float32 else lib.lif_fwd_f64
         fn(_ptr(current), its, _ptr(out), _ptr(u), _ptr(lk), _ptr(th), steps, n, c, s,
            int(hard), _threads(steps * n))
         if need_grad:
             mark_keep(u)
             ctx.save_for_backward(u, leak, threshold)
-            ctx.cfg = (hard, kind, scale, layout, fmt)
+            ctx.cfg = (hard, kind, scale, layout, bcast)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         u, leak, threshold = ctx.saved_tensors
-        hard, kind, scale, (c, s), fmt = ctx.cfg
+        hard, kind, scale, (c, s), bcast = ctx.cfg
         steps = u.shape[0]
         n = u[0].numel()
         if grad_out.dtype != u.dtype:
@@ -568,16 +596,17 @@ class _LIFCext(torch.autograd.Function):
         gts = _time_stride(grad_out)
         lk, th = _param_vector(leak, c), _param_vector(threshold, c)
         nthreads = _threads(steps * n)
-        need_leak, need_thr = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_in, need_leak, need_thr = ctx.needs_input_grad[:3]
         acc_leak = torch.zeros(nthreads, c, dtype=torch.float64) if need_leak else None
         acc_thr = torch.zeros(nthreads, c, dtype=torch.float64) if need_thr else None
-        grad_in = _empty_steps(u)
+        grad_in = torch.empty_like(u[0]) if bcast else _empty_steps(u)
         fn = _lib.lif_bwd_f32 if u.dtype == torch.float32 else _lib.lif_bwd_f64
         fn(_ptr(grad_out), gts, _ptr(u), _ptr(grad_in), _ptr(lk), _ptr(th), _ptr(acc_leak),
-           _ptr(acc_thr), steps, n, c, s, int(hard), SURROGATE_IDS[kind], float(scale), nthreads)
+           _ptr(acc_thr), steps, n, c, s, int(hard), SURROGATE_IDS[kind], float(scale), int(bcast),
+           nthreads)
         g_leak = _reduce_param_grad(acc_leak.sum(0), leak) if need_leak else None
         g_thr = _reduce_param_grad(acc_thr.sum(0), threshold) if need_thr else None
-        return grad_in, g_leak, g_thr, None, None, None, None, None
+        return grad_in if need_in else None, g_leak, g_thr, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -702,7 +731,10 @@ def lif_cpu(current, leak, threshold, reset="soft", surrogate="linear", scale=No
     if fmt is None:
         current, fmt = current.contiguous(), "contiguous"
     layout = channel_layout(current, leak, threshold, fmt)
-    return _LIFCext.apply(current, leak, threshold, reset == "hard", surrogate, s, layout, fmt)
+    base = time_broadcast_base(current)
+    if base is not None:
+        return _LIFCext.apply(base, leak, threshold, reset == "hard", surrogate, s, layout, current.shape[0])
+    return _LIFCext.apply(current, leak, threshold, reset == "hard", surrogate, s, layout, None)
 
 
 def pack_u8(x: torch.Tensor, levels: float = 16.0) -> torch.Tensor | None:
