@@ -22,9 +22,17 @@ Sections
           glibc is told to return freed blocks >= 64 KiB to the OS at once
           (MALLOC_MMAP_THRESHOLD_=65536) so the resident set follows live memory.
 
-Timing: implementations are interleaved round-robin (a shared or busy machine
-slows them alike); the table shows the median of --reps steps after one warm-up
-step, and the minimum. Ratios use medians.
+  infer   inference of low-T / pruned networks: as trained vs prepare_for_inference vs
+          the ANN twin (bench_infer.py).
+
+Timing: implementations are interleaved round-robin for --reps steps after one
+warm-up step. Each step records wall-clock time and the process's CPU time (all
+threads, time.process_time). On a dedicated machine the two agree (CPU time =
+wall x threads); on a shared one, other processes stretch wall-clock time by
+whatever they take, at random, while CPU time stays close to the work the step
+itself does. Tables give the median CPU time and the wall-clock minimum and
+median; ratios are "cpu / wall-min / wall-median". The target verdicts use CPU
+time, and the load average is printed at start and end.
 """
 
 from __future__ import annotations
@@ -120,16 +128,35 @@ def train_step_fn(impl: str, model, net: str, timesteps: int | None = None):
 
 
 def interleaved(fns: dict, reps: int) -> dict:
-    """Median and min seconds of each callable, run round-robin ``reps`` times after a warm-up."""
+    """Per callable: ``{"cpu": median CPU s, "min": min wall s, "med": median wall s}``.
+
+    Runs each once (warm-up), then round-robin ``reps`` times.
+    """
     for f in fns.values():
         f()
-    times = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: {"cpu": statistics.median(cpu[k]), "min": min(wall[k]), "med": statistics.median(wall[k])}
+            for k in fns}
+
+
+def ratio3(a: dict, b: dict | None) -> str:
+    """``a / b`` on CPU time, wall minimum and wall median."""
+    if b is None:
+        return "-"
+    return " / ".join(f"{a[k] / b[k]:.2f}" for k in ("cpu", "min", "med")) + "x"
+
+
+def best(results: dict, names) -> dict | None:
+    """Per metric, the smallest value among ``names`` present in ``results`` (the fastest peer)."""
+    have = [results[n] for n in names if n in results]
+    return {k: min(r[k] for r in have) for k in ("cpu", "min", "med")} if have else None
 
 
 # ------------------------------------------------------------------------------ sections
@@ -146,21 +173,21 @@ def bench_train(args, results) -> list[str]:
                 continue
             fns[impl] = train_step_fn(impl, model, net)[0]
         res = interleaved(fns, args.reps)
-        peer_meds = [res[p][0] for p in PEERS if p in res]
-        fastest = min(peer_meds) if peer_meds else None
-        ann = res["ann twin"][0]
+        fastest = best(res, PEERS)
         rows = []
         for impl in impls:
             if impl not in res:
-                rows.append([impl, "not installed", "", "", ""])
+                rows.append([impl, "not installed", "", "", "", ""])
                 continue
-            med, mn = res[impl]
-            rows.append([impl + (" (T x B images)" if impl == "ann twin" else ""), f"{med * 1e3:.0f}",
-                         f"{mn * 1e3:.0f}", ratio(med, fastest), ratio(med, ann)])
+            r = res[impl]
+            rows.append([impl + (" (T x B images)" if impl == "ann twin" else ""), f"{r['cpu']:.2f}",
+                         f"{r['min'] * 1e3:.0f}", f"{r['med'] * 1e3:.0f}", ratio3(r, fastest),
+                         ratio3(r, res["ann twin"])])
         out.append(table(f"Training step, {net} {in_shape[1]}x{in_shape[2]}, T={steps}, batch {batch} "
-                         f"(ms; median of {args.reps})",
-                         ["implementation", "median ms", "min ms", "vs fastest peer", "vs ANN twin"], rows))
-        results["train"][net] = {k: {"median_s": v[0], "min_s": v[1]} for k, v in res.items()}
+                         f"({args.reps} interleaved steps; ratios cpu / wall-min / wall-median)",
+                         ["implementation", "CPU s", "wall min ms", "wall median ms", "vs fastest peer",
+                          "vs ANN twin"], rows))
+        results["train"][net] = dict(res)
         results["train"][net]["_skipped"] = skipped
         del fns
     return out
@@ -205,22 +232,20 @@ def bench_lif(args, results) -> list[str]:
         reps = args.reps if steps <= 16 else max(3, args.reps // 2)
         tr = interleaved({k: fb(m) for k, m in mods.items()}, reps)
         inf = interleaved({k: fwd(m) for k, m in mods.items()}, reps)
-        results["lif"][steps] = {k: {"train_median_s": tr[k][0], "infer_median_s": inf[k][0]} for k in mods}
-        peers_tr = [tr[p][0] for p in PEERS if p in tr]
-        peers_inf = [inf[p][0] for p in PEERS if p in inf]
-        ours_tr, ours_inf = tr["snncompress (cpu kernel)"][0], inf["snncompress (cpu kernel)"][0]
-        fastest_tr = min(peers_tr) if peers_tr else None
-        fastest_inf = min(peers_inf) if peers_inf else None
-        rows_train.append([f"T={steps}"] + [f"{tr[k][0] * 1e3:.0f}" for k in mods]
-                          + [ratio(fastest_tr, ours_tr), ratio(ours_tr, tr["ReLU (floor)"][0])])
-        rows_inf.append([f"T={steps}"] + [f"{inf[k][0] * 1e3:.0f}" for k in mods]
-                        + [ratio(fastest_inf, ours_inf), ratio(ours_inf, inf["ReLU (floor)"][0])])
+        results["lif"][steps] = {"train": tr, "infer": inf}
+        ours = "snncompress (cpu kernel)"
+        for res, rows in ((tr, rows_train), (inf, rows_inf)):
+            fastest = best(res, PEERS)
+            speed = "-" if fastest is None else " / ".join(
+                f"{fastest[k] / res[ours][k]:.1f}" for k in ("cpu", "min", "med")) + "x"
+            rows.append([f"T={steps}"] + [f"{res[k]['cpu'] * 1e3:.0f}" for k in mods]
+                        + [speed, ratio3(res[ours], res["ReLU (floor)"])])
         del mods, x, grad
     names = list(impls)
-    out.append(table(f"LIF layer alone, forward + backward, [T, 32, 64, 16, 16], trainable leak/threshold "
-                     f"(ms; median)", ["T"] + names + ["speedup vs fastest peer", "ours vs ReLU"], rows_train))
-    out.append(table("LIF layer alone, forward under torch.inference_mode (ms; median)",
-                     ["T"] + names + ["speedup vs fastest peer", "ours vs ReLU"], rows_inf))
+    cols = ["T"] + names + ["speedup vs fastest peer (cpu / wall-min / wall-med)", "ours vs ReLU"]
+    out.append(table("LIF layer alone, forward + backward, [T, 32, 64, 16, 16], trainable leak/threshold "
+                     "(CPU ms, median)", cols, rows_train))
+    out.append(table("LIF layer alone, forward under torch.inference_mode (CPU ms, median)", cols, rows_inf))
     return out
 
 
@@ -290,43 +315,64 @@ def bench_memory(args, results) -> list[str]:
     return out
 
 
+def bench_infer(args, results) -> list[str]:
+    import bench_infer
+
+    rows = []
+    for label, res, diff in bench_infer.run(args.reps * 2, args.threads):
+        plain, prep, ann = res["plain (reference LIF)"], res["prepare_for_inference"], res["ANN twin TxB"]
+        rows.append([label, f"{plain[0] * 1e3:.1f}", f"{res['fused LIF'][0] * 1e3:.1f}", f"{prep[0] * 1e3:.1f}",
+                     f"{ann[0] * 1e3:.1f}", f"{res['ANN twin TxB prepared'][0] * 1e3:.1f}",
+                     f"{plain[0] / prep[0]:.2f}x", f"{prep[0] / res['ANN twin TxB prepared'][0]:.2f}x",
+                     f"{diff:.1g}"])
+        results["infer"][label] = {k: {"min_s": v[0], "median_s": v[1]} for k, v in res.items()}
+    return [table("Inference (torch.inference_mode), wall-clock min ms",
+                  ["case", "as trained", "fused LIF", "prepared", "ANN twin TxB", "ANN twin prepared",
+                   "prepared speedup", "prepared vs ANN twin prepared", "max logit diff"], rows)]
+
+
 def summary(results) -> list[str]:
     rows = []
     for net in ("vgg5", "convnet"):
         r = results["train"].get(net)
         if not r:
             continue
-        ours = r["snncompress"]["median_s"]
-        peers = [r[p]["median_s"] for p in PEERS if p in r]
-        if peers:
-            v = ours / min(peers)
-            rows.append([f"train step {net} <= 0.8x fastest peer", f"{v:.2f}x", "met" if v <= 0.8 else "NOT met"])
-        v = ours / r["ann twin"]["median_s"]
-        rows.append([f"train step {net} <= 1.15x ANN twin", f"{v:.2f}x", "met" if v <= 1.15 else "NOT met"])
+        ours = r["snncompress"]
+        fastest = best(r, PEERS)
+        if fastest:
+            v = ours["cpu"] / fastest["cpu"]
+            rows.append([f"train step {net} <= 0.8x fastest peer", ratio3(ours, fastest),
+                         "met" if v <= 0.8 else "NOT met"])
+        v = ours["cpu"] / r["ann twin"]["cpu"]
+        rows.append([f"train step {net} <= 1.15x ANN twin", ratio3(ours, r["ann twin"]),
+                     "met" if v <= 1.15 else "NOT met"])
     if results["lif"]:
         worst = None
         for steps, r in results["lif"].items():
-            peers = [r[p]["train_median_s"] for p in PEERS if p in r]
-            if peers:
-                s = min(peers) / r["snncompress (cpu kernel)"]["train_median_s"]
-                worst = s if worst is None else min(worst, s)
+            tr = r["train"]
+            fastest = best(tr, PEERS)
+            if fastest:
+                sp = {k: fastest[k] / tr["snncompress (cpu kernel)"][k] for k in ("cpu", "min", "med")}
+                worst = sp if worst is None else {k: min(worst[k], sp[k]) for k in sp}
         if worst is not None:
-            rows.append(["LIF alone >= 2x faster than fastest peer (worst T)", f"{worst:.1f}x",
-                         "met" if worst >= 2 else "NOT met"])
+            rows.append(["LIF alone fwd+bwd >= 2x faster than fastest peer (worst T)",
+                         " / ".join(f"{worst[k]:.1f}" for k in ("cpu", "min", "med")) + "x",
+                         "met" if worst["cpu"] >= 2 else "NOT met"])
     mem = results["memory"].get("vgg5")
     if mem and "peak_mb" in mem.get("spikingjelly LIFNode", {}):
         sj = mem["spikingjelly LIFNode"]["peak_mb"]
         for impl in OURS:
             if "peak_mb" in mem.get(impl, {}):
                 v = mem[impl]["peak_mb"] / sj
-                rows.append([f"VGG T=8 peak memory <= 0.6x spikingjelly ({impl})", f"{v:.2f}x",
+                rows.append([f"VGG T=8 peak memory <= 0.6x spikingjelly LIFNode ({impl})", f"{v:.2f}x",
                              "met" if v <= 0.6 else "NOT met"])
-    return [table("Targets", ["target", "measured", "verdict"], rows)] if rows else []
+    return [table("Targets (time ratios cpu / wall-min / wall-median; verdict on CPU time)",
+                  ["target", "measured", "verdict"], rows)] if rows else []
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="train,lif,memory", help="comma list of: train, lif, memory")
+    ap.add_argument("--only", default="train,lif,memory,infer", help="comma list of: train, lif, memory, infer")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--lif-steps", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8, 16, 32])
@@ -346,10 +392,10 @@ def main(argv=None) -> int:
     print(f"- LIF C kernel: {'loaded' if kcpu.cext_available() else 'unavailable: ' + str(kcpu.build_error())}")
     for name, ver in versions.items():
         print(f"- peer {name}: {ver or 'not installed (optional extra: pip install ' + name + ')'}")
-    print(f"- load average at start: {load_avg()}")
+    print(f"- load average at start (2 cores: above 2 means other processes compete): {load_avg()}")
     t0 = time.time()
-    results = {"train": {}, "lif": {}, "memory": {}, "versions": versions}
-    sections = {"train": bench_train, "lif": bench_lif, "memory": bench_memory}
+    results = {"train": {}, "lif": {}, "memory": {}, "infer": {}, "versions": versions}
+    sections = {"train": bench_train, "lif": bench_lif, "memory": bench_memory, "infer": bench_infer}
     for name in args.only.split(","):
         for block in sections[name.strip()](args, results):
             print(block, flush=True)

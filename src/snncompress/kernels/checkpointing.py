@@ -209,11 +209,12 @@ _LEAN_CLASSES = {nn.AvgPool2d: LeanAvgPool2d, nn.Conv2d: LeanConv2d}
 
 
 def _swap_pools(model: nn.Module, enable: bool) -> None:
-    """Switch pooling (and, with ``convs``, convolution) modules to their lean subclasses."""
+    """Switch ``nn.AvgPool2d`` modules to :class:`LeanAvgPool2d` (or back)."""
     _swap(model, enable, (nn.AvgPool2d,))
 
 
 def _swap(model: nn.Module, enable: bool, kinds) -> None:
+    """Switch modules of exactly the classes in ``kinds`` to their lean subclasses (or back)."""
     for m in model.modules():
         for plain in kinds:
             lean = _LEAN_CLASSES[plain]

@@ -27,7 +27,12 @@ surrogate derivative at ``z[t] = u[t]/thr - 1``; ``dh[T-1] = 0``)::
     dthr    = sum_t -g[t] * sg[t] * u[t] / thr^2  (soft reset: - dh[t] * o[t])
 
 summed over every broadcast dimension of ``leak`` / ``thr`` (scalar: all;
-per-channel: all but the channel dimension).
+per-channel: all but the channel dimension). When the input is one tensor
+broadcast over T (conv1's output feeding the first LIF), the kernel takes that
+tensor itself as its autograd input and returns ``sum_t dI[t]``.
+
+Memory layouts: each timestep must be dense (contiguous or channels_last; the
+kernel walks it in memory order); the time stride is free (0 = broadcast).
 
 Environment: ``SNNCOMPRESS_NO_CEXT=1`` disables the C kernel,
 ``SNNCOMPRESS_CACHE`` sets the build cache folder, ``CC`` the compiler.

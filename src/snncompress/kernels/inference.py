@@ -8,8 +8,8 @@ form in place, without changing a single output:
   save nothing and the first layer's current, broadcast over T, is read in
   place (never copied T times).
 * channels_last memory order for convolutions (oneDNN's fast path on x86 CPUs;
-  measured 1.4-1.7x faster convolutions on a 2-core Xeon), with a forward
-  pre-hook that converts 4-D inputs. The LIF kernels walk channels_last
+  1.3-1.7x faster inference convolutions in our 2-core Xeon measurements), with a
+  forward pre-hook that converts 4-D inputs. The LIF kernels walk channels_last
   timesteps natively.
 * 2x2 average pooling through the C kernel for NCHW tensors (PyTorch's NCHW
   kernel is several times slower on CPU).
@@ -66,12 +66,12 @@ def tune_cpu_allocator(keep_freed_memory: bool = True) -> bool:
     """Ask glibc malloc to keep freed memory for reuse instead of returning it to the OS.
 
     PyTorch allocates every CPU tensor with malloc; glibc serves blocks above ~32 MB with
-    fresh mmap()s, so each large activation pays page faults on first touch (measured:
-    filling a new 33 MB tensor took 3x as long as refilling an old one). Setting
-    ``M_MMAP_MAX = 0`` and a huge ``M_TRIM_THRESHOLD`` keeps freed blocks in the heap,
-    which removes those faults in a training loop or a serving process at the price of a
-    resident set that stays at its high-water mark. Process-wide; returns False where
-    unsupported (non-glibc).
+    fresh mmap()s, so each large activation pays page faults on first touch (on the 2-core
+    VM used for the benchmarks, allocating and filling a new 33 MB tensor took ~3x as long
+    as refilling an existing one). Setting ``M_MMAP_MAX = 0`` and a huge
+    ``M_TRIM_THRESHOLD`` keeps freed blocks in the heap for reuse, at the price of a
+    resident set that stays at its high-water mark. Opt-in and process-wide (it helps every
+    framework alike; measure on your machine); returns False where unsupported (non-glibc).
     """
     import ctypes
     import ctypes.util
