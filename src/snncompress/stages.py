@@ -77,7 +77,7 @@ class StageDef:
 STAGES: dict[str, StageDef] = {}
 
 #: Modules that register further stages when imported (compression methods).
-STAGE_MODULES: list[str] = []
+STAGE_MODULES: list[str] = ["snncompress.prune.stp"]
 
 
 def register_stage(kind: str, options: type[StageOptions]):

@@ -1,0 +1,358 @@
+"""STP stages (SPEC §2): ``prune_pca``, ``temporal`` and ``quant_sweep``.
+
+* ``prune_pca``: PCA significance of every spiking layer -> a physically
+  narrower network with ``k_l`` channels per layer (coupled ResNet channels
+  share one width, the max over the group), trained either from scratch
+  through the hybrid pipeline (``mode: scratch``, the paper: ANN, threshold
+  calibration, SNN) or by inheriting the most significant channels' weights
+  and fine-tuning the SNN (``mode: finetune``).
+* ``temporal``: lower T along a decreasing schedule, fine-tuning at each step,
+  until accuracy falls more than ``tolerance`` below the stage's start.
+* ``quant_sweep``: uniform symmetric per-layer weight quantization at every
+  bit width of ``bits``; the smallest width within ``tolerance`` of the float
+  accuracy is applied (weights set to ``int * scale``, the checkpoint stores
+  the integers and one scale per layer).
+
+Each stage writes a PNG plot and a JSON file of its curves into its folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pydantic import Field, field_validator, model_validator
+
+from ..checkpoint import atomic_write
+from ..convert import calibrate_thresholds
+from ..errors import UserError
+from ..models import SpikingNetwork
+from ..quant.uniform import quantize_weights_
+from ..stages import (StageContext, StageOptions, StageResult, TrainOptions, calibration_images,
+                      register_stage)
+from ..train import TrainConfig, evaluate_accuracy, train
+from .pca import LayerPCA, pca_significance
+from .surgery import (channel_groups, group_widths, narrow_fresh, narrow_model, projection_conflicts,
+                      select_channels)
+from .temporal import check_schedule, default_schedule, prune_timesteps, trials_table
+
+DEFAULT_SWEEP_BITS = list(range(16, 1, -1))
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
+
+
+def save_figure(fig: Figure, path: Path) -> str:
+    """Write ``fig`` as PNG atomically; returns the file name."""
+    FigureCanvasAgg(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    return path.name
+
+
+def relative(ctx: StageContext, path: Path) -> str:
+    """``path`` relative to the run folder (report paths never hold machine-specific prefixes)."""
+    try:
+        return path.relative_to(ctx.run_dir).as_posix()
+    except ValueError:
+        return path.name
+
+
+def train_model(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name: str, desc: str) -> float:
+    """Train ``model`` in its current mode; returns the last epoch's test accuracy (0-1)."""
+    history = train(model, ctx.train_loader, ctx.test_loader, config, device=ctx.device,
+                    csv_path=ctx.stage_dir / log_name, desc=desc)
+    return float(history[-1]["test_accuracy"])
+
+
+# ----------------------------------------------------------------------------- prune_pca
+
+
+class PrunePCAOptions(TrainOptions):
+    """PCA channel pruning; ``epochs``/``lr``/... train the narrow SNN (finetune: fine-tuning, scratch: BPTT)."""
+
+    kind: Literal["prune_pca"] = "prune_pca"
+    theta: float = Field(0.99, gt=0, le=1, description="cumulative explained variance kept per layer")
+    accumulate: Literal["mean", "sum"] = Field("mean", description="membrane potential over t: mean or sum")
+    pca_images: int = Field(256, ge=1, description="training images the PCA is computed on")
+    chunk: int = Field(64, ge=1, description="images per forward pass while recording (memory)")
+    min_channels: int = Field(1, ge=1, description="lower bound on every layer's width")
+    prune_classifier: bool = Field(True, description="also narrow the hidden linear layers")
+    mode: Literal["scratch", "finetune"] = "scratch"
+    epochs: int = Field(1, ge=0, description="SNN epochs of the narrow model (0: none)")
+    lr: float = Field(1e-4, gt=0)
+    ann_epochs: int = Field(1, ge=1, description="scratch: ANN epochs of the narrow model")
+    ann_lr: float = Field(1e-3, gt=0, description="scratch: ANN learning rate")
+    ann_weight_decay: float = Field(5e-4, ge=0, description="scratch: ANN weight decay")
+    calib_images: int = Field(512, ge=1, description="scratch: threshold calibration images")
+    calib_timesteps: int = Field(100, ge=1, description="scratch: timesteps simulated in calibration")
+    calib_percentile: float = Field(99.7, gt=0, le=100)
+    calib_scale: float = Field(1.0, gt=0, description="scratch: factor on every calibrated threshold")
+
+
+def layer_targets(model: SpikingNetwork, pca: dict[str, LayerPCA], opts: PrunePCAOptions) -> dict[str, int]:
+    """``k_l`` per LIF layer; classifier layers keep full width unless ``prune_classifier``."""
+    return {name: (p.k if opts.prune_classifier or not name.startswith("classifier.") else p.channels)
+            for name, p in pca.items()}
+
+
+def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
+    """The hybrid pipeline on the narrow network: ANN, threshold calibration, SNN; returns SNN accuracy."""
+    seed = ctx.recipe.seed
+    ann_config = TrainConfig(epochs=opts.ann_epochs, lr=opts.ann_lr, optimizer=opts.optimizer,
+                             weight_decay=opts.ann_weight_decay, momentum=opts.momentum,
+                             schedule=opts.schedule, seed=seed, max_batches=opts.max_batches,
+                             label_smoothing=opts.label_smoothing)
+    train_model(ctx, narrow.set_spiking(False), ann_config, "ann_log.csv", "pca-ann")
+    narrow.set_spiking(True)
+    images = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
+    calibrate_thresholds(narrow, images, calib_timesteps=opts.calib_timesteps,
+                         percentile=opts.calib_percentile, scale=opts.calib_scale, chunk=opts.chunk)
+    if opts.epochs == 0:
+        return evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
+    return train_model(ctx, narrow, opts.train_config(seed), "train_log.csv", "pca-snn")
+
+
+def finetune_inherited(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
+    """Fine-tune the narrow SNN that inherited the kept channels' weights; returns its accuracy."""
+    if opts.epochs == 0:
+        return evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
+    return train_model(ctx, narrow, opts.train_config(ctx.recipe.seed), "train_log.csv", "pca-finetune")
+
+
+def plot_variance(pca: dict[str, LayerPCA], theta: float, path: Path) -> str:
+    """Cumulative explained variance vs components per layer (left) and k_l vs width (right)."""
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, p in pca.items():
+        cumulative = p.cumulative().tolist()
+        line, = left.plot(range(1, len(cumulative) + 1), cumulative, label=name, lw=1.2)
+        left.plot([p.k], [cumulative[p.k - 1]], "o", color=line.get_color(), ms=4)
+    left.axhline(theta, color="grey", ls="--", lw=1, label=f"theta = {theta:g}")
+    left.set_xscale("log")
+    left.set(xlabel="principal components k", ylabel="cumulative explained variance",
+             title="PCA of time-accumulated membrane potential")
+    left.legend(fontsize=6, ncol=2)
+    names = list(pca)
+    right.bar(range(len(names)), [p.channels for p in pca.values()], color="#cccccc", label="channels")
+    right.bar(range(len(names)), [p.k for p in pca.values()], color="#1f77b4", label="k_l (significant)")
+    for i, p in enumerate(pca.values()):
+        right.annotate(f"{p.k}/{p.channels}", (i, p.k), ha="center", va="bottom", fontsize=7)
+    right.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    right.set(ylabel="channels", title="significant dimension per layer")
+    right.set_yscale("log")
+    right.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+@register_stage("prune_pca", PrunePCAOptions)
+def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
+    """PCA significance per spiking layer -> narrower dense SNN, trained from scratch or fine-tuned."""
+    model = ctx.require_model("prune_pca").set_spiking(True)
+    images = calibration_images(ctx.train_loader, opts.pca_images).to(ctx.device)
+    pca = pca_significance(model, images, opts.theta, opts.accumulate, opts.chunk)
+    groups = channel_groups(model)
+    widths = group_widths(groups, layer_targets(model, pca, opts), opts.min_channels,
+                          projection_conflicts(model, groups))
+    if opts.mode == "finetune":
+        keep = select_channels(groups, widths, {name: p.significance for name, p in pca.items()})
+        narrow = narrow_model(model, keep, groups)
+        accuracy_after_surgery = evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
+        accuracy = finetune_inherited(ctx, narrow, opts)
+    else:
+        narrow = narrow_fresh(model, widths, groups).to(ctx.device)
+        accuracy_after_surgery, accuracy = None, train_from_scratch(ctx, narrow, opts)
+    plot = plot_variance(pca, opts.theta, ctx.stage_dir / "pca_variance.png")
+    write_json(ctx.stage_dir / "pca.json", {
+        "theta": opts.theta, "accumulate": opts.accumulate, "images": int(images.shape[0]),
+        "layers": {name: {"channels": p.channels, "k": p.k, "explained_variance_ratio": p.ratios.tolist(),
+                          "significance": p.significance.tolist()} for name, p in pca.items()}})
+    print("[prune_pca] k per layer: " + ", ".join(f"{n} {p.k}/{p.channels}" for n, p in pca.items())
+          + f"; widths: {widths}", flush=True)
+    return StageResult(narrow, {
+        "accuracy": accuracy, "mode": opts.mode, "theta": opts.theta,
+        "accuracy_after_surgery": accuracy_after_surgery,
+        "layer_k": {name: p.k for name, p in pca.items()},
+        "layer_channels": {name: p.channels for name, p in pca.items()},
+        "group_widths": widths, "group_sizes": {g.name: g.size for g in groups},
+        "params_before": sum(p.numel() for p in model.parameters()),
+        "variance_plot": relative(ctx, ctx.stage_dir / plot),
+    })
+
+
+# ----------------------------------------------------------------------------- temporal
+
+
+class TemporalOptions(TrainOptions):
+    """Temporal pruning; ``epochs``/``lr``/... are the fine-tuning at each step of the schedule."""
+
+    kind: Literal["temporal"] = "temporal"
+    schedule: list[int] | None = Field(None, description="decreasing timesteps; default from the model's T")
+    tolerance: float = Field(0.01, ge=0, le=1, description="accepted accuracy drop below the start (0.01 = 1 point)")
+    lr: float = Field(1e-4, gt=0)
+    step_epochs: list[int] | None = Field(None, description="fine-tuning epochs of each schedule entry "
+                                                            "(default: `epochs` for every step)")
+
+    @field_validator("schedule")
+    @classmethod
+    def decreasing(cls, value):
+        if value is not None:
+            if not value:
+                raise ValueError("schedule must list at least one timestep")
+            check_schedule(value, max(value) + 1)
+        return value
+
+    @field_validator("step_epochs")
+    @classmethod
+    def positive(cls, value):
+        if value is not None and any(e < 1 for e in value):
+            raise ValueError(f"every entry must be >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def one_count_per_step(self):
+        if self.step_epochs is not None and self.schedule is not None and len(self.step_epochs) != len(self.schedule):
+            raise ValueError(f"step_epochs needs one entry per schedule entry ({len(self.schedule)}), "
+                             f"got {len(self.step_epochs)}")
+        return self
+
+    def epochs_by_timesteps(self, schedule: list[int]) -> dict[int, int]:
+        """Fine-tuning epochs for each T of ``schedule``."""
+        if self.step_epochs is None:
+            return {int(t): self.epochs for t in schedule}
+        if len(self.step_epochs) != len(schedule):
+            raise UserError(f"temporal: step_epochs has {len(self.step_epochs)} entries but the schedule "
+                            f"{schedule} has {len(schedule)}")
+        return {int(t): int(e) for t, e in zip(schedule, self.step_epochs)}
+
+
+def plot_trials(start_timesteps: int, start_accuracy: float, rows: list[dict], tolerance: float,
+                path: Path) -> str:
+    """Accuracy vs T of the temporal schedule, with the tolerance line."""
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    ts = [start_timesteps] + [r["timesteps"] for r in rows]
+    accs = [start_accuracy] + [r["accuracy"] for r in rows]
+    ax.plot(ts, accs, "o-", color="#1f77b4")
+    for r in rows:
+        if not r["accepted"]:
+            ax.plot([r["timesteps"]], [r["accuracy"]], "x", color="#d62728", ms=10, label="rejected")
+    ax.axhline(start_accuracy - tolerance, color="grey", ls="--", lw=1, label="start - tolerance")
+    ax.invert_xaxis()
+    ax.set(xlabel="timesteps T", ylabel="test accuracy", title="temporal pruning")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+@register_stage("temporal", TemporalOptions)
+def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
+    """Lower T along the schedule with fine-tuning; keep the last model within tolerance."""
+    model = ctx.require_model("temporal").set_spiking(True)
+    start_timesteps = model.timesteps
+    schedule = opts.schedule if opts.schedule is not None else default_schedule(start_timesteps)
+    epochs = opts.epochs_by_timesteps(schedule)
+    start_accuracy = evaluate_accuracy(model, ctx.test_loader, ctx.device)
+    print(f"[temporal] start: T={start_timesteps} accuracy {start_accuracy:.4f}; schedule {schedule}", flush=True)
+
+    def finetune(candidate: SpikingNetwork) -> float:
+        t = candidate.timesteps
+        config = replace(opts.train_config(ctx.recipe.seed), epochs=epochs[t])
+        return train_model(ctx, candidate, config, f"train_log_T{t}.csv", f"T={t}")
+
+    final, trials = prune_timesteps(model, schedule, finetune, start_accuracy, opts.tolerance)
+    rows = trials_table(trials)
+    plot = plot_trials(start_timesteps, start_accuracy, rows, opts.tolerance, ctx.stage_dir / "temporal.png")
+    accepted = [r for r in rows if r["accepted"]]
+    return StageResult(final, {
+        "accuracy": accepted[-1]["accuracy"] if accepted else start_accuracy,
+        "start_timesteps": start_timesteps, "start_accuracy": start_accuracy,
+        "final_timesteps": final.timesteps, "tolerance": opts.tolerance,
+        "schedule": check_schedule(schedule, start_timesteps), "trials": rows,
+        "plot": relative(ctx, ctx.stage_dir / plot),
+    })
+
+
+# ----------------------------------------------------------------------------- quant_sweep
+
+
+class QuantSweepOptions(StageOptions):
+    """Post-training weight quantization sweep (uniform, symmetric, per layer, round to nearest)."""
+
+    kind: Literal["quant_sweep"] = "quant_sweep"
+    bits: list[int] = Field(default_factory=lambda: list(DEFAULT_SWEEP_BITS),
+                            description="bit widths to try, each in [2, 16]")
+    tolerance: float = Field(0.01, ge=0, le=1, description="accepted drop below float accuracy (0.01 = 1 point)")
+    max_batches: int | None = Field(None, ge=1, description="test batches per evaluation (default: all)")
+    apply: bool = Field(True, description="quantize the output model at the chosen bit width")
+
+    @field_validator("bits")
+    @classmethod
+    def bit_range(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("bits must list at least one bit width")
+        bad = [b for b in value if not 2 <= b <= 16]
+        if bad:
+            raise ValueError(f"every bit width must be in [2, 16], got {bad}")
+        return sorted(set(value), reverse=True)
+
+
+def sweep_accuracy(model: SpikingNetwork, bits: list[int], evaluate) -> dict[int, float]:
+    """Accuracy (0-1) of a quantized copy of ``model`` at each bit width; ``model`` is untouched."""
+    results = {}
+    for b in bits:
+        candidate = copy.deepcopy(model)
+        quantize_weights_(candidate, b)
+        results[b] = float(evaluate(candidate))
+        print(f"[quant_sweep] {b:2d} bits: accuracy {results[b]:.4f}", flush=True)
+    return results
+
+
+def smallest_within(results: dict[int, float], reference: float, tolerance: float) -> int | None:
+    """Smallest bit width whose accuracy is >= ``reference - tolerance`` (None if none is)."""
+    ok = [b for b, acc in results.items() if acc >= reference - tolerance]
+    return min(ok) if ok else None
+
+
+def plot_sweep(results: dict[int, float], reference: float, tolerance: float, chosen: int | None,
+               path: Path) -> str:
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    bits = sorted(results)
+    ax.plot(bits, [results[b] for b in bits], "o-", color="#1f77b4", label="quantized")
+    ax.axhline(reference, color="black", lw=1, label="float32")
+    ax.axhline(reference - tolerance, color="grey", ls="--", lw=1, label="float - tolerance")
+    if chosen is not None:
+        ax.plot([chosen], [results[chosen]], "s", color="#d62728", ms=9, label=f"chosen: {chosen} bits")
+    ax.invert_xaxis()
+    ax.set(xlabel="weight bits", ylabel="test accuracy", title="post-training weight quantization")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+@register_stage("quant_sweep", QuantSweepOptions)
+def quant_sweep(ctx: StageContext, opts: QuantSweepOptions) -> StageResult:
+    """Sweep bit widths, apply the smallest within tolerance; the checkpoint stores integers + scales."""
+    model = ctx.require_model("quant_sweep")
+    evaluate = lambda m: evaluate_accuracy(m, ctx.test_loader, ctx.device, opts.max_batches)  # noqa: E731
+    reference = float(evaluate(model))
+    results = sweep_accuracy(model, opts.bits, evaluate)
+    chosen = smallest_within(results, reference, opts.tolerance)
+    plot = plot_sweep(results, reference, opts.tolerance, chosen, ctx.stage_dir / "quant_sweep.png")
+    metrics = {"float_accuracy": reference, "sweep": {str(b): a for b, a in results.items()},
+               "tolerance": opts.tolerance, "bits": chosen, "plot": relative(ctx, ctx.stage_dir / plot)}
+    if chosen is None or not opts.apply:
+        print(f"[quant_sweep] no bit width applied (chosen: {chosen})", flush=True)
+        return StageResult(None, {**metrics, "accuracy": reference})
+    final = copy.deepcopy(model)
+    quant = quantize_weights_(final, chosen)
+    accuracy = results[chosen] if opts.max_batches is None else evaluate_accuracy(final, ctx.test_loader, ctx.device)
+    print(f"[quant_sweep] applied {chosen} bits to {len(quant)} weight tensors", flush=True)
+    return StageResult(final, {**metrics, "accuracy": accuracy}, quant=quant)

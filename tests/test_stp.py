@@ -1,0 +1,384 @@
+"""STP: PCA significance, channel surgery, temporal pruning, weight quantization sweep (SPEC §2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from snncompress.checkpoint import load_checkpoint, save_checkpoint
+from snncompress.errors import UserError
+from snncompress.models import build_model
+from snncompress.neuron import LIF
+from snncompress.prune.pca import (as_samples, explained_variance_ratio, pca_significance,
+                                   significant_dimension)
+from snncompress.prune.stp import QuantSweepOptions, TemporalOptions, smallest_within
+from snncompress.prune.surgery import (channel_groups, group_widths, narrow_model, projection_conflicts,
+                                       select_channels)
+from snncompress.prune.temporal import check_schedule, default_schedule, prune_timesteps
+from snncompress.quant import quantize_symmetric, quantize_weights_
+
+# ----------------------------------------------------------------------------- PCA
+
+
+def _rank_r_samples(n: int, channels: int, rank: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.linalg.qr(torch.randn(channels, rank, generator=g))[0].T  # orthonormal rows [rank, C]
+    factors = torch.randn(n, rank, generator=g) * torch.linspace(3.0, 1.0, rank)
+    return factors @ mixing + torch.randn(channels, generator=g) * 5.0  # + an offset centring removes
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_pca_picks_the_rank_of_rank_deficient_data(rank):
+    samples = _rank_r_samples(500, 12, rank)
+    ratios = explained_variance_ratio(samples)
+    assert ratios.sum().item() == pytest.approx(1.0)
+    assert torch.all(ratios[:-1] >= ratios[1:])                 # descending
+    assert ratios[rank:].sum().item() < 1e-10                   # nothing beyond the rank
+    assert significant_dimension(ratios, 1.0) == rank
+    assert significant_dimension(ratios, 0.999999) == rank
+
+
+def test_pca_theta_counts_components_of_known_variances():
+    # independent columns with variances 8, 4, 2, 1, 1 (total 16): cumulative 0.5, 0.75, 0.875, 0.9375, 1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 5, generator=g, dtype=torch.float64)
+    x = torch.linalg.qr(x - x.mean(0))[0] * torch.tensor([8.0, 4, 2, 1, 1], dtype=torch.float64).sqrt()
+    ratios = explained_variance_ratio(x)
+    torch.testing.assert_close(ratios.float(), torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625]))
+    assert [significant_dimension(ratios, t) for t in (0.5, 0.7, 0.8, 0.9, 0.99)] == [1, 2, 3, 4, 5]
+
+
+def test_conv_potential_becomes_pixels_by_channels():
+    u = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    samples = as_samples(u)
+    assert samples.shape == (8, 3)
+    torch.testing.assert_close(samples[5], u[1, :, 0, 1])        # image 1, pixel (0, 1)
+    assert as_samples(torch.zeros(4, 7)).shape == (4, 7)
+
+
+def test_layer_pca_of_a_network_finds_the_rank_of_its_weights():
+    """A linear layer with a rank-3 weight and no spikes (huge threshold): mean_t u = (T+1)/2 * W x has rank 3."""
+    torch.manual_seed(0)
+    model = build_model("convnet", 4, (1, 4, 4), 3, features=[], classifier=[10], dropout=0.0,
+                        neuron={"threshold": 1e6})
+    with torch.no_grad():
+        model.classifier[0].weight.copy_(torch.randn(10, 3) @ torch.randn(3, 16))
+    pca = pca_significance(model, torch.randn(200, 1, 4, 4), theta=0.999999, chunk=64)
+    assert list(pca) == ["classifier.1"]
+    assert pca["classifier.1"].k == 3
+    # sum over t instead of mean scales the potential, not its rank
+    assert pca_significance(model, torch.randn(50, 1, 4, 4), 0.999999, accumulate="sum")["classifier.1"].k == 3
+    assert not model.classifier[1].record_membrane and model.classifier[1].last_membrane is None
+
+
+def test_significance_ranks_the_channels_that_carry_variance():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1000, 6, generator=g) * torch.tensor([0.01, 5.0, 0.01, 3.0, 0.01, 0.01])
+    from snncompress.prune.pca import Scatter, layer_pca
+
+    scatter = Scatter(6)
+    for part in x.split(300):                                     # streaming == one shot
+        scatter.add(part)
+    pca = layer_pca(scatter, theta=0.99)
+    assert pca.k == 2
+    assert set(torch.topk(pca.significance, 2).indices.tolist()) == {1, 3}
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def _randomise_(model: nn.Module, seed: int = 0) -> None:
+    """Random BN statistics/affine, per-channel leaks/thresholds and linear weights that make spikes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            elif isinstance(m, nn.Linear):  # DIET's N(0, 0.01) would leave the hidden layers silent
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 4.0 / m.in_features ** 0.5)
+            elif isinstance(m, LIF):
+                m.leak.copy_(torch.rand(m.leak.shape, generator=g) * 0.5 + 0.5)
+                m.threshold.copy_(torch.rand(m.threshold.shape, generator=g) * 0.3 + 0.1)
+
+
+def _silence_removed_channels_(model: nn.Module, groups, keep) -> None:
+    """Zero everything that produces a removed channel, so it never carries a signal (u = 0, no spike)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for g in groups:
+            removed = torch.tensor([c for c in range(g.size) if c not in set(keep[g.name].tolist())], dtype=torch.long)
+            for name in g.outputs:
+                m = modules[name]
+                if isinstance(m, nn.Conv2d | nn.Linear):
+                    m.weight[removed] = 0.0
+                elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                    m.bias[removed] = 0.0
+                    m.running_mean[removed] = 0.0
+
+
+def _random_keep(groups, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for group in groups:
+        n = max(1, group.size // 2)
+        keep[group.name] = torch.sort(torch.randperm(group.size, generator=g)[:n]).values
+    return keep
+
+
+def _respect_projections(model, groups, keep):
+    """Narrow stride-1 projection blocks' outputs so that in != out (else the rebuilt block would use identity)."""
+    for a, b in projection_conflicts(model, groups):
+        if keep[a].numel() == keep[b].numel():
+            keep[b] = keep[b][:-1] if keep[b].numel() > 1 else torch.arange(2)
+    return keep
+
+
+def _assert_narrow_reproduces(model, images):
+    model = model.double().eval()
+    _randomise_(model)
+    groups = channel_groups(model)
+    keep = _respect_projections(model, groups, _random_keep(groups))
+    _silence_removed_channels_(model, groups, keep)
+    narrow = narrow_model(model, keep, groups).eval()
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        dense_out, narrow_out = model(images), narrow(images)
+        assert dense_out.abs().sum() > 0
+        torch.testing.assert_close(narrow_out, dense_out, rtol=1e-12, atol=1e-12)
+        model.set_spiking(False)
+        narrow.set_spiking(False)
+        torch.testing.assert_close(narrow(images), model(images), rtol=1e-12, atol=1e-12)
+    return model, narrow, groups, keep
+
+
+def test_narrow_vgg_reproduces_the_dense_model_when_removed_channels_are_silent():
+    torch.manual_seed(0)
+    model = build_model("vgg5", 10, (3, 8, 8), 3, features=[6, "A", 8, 8, "A"], classifier=[12, 10],
+                        batchnorm=True, dropout=0.0, neuron={"per_channel": True})
+    images = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 3
+    model, narrow, groups, keep = _assert_narrow_reproduces(model, images)
+    assert [g.name for g in groups] == ["features.0", "features.4", "features.7", "classifier.0", "classifier.3"]
+    assert narrow.spec["features"] == [3, "A", 4, 4, "A"] and narrow.spec["classifier"] == [6, 5]
+    # the flatten: the first linear layer keeps the 2x2 columns of each kept channel
+    assert narrow.classifier[0].weight.shape == (6, 4 * 2 * 2)
+
+
+def test_per_channel_neuron_and_bn_parameters_follow_their_channels():
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, (1, 8, 8), 2, features=[6, "A"], classifier=[5], batchnorm=True,
+                        neuron={"per_channel": True})
+    _randomise_(model)
+    groups = channel_groups(model)
+    keep = {"features.0": torch.tensor([1, 4, 5]), "classifier.0": torch.tensor([0, 3])}
+    narrow = narrow_model(model, keep, groups)
+    torch.testing.assert_close(narrow.features[2].threshold, model.features[2].threshold[[1, 4, 5]])
+    torch.testing.assert_close(narrow.features[2].leak, model.features[2].leak[[1, 4, 5]])
+    torch.testing.assert_close(narrow.features[1].running_var, model.features[1].running_var[[1, 4, 5]])
+    torch.testing.assert_close(narrow.features[1].weight, model.features[1].weight[[1, 4, 5]])
+    torch.testing.assert_close(narrow.classifier[1].threshold, model.classifier[1].threshold[[0, 3]])
+    torch.testing.assert_close(narrow.features[0].weight, model.features[0].weight[[1, 4, 5]])
+    cols = torch.cat([torch.arange(c * 16, c * 16 + 16) for c in (1, 4, 5)])
+    torch.testing.assert_close(narrow.classifier[0].weight, model.classifier[0].weight[[0, 3]][:, cols])
+    torch.testing.assert_close(narrow.classifier[3].weight, model.classifier[3].weight[:, [0, 3]])
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet19"])
+def test_narrow_resnet_reproduces_the_dense_model_when_removed_channels_are_silent(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 10, (3, 8, 8), 2, width_mult=1 / 16, batchnorm=True, dropout=0.0,
+                        neuron={"per_channel": True})
+    images = torch.randn(3, 3, 8, 8, dtype=torch.float64) * 3
+    model, narrow, groups, keep = _assert_narrow_reproduces(model, images)
+    # identity shortcuts keep their blocks' in == out; the rebuilt spec is consistent block to block
+    blocks = narrow.spec["blocks"]
+    for prev, block in zip(blocks, blocks[1:]):
+        assert block["in"] == prev["out"]
+    for b, (old, new) in enumerate(zip(model.blocks, narrow.blocks)):
+        assert bool(len(old.shortcut)) == bool(len(new.shortcut)), f"block {b} changed its shortcut kind"
+
+
+def test_resnet_coupled_channels_get_one_width_the_max_of_the_group():
+    model = build_model("resnet20", 10, (3, 8, 8), 2, width_mult=1 / 16)
+    groups = channel_groups(model)
+    by_name = {g.name: g for g in groups}
+    tied = by_name["blocks.2.out"]                               # stride-2 projection, then block 3 (identity)
+    assert tied.lifs == ["blocks.2.lif2", "blocks.3.lif2"]
+    assert ("blocks", 3, "in") in tied.spec_paths and ("blocks", 4, "in") in tied.spec_paths
+    k = {name: 1 for g in groups for name in g.lifs}
+    k.update({"blocks.2.lif2": 3, "blocks.3.lif2": 5})
+    widths = group_widths(groups, k, conflicts=projection_conflicts(model, groups))
+    assert widths["blocks.2.out"] == 5
+    # block 0 is a stride-1 projection (stem 4 -> 8): in and out must not come out equal
+    assert projection_conflicts(model, groups) == [("stem.6", "blocks.0.out")]
+    assert widths["stem.6"] != widths["blocks.0.out"]
+
+
+def test_select_channels_keeps_the_most_significant_of_a_group():
+    model = build_model("resnet20", 10, (3, 8, 8), 2, width_mult=1 / 16)
+    groups = [g for g in channel_groups(model) if g.name == "blocks.0.out"]
+    sig = {"blocks.0.lif2": torch.tensor([0, 9, 0, 0, 0, 0, 1, 0.]),
+           "blocks.1.lif2": torch.tensor([0, 0, 0, 5, 0, 0, 5, 0.])}
+    keep = select_channels(groups, {"blocks.0.out": 2}, sig)
+    assert keep["blocks.0.out"].tolist() == [1, 6]               # 0.9 + 0 vs 0.1 + 0.5 vs 0 + 0.5
+
+
+# ----------------------------------------------------------------------------- temporal
+
+
+def test_default_schedule_and_validation():
+    assert default_schedule(4) == [3, 2, 1]
+    assert default_schedule(25) == [15, 9, 5, 3, 2, 1]
+    assert default_schedule(1) == []
+    assert check_schedule([25, 15, 10, 5, 3, 2, 1], 25) == [15, 10, 5, 3, 2, 1]
+    with pytest.raises(ValueError, match="decreasing"):
+        check_schedule([3, 3, 1], 4)
+    with pytest.raises(Exception, match="decreasing"):
+        TemporalOptions(schedule=[2, 3])
+    assert TemporalOptions(schedule=[3, 2, 1], step_epochs=[1, 1, 3]).epochs_by_timesteps([3, 2, 1]) == {3: 1, 2: 1, 1: 3}
+    assert TemporalOptions(epochs=2).epochs_by_timesteps([3, 1]) == {3: 2, 1: 2}
+    with pytest.raises(Exception, match="one entry per schedule entry"):
+        TemporalOptions(schedule=[2, 1], step_epochs=[1])
+
+
+def test_temporal_schedule_stops_at_the_tolerance():
+    model = build_model("convnet", 10, (1, 8, 8), 4, features=[4, "A"], classifier=[6])
+    accuracy_at = {3: 0.905, 2: 0.89, 1: 0.86}                   # start 0.90, tolerance 0.02 -> T=1 fails
+    seen = []
+
+    def finetune(candidate):
+        seen.append(candidate.timesteps)
+        with torch.no_grad():
+            candidate.classifier[0].weight.fill_(candidate.timesteps)  # mark the weights of each step
+        return accuracy_at[candidate.timesteps]
+
+    final, trials = prune_timesteps(model, [4, 3, 2, 1], finetune, start_accuracy=0.90, tolerance=0.02)
+    assert seen == [3, 2, 1]
+    assert [(t.timesteps, t.accepted) for t in trials] == [(3, True), (2, True), (1, False)]
+    assert final.timesteps == 2 and torch.all(final.classifier[0].weight == 2)
+    assert model.timesteps == 4                                   # the input model is untouched
+
+    final, trials = prune_timesteps(model, [3, 2], lambda m: 0.5, start_accuracy=0.9, tolerance=0.01)
+    assert final is model and len(trials) == 1 and not trials[0].accepted
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_quantize_symmetric_uses_max_abs_over_qmax_and_rounds_to_nearest(bits):
+    w = torch.randn(5, 7) * 0.3
+    ints, scale = quantize_symmetric(w, bits)
+    q_max = 2 ** (bits - 1) - 1
+    assert scale.dtype == torch.float32 and scale.dim() == 0
+    assert scale.item() == pytest.approx(w.abs().max().item() / q_max, rel=1e-6)
+    assert ints.dtype == (torch.int8 if bits <= 8 else torch.int16)
+    assert ints.abs().max().item() == q_max                        # the largest weight hits the top code
+    assert (ints.float() * scale - w).abs().max().item() <= scale.item() / 2 + 1e-7
+    assert quantize_symmetric(torch.zeros(3), bits)[0].abs().sum() == 0
+
+
+def test_quantize_symmetric_hand_example():
+    ints, scale = quantize_symmetric(torch.tensor([-1.0, -0.26, 0.0, 0.24, 0.55]), 3)  # q_max 3, scale 1/3
+    assert scale.item() == pytest.approx(1 / 3)
+    assert ints.tolist() == [-3, -1, 0, 1, 2]                     # -0.78 -> -1, 0.72 -> 1, 1.65 -> 2
+
+
+def test_quantized_checkpoint_stores_integers_and_reloads_to_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, (1, 8, 8), 3, features=[4, "A"], classifier=[6]).eval()
+    quant = quantize_weights_(model, 5)
+    assert sorted(quant) == ["classifier.0.weight", "classifier.3.weight", "features.0.weight"]
+    for name, p in model.named_parameters():
+        if name in quant:                                          # float weights are exactly int * scale
+            assert torch.equal(p.detach(), quant[name]["int"].float() * quant[name]["scale"])
+    path = tmp_path / "q.safetensors"
+    save_checkpoint(path, model, quant=quant)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("features.0.weight").dtype == torch.int8
+        assert f.get_tensor("features.0.weight@scale").numel() == 1
+    loaded = load_checkpoint(path)
+    images = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(images), model(images))
+    assert loaded.quant["classifier.0.weight"]["bits"] == 5
+
+    from snncompress.metrics import footprint
+    fp = footprint(loaded.model, loaded.quant)
+    weights = sum(q["int"].numel() for q in quant.values())
+    assert fp["by_kind"]["weight"] == weights * 5 + 3 * 32         # 5 bits per weight + one fp32 scale per layer
+
+
+def test_sweep_picks_the_smallest_bit_width_within_tolerance():
+    results = {8: 0.90, 6: 0.895, 4: 0.885, 3: 0.85, 2: 0.30}
+    assert smallest_within(results, reference=0.90, tolerance=0.01) == 6
+    assert smallest_within(results, reference=0.90, tolerance=0.02) == 4
+    assert smallest_within(results, reference=0.99, tolerance=0.01) is None
+    assert QuantSweepOptions(bits=[2, 8, 4, 8]).bits == [8, 4, 2]
+    with pytest.raises(Exception, match=r"\[2, 16\]"):
+        QuantSweepOptions(bits=[1, 8])
+
+
+# ----------------------------------------------------------------------------- stages in a recipe
+
+STP_RECIPE = """
+name: stp-tiny
+seed: 0
+device: cpu
+data: {dataset: mnist-builtin, batch_size: 32, train_subset: 256, test_subset: 64}
+model:
+  arch: convnet
+  timesteps: 3
+  options: {features: [6, A], classifier: [12]}
+stages:
+  - {kind: train_ann, epochs: 1, lr: 2.0e-3, max_batches: 3}
+  - {kind: convert, calib_images: 32, calib_timesteps: 4}
+  - {kind: train_snn, epochs: 1, max_batches: 2}
+  - {kind: prune_pca, name: pca-finetune, mode: finetune, theta: 0.9, pca_images: 32, epochs: 1, max_batches: 2}
+  - {kind: prune_pca, name: pca-scratch, mode: scratch, theta: 0.99, pca_images: 32, epochs: 1, max_batches: 2,
+     ann_epochs: 1, calib_images: 32, calib_timesteps: 4}
+  - {kind: temporal, schedule: [2, 1], tolerance: 1.0, epochs: 1, max_batches: 2}
+  - {kind: quant_sweep, bits: [8, 4, 2], tolerance: 0.05}
+measure: {robustness_images: 32, ops_images: 32, latency_repeats: 2, noise_sigmas: [0.0]}
+"""
+
+
+def test_stp_stages_run_in_a_recipe(tmp_path):
+    """Both prune_pca modes (finetune, then scratch on the narrowed model), temporal, quant_sweep."""
+    from snncompress.pipeline import run_recipe
+
+    recipe = tmp_path / "stp.yaml"
+    recipe.write_text(STP_RECIPE)
+    report = run_recipe(recipe, tmp_path / "run")
+    stages = {s["name"]: s["metrics"] for s in report["stages"]}
+    first, second = stages["pca-finetune"], stages["pca-scratch"]
+    assert first["mode"] == "finetune" and second["mode"] == "scratch"
+    assert set(first["layer_k"]) == {"features.1", "classifier.1"}
+    assert first["group_widths"] == {"features.0": first["layer_k"]["features.1"],
+                                     "classifier.0": first["layer_k"]["classifier.1"]}
+    assert second["group_sizes"] == first["group_widths"]          # scratch starts from the narrowed spec
+    assert second["params"] <= first["params"] < stages["train_snn"]["params"]
+    assert (tmp_path / "run" / first["variance_plot"]).is_file()
+    assert stages["temporal"]["final_timesteps"] == 1 and stages["temporal"]["timesteps"] == 1
+    sweep = stages["quant_sweep"]
+    assert set(sweep["sweep"]) == {"8", "4", "2"} and sweep["bits"] in (8, 4, 2)
+    final = load_checkpoint(tmp_path / "run" / report["final"]["checkpoint"])
+    assert final.model.timesteps == 1 and final.model.spec["features"] == [second["group_widths"]["features.0"], "A"]
+    assert {q["bits"] for q in final.quant.values()} == {sweep["bits"]}
+    assert report["final"]["footprint_bytes"] < report["baseline"]["footprint_bytes"]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["final"]["timesteps"] == 1
+
+
+def test_bad_stp_option_is_one_clear_user_error(tmp_path):
+    from snncompress.pipeline import run_recipe
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(STP_RECIPE.replace("theta: 0.9,", "theta: 1.5,"))
+    with pytest.raises(UserError, match=r"stages\[3\] \(prune_pca\): theta"):
+        run_recipe(recipe, tmp_path / "run")
