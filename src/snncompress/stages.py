@@ -193,6 +193,8 @@ class EvaluateOptions(StageOptions):
     kind: Literal["evaluate"] = "evaluate"
     energy_preset: Literal["fp32", "int32", "int8"] = "fp32"
     conv1_per_timestep: bool = False
+    pooled_spikes: Literal["mac", "ac"] = Field(
+        "mac", description="average-pooled spikes: MACs (NeuroBench) or ACs on the raw spikes (DIET/STP)")
     noise_sigmas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     robustness_images: int | None = Field(2000, ge=1)
     ops_images: int | None = Field(512, ge=1)
