@@ -20,7 +20,7 @@ from .convert import calibrate_thresholds
 from .errors import UserError
 from .models import SpikingNetwork, build_model
 from .recipe import Recipe, Strict
-from .train import TrainConfig, evaluate_accuracy, train
+from .train import TrainConfig, evaluate_accuracy, seed_everything, train
 
 
 class StageOptions(Strict):
@@ -46,8 +46,9 @@ class StageContext:
     previous: list[dict] = field(default_factory=list)  # earlier stages' records (name, kind, metrics)
 
     def new_model(self) -> SpikingNetwork:
-        """A fresh network as the recipe's ``model`` section describes it."""
+        """A fresh network as the recipe's ``model`` section describes it (initialised from the recipe's seed)."""
         cfg = self.recipe.model
+        seed_everything(self.recipe.seed)
         return build_model(cfg.arch, self.info.num_classes, self.info.in_shape, cfg.timesteps,
                            encoding=cfg.encoding, neuron=cfg.neuron.model_dump(), **cfg.options)
 
