@@ -246,6 +246,7 @@ def plot_trials(start_timesteps: int, start_accuracy: float, rows: list[dict], t
         if not r["accepted"]:
             ax.plot([r["timesteps"]], [r["accuracy"]], "x", color="#d62728", ms=10, label="rejected")
     ax.axhline(start_accuracy - tolerance, color="grey", ls="--", lw=1, label="start - tolerance")
+    ax.set_xticks(sorted(set(ts)))
     ax.invert_xaxis()
     ax.set(xlabel="timesteps T", ylabel="test accuracy", title="temporal pruning")
     ax.legend(fontsize=8)
