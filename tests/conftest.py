@@ -31,7 +31,7 @@ model:
 stages:
   - {kind: train_ann, epochs: 1, lr: 1.0e-3, max_batches: 2}
   - {kind: convert, calib_images: 32, calib_timesteps: 4}
-  - {kind: train_snn, epochs: 1, lr: 1.0e-4, max_batches: 2}
+  - {kind: train_snn, epochs: 1, lr: 1.0e-4, max_batches: 2, lean_memory: true, checkpoint_layers: true}
 measure: {robustness_images: 32, ops_images: 32, latency_repeats: 2, noise_sigmas: [0.0, 0.1]}
 """
 

@@ -108,6 +108,8 @@ class TrainOptions(StageOptions):
     schedule: Literal["cosine", "constant"] = "cosine"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     max_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
+    lean_memory: bool = Field(False, description="keep spike tensors for backward as uint8 (exact)")
+    checkpoint_layers: bool = Field(False, description="recompute each spiking layer in backward")
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, optimizer=self.optimizer,
@@ -118,8 +120,16 @@ class TrainOptions(StageOptions):
 
 def run_training(ctx: StageContext, opts: TrainOptions, model: SpikingNetwork, desc: str) -> StageResult:
     """Train ``model`` in its current mode with ``opts``; the stage's metrics are the last epoch's."""
-    history = train(model, ctx.train_loader, ctx.test_loader, opts.train_config(ctx.recipe.seed),
-                    device=ctx.device, csv_path=ctx.stage_dir / "train_log.csv", desc=desc)
+    from .kernels import checkpoint_layers, lean_memory
+
+    lean_memory(model, opts.lean_memory)
+    checkpoint_layers(model, opts.checkpoint_layers)
+    try:
+        history = train(model, ctx.train_loader, ctx.test_loader, opts.train_config(ctx.recipe.seed),
+                        device=ctx.device, csv_path=ctx.stage_dir / "train_log.csv", desc=desc)
+    finally:  # later stages get the plain model back
+        lean_memory(model, False)
+        checkpoint_layers(model, False)
     last = history[-1]
     return StageResult(model, {"accuracy": last["test_accuracy"], "epochs": len(history),
                                "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history)})
