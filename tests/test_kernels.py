@@ -55,7 +55,7 @@ def _run(fn, current, leak, thr, reset, surrogate, scale=None):
     leak = leak.detach().clone().requires_grad_(True)
     thr = thr.detach().clone().requires_grad_(True)
     out = fn(current, leak, thr, reset, surrogate, scale)
-    weight = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weight = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     (out * weight).sum().backward()
     return out.detach(), current.grad, leak.grad, thr.grad
 
