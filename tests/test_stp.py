@@ -382,3 +382,29 @@ def test_bad_stp_option_is_one_clear_user_error(tmp_path):
     recipe.write_text(STP_RECIPE.replace("theta: 0.9,", "theta: 1.5,"))
     with pytest.raises(UserError, match=r"stages\[3\] \(prune_pca\): theta"):
         run_recipe(recipe, tmp_path / "run")
+
+
+def _first_threshold(run_dir) -> float:
+    model = load_checkpoint(run_dir / "stages" / "03-prune_pca" / "model.safetensors").model
+    return next(lif for _, lif in model.spiking_layers()).threshold.item()
+
+
+def test_finetune_recalibrate_sets_narrow_thresholds_from_calibration(tmp_path):
+    """recalibrate: the first layer's threshold is calib_scale x its input percentile (layer 1 has no
+    upstream thresholds, so halving the scale halves it exactly); without it the inherited one stays."""
+    from snncompress.pipeline import run_recipe
+
+    head = STP_RECIPE.split("  - {kind: prune_pca")[0]
+    pca = "  - {kind: prune_pca, mode: finetune, theta: 0.9, pca_images: 32, epochs: 0%s}\n"
+    tail = "measure: {robustness_images: 32, ops_images: 32, latency_repeats: 2, noise_sigmas: [0.0]}\n"
+    thresholds = {}
+    for label, extra in {"inherit": "", "s1": ", recalibrate: true, calib_images: 32, calib_timesteps: 4",
+                         "s05": ", recalibrate: true, calib_images: 32, calib_timesteps: 4, calib_scale: 0.5"}.items():
+        recipe = tmp_path / f"{label}.yaml"
+        recipe.write_text(head + pca % extra + tail)
+        run_recipe(recipe, tmp_path / label)
+        thresholds[label] = _first_threshold(tmp_path / label)
+    inherited = load_checkpoint(tmp_path / "inherit" / "stages" / "02-train_snn" / "model.safetensors").model
+    assert thresholds["inherit"] == next(lif for _, lif in inherited.spiking_layers()).threshold.item()
+    assert thresholds["s1"] != thresholds["inherit"]
+    assert thresholds["s05"] == pytest.approx(0.5 * thresholds["s1"], rel=1e-6)

@@ -96,6 +96,8 @@ class PrunePCAOptions(TrainOptions):
     calib_timesteps: int = Field(100, ge=1, description="scratch: timesteps simulated in calibration")
     calib_percentile: float = Field(99.7, gt=0, le=100)
     calib_scale: float = Field(1.0, gt=0, description="scratch: factor on every calibrated threshold")
+    recalibrate: bool = Field(False, description="finetune: recalibrate every threshold of the narrow model "
+                                                 "(calib_* options) before fine-tuning")
 
 
 def layer_targets(model: SpikingNetwork, pca: dict[str, LayerPCA], opts: PrunePCAOptions) -> dict[str, int]:
@@ -165,6 +167,10 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
     if opts.mode == "finetune":
         keep = select_channels(groups, widths, {name: p.significance for name, p in pca.items()})
         narrow = narrow_model(model, keep, groups)
+        if opts.recalibrate:  # thresholds tuned for the wide net can silence the narrow one
+            calib = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
+            calibrate_thresholds(narrow, calib, calib_timesteps=opts.calib_timesteps,
+                                 percentile=opts.calib_percentile, scale=opts.calib_scale, chunk=opts.chunk)
         accuracy_after_surgery = evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
         accuracy = finetune_inherited(ctx, narrow, opts)
     else:
