@@ -565,6 +565,17 @@ def _ptr(x: torch.Tensor | None):
     return None if x is None else x.data_ptr()
 
 
+def _forward_kernel(current, its, leak, threshold, hard, layout, out, u=None) -> None:
+    """Run the C forward kernel: spikes into ``out`` ``[T, ...]``, pre-reset potentials into ``u``
+    (same shape; None saves nothing). ``current[t]`` is read at element offset ``t * its``."""
+    c, s = layout
+    steps, n = out.shape[0], out[0].numel()
+    lk, th = _param_vector(leak, c), _param_vector(threshold, c)
+    fn = _lib.lif_fwd_f32 if current.dtype == torch.float32 else _lib.lif_fwd_f64
+    fn(_ptr(current), its, _ptr(out), _ptr(u), _ptr(lk), _ptr(th), steps, n, c, s, int(hard),
+       _threads(steps * n))
+
+
 # --------------------------------------------------------------------------------------
 # The C-kernel autograd function
 # --------------------------------------------------------------------------------------
@@ -573,20 +584,13 @@ class _LIFCext(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, current, leak, threshold, hard, kind, scale, layout, steps):
-        lib = _lib
-        c, s = layout
         bcast = steps is not None
-        step = current if bcast else current[0]
         steps = steps if bcast else current.shape[0]
-        n = step.numel()
         its = 0 if bcast else _time_stride(current)
-        lk, th = _param_vector(leak, c), _param_vector(threshold, c)
         out = _empty_steps(current, steps if bcast else None)
         need_grad = any(ctx.needs_input_grad[:3])
         u = torch.empty_like(out) if need_grad else None
-        fn = lib.lif_fwd_f32 if current.dtype == torch.float32 else lib.lif_fwd_f64
-        fn(_ptr(current), its, _ptr(out), _ptr(u), _ptr(lk), _ptr(th), steps, n, c, s,
-           int(hard), _threads(steps * n))
+        _forward_kernel(current, its, leak, threshold, hard, layout, out, u)
         if need_grad:
             mark_keep(u)
             ctx.save_for_backward(u, leak, threshold)
@@ -625,14 +629,8 @@ def _lif_cext_inference(current, leak, threshold, hard, layout):
     At batch 1 and T = 1 the autograd.Function wrapper and the per-call helpers cost more
     than the kernel itself, so inference calls the kernel directly.
     """
-    c, s = layout
-    n = current[0].numel()
-    steps = current.shape[0]
-    lk, th = _param_vector(leak, c), _param_vector(threshold, c)
     out = _empty_steps(current)
-    fn = _lib.lif_fwd_f32 if current.dtype == torch.float32 else _lib.lif_fwd_f64
-    fn(_ptr(current), _time_stride(current), _ptr(out), None, _ptr(lk), _ptr(th), steps, n, c, s,
-       int(hard), _threads(steps * n))
+    _forward_kernel(current, _time_stride(current), leak, threshold, hard, layout, out)
     return out
 
 

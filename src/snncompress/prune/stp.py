@@ -106,6 +106,13 @@ def layer_targets(model: SpikingNetwork, pca: dict[str, LayerPCA], opts: PrunePC
             for name, p in pca.items()}
 
 
+def recalibrate(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> None:
+    """Calibrate every threshold of the narrow SNN on ``calib_images`` training images (calib_* options)."""
+    images = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
+    calibrate_thresholds(narrow, images, calib_timesteps=opts.calib_timesteps,
+                         percentile=opts.calib_percentile, scale=opts.calib_scale, chunk=opts.chunk)
+
+
 def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
     """The hybrid pipeline on the narrow network: ANN, threshold calibration, SNN; returns SNN accuracy."""
     seed = ctx.recipe.seed
@@ -115,9 +122,7 @@ def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCA
                              label_smoothing=opts.label_smoothing)
     train_model(ctx, narrow.set_spiking(False), ann_config, "ann_log.csv", "pca-ann")
     narrow.set_spiking(True)
-    images = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
-    calibrate_thresholds(narrow, images, calib_timesteps=opts.calib_timesteps,
-                         percentile=opts.calib_percentile, scale=opts.calib_scale, chunk=opts.chunk)
+    recalibrate(ctx, narrow, opts)
     if opts.epochs == 0:
         return evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
     return train_model(ctx, narrow, opts.train_config(seed), "train_log.csv", "pca-snn")
@@ -168,9 +173,7 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
         keep = select_channels(groups, widths, {name: p.significance for name, p in pca.items()})
         narrow = narrow_model(model, keep, groups)
         if opts.recalibrate:  # thresholds tuned for the wide net can silence the narrow one
-            calib = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
-            calibrate_thresholds(narrow, calib, calib_timesteps=opts.calib_timesteps,
-                                 percentile=opts.calib_percentile, scale=opts.calib_scale, chunk=opts.chunk)
+            recalibrate(ctx, narrow, opts)
         accuracy_after_surgery = evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
         accuracy = finetune_inherited(ctx, narrow, opts)
     else:
