@@ -6,8 +6,9 @@ Used by bench_speed.py (section ``infer``); runnable alone:
 
 For each case: the model as trained (eval mode, reference LIF), the fused LIF
 backend only, :func:`snncompress.kernels.prepare_for_inference` (fused LIF +
-C average pool + channels_last convolutions), and the ANN twin on T x B images
-(plain and prepared). All under ``torch.inference_mode``; the largest logit
+C average pool + channels_last convolutions), the lean inference plan
+(:mod:`snncompress.kernels.inference_plan`, VGG/convnet on CPU), and the ANN twin on
+T x B images (plain and prepared). All under ``torch.inference_mode``; the largest logit
 difference between the prepared and the plain model is reported.
 """
 
@@ -22,6 +23,7 @@ import torch
 
 from snncompress import build_model
 from snncompress.kernels import prepare_for_inference
+from snncompress.kernels.inference_plan import build_inference_plan
 
 #: (label, arch, in_shape, T, batch, family options); "pruned" = narrower widths as PCA pruning yields.
 CASES = [
@@ -59,9 +61,11 @@ def run(reps: int = 10, threads: int = 2):
             "plain (reference LIF)": plain,
             "fused LIF": fused,
             "prepare_for_inference": prepare_for_inference(copy.deepcopy(plain)),
+            "inference plan": build_inference_plan(copy.deepcopy(fused)),
             "ANN twin TxB": plain.ann_twin(),
             "ANN twin TxB prepared": prepare_for_inference(plain.ann_twin()),
         }
+        variants = {k: v for k, v in variants.items() if v is not None}  # no plan without the C kernel
         x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1))
         xs = x.repeat(steps, 1, 1, 1)
         with torch.inference_mode():  # channels_last convolutions may round differently

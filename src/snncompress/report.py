@@ -234,7 +234,8 @@ def _method_lines(final: dict) -> list[str]:
     if final.get("latency_ms") is not None:
         lines.append(f"- Latency: median of {final.get('latency_repeats', '?')} runs after warm-up, batch "
                      f"{final.get('latency_batch')}, {final.get('latency_threads', '?')} threads, device "
-                     f"{final.get('latency_device', '?')}, torch.inference_mode.")
+                     f"{final.get('latency_device', '?')}, torch.inference_mode, "
+                     f"{final.get('latency_form', 'eager')} form.")
     return lines + [""]
 
 

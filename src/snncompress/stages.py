@@ -211,6 +211,8 @@ class EvaluateOptions(StageOptions):
     ops_images: int | None = Field(512, ge=1)
     latency_batch: int = Field(1, ge=1)
     latency_repeats: int = Field(20, ge=1)
+    latency_form: Literal["plan", "eager"] = Field(
+        "plan", description="time the lean inference plan (deployment form, where it applies) or the eager model")
     include_state: bool = False
 
 

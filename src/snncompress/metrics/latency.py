@@ -5,6 +5,12 @@ forward passes, then ``repeats`` timed passes of one batch of
 ``latency_batch`` images; ``latency_ms`` = median pass time / batch size, in
 milliseconds per image. On CUDA every pass is synchronised before the clock
 is read.
+
+Form (``latency_form``): ``"plan"`` (default) times the model's deployment form,
+the lean :class:`~snncompress.kernels.inference_plan.InferencePlan` (same
+outputs, no training-time layer plumbing) where it applies (spiking VGG/convnet
+on CPU) and the eager model elsewhere; ``"eager"`` always times the model's own
+forward. The form that was timed is reported with the figure.
 """
 
 from __future__ import annotations
@@ -37,26 +43,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def inference_form(model: nn.Module, form: str = "plan") -> tuple[nn.Module, str]:
+    """``(module to time, its name)``: the inference plan when ``form == "plan"`` and it applies, else the model."""
+    if form not in ("plan", "eager"):
+        raise ValueError(f"latency form must be 'plan' or 'eager', got {form!r}")
+    if form == "plan":
+        from ..kernels.inference_plan import build_inference_plan
+
+        plan = build_inference_plan(model)
+        if plan is not None:
+            return plan, "plan"
+    return model, "eager"
+
+
 def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20, warmup: int = 3,
-                    device="cpu") -> dict:
+                    device="cpu", form: str = "plan") -> dict:
     """Median wall-clock milliseconds per image of ``model(images)``.
 
     Args:
         images: one batch ``[B, C, H, W]``; B is the reported ``latency_batch``.
         repeats: timed forward passes (>= 1); warmup: untimed passes before them.
+        form: ``"plan"`` or ``"eager"`` (module docstring); the model must already be on ``device``.
 
     Returns:
-        ``{"latency_ms", "latency_batch", "latency_threads", "latency_device", "latency_repeats"}``.
+        ``{"latency_ms", "latency_batch", "latency_threads", "latency_device", "latency_repeats",
+        "latency_form"}``.
     """
     device = torch.device(device)
     model = model.eval()
+    timed, form_used = inference_form(model, form) if device.type == "cpu" else (model, "eager")
     images = images.to(device)
     times = []
     with torch.inference_mode():
         for i in range(warmup + max(int(repeats), 1)):
             _sync(device)
             start = time.perf_counter()
-            model(images)
+            timed(images)
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
@@ -66,4 +88,5 @@ def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20
         "latency_threads": int(torch.get_num_threads()),
         "latency_device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "latency_repeats": len(times),
+        "latency_form": form_used,
     }

@@ -29,13 +29,16 @@ from .ops import POOLED_SPIKE_CONVENTIONS, SpikeMeter, SynOpsMeter, count_synops
 from .robustness import DEFAULT_SIGMAS, limited_batches, noise_robustness
 
 
-def _check_options(energy_preset: str, pooled_spikes: str, latency_batch: int, latency_repeats: int) -> None:
+def _check_options(energy_preset: str, pooled_spikes: str, latency_batch: int, latency_repeats: int,
+                   latency_form: str) -> None:
     """Reject option values a recipe can get wrong, naming the option and what is allowed."""
     preset_costs(energy_preset)
     if pooled_spikes not in POOLED_SPIKE_CONVENTIONS:
         raise UserError(f"pooled_spikes must be one of {POOLED_SPIKE_CONVENTIONS}, got {pooled_spikes!r}")
     if latency_batch < 1 or latency_repeats < 1:
         raise UserError(f"latency_batch and latency_repeats must be >= 1, got {latency_batch}, {latency_repeats}")
+    if latency_form not in ("plan", "eager"):
+        raise UserError(f"latency_form must be 'plan' or 'eager', got {latency_form!r}")
 
 
 def accuracy_and_spikes(model: nn.Module, loader, device) -> tuple[float, SpikeMeter]:
@@ -99,7 +102,8 @@ def measure_model(model, test_loader, *, quant: dict | None = None, baseline_foo
                   noise_sigmas=DEFAULT_SIGMAS, robustness_images: int | None = 2000,
                   ops_images: int | None = 512, latency_batch: int = 1, latency_repeats: int = 20,
                   device="cpu", include_state: bool = False, pooled_spikes: str = "mac",
-                  state_bits: int = 32, latency_warmup: int = 3, seed: int = 0) -> dict:
+                  state_bits: int = 32, latency_warmup: int = 3, latency_form: str = "plan",
+                  seed: int = 0) -> dict:
     """Every SPEC §7 metric of ``model`` (all but ``checkpoint``, which the caller adds).
 
     Args:
@@ -112,7 +116,8 @@ def measure_model(model, test_loader, *, quant: dict | None = None, baseline_foo
         noise_sigmas: Gaussian noise levels (normalised-input units) for robustness.
         robustness_images: first N test images for robustness (None: all).
         ops_images: first N test images for synaptic operations (None: all).
-        latency_batch / latency_repeats / latency_warmup: latency protocol.
+        latency_batch / latency_repeats / latency_warmup / latency_form: latency protocol
+            (:mod:`~snncompress.metrics.latency`).
         device: where to run (the model is copied there).
         include_state: count membrane potentials in ``footprint_bytes``.
         pooled_spikes: ``"mac"`` (NeuroBench, default) or ``"ac"``; see
@@ -128,7 +133,7 @@ def measure_model(model, test_loader, *, quant: dict | None = None, baseline_foo
         synops_per_layer, energy_per_layer_uj, footprint_format, latency_threads,
         latency_device, ...`` (see the README's measurement section).
     """
-    _check_options(energy_preset, pooled_spikes, latency_batch, latency_repeats)
+    _check_options(energy_preset, pooled_spikes, latency_batch, latency_repeats, latency_form)
     device = torch.device(device)
     snn = copy.deepcopy(model).to(device).eval()
     spiking = bool(getattr(snn, "spiking", False))
@@ -143,7 +148,7 @@ def measure_model(model, test_loader, *, quant: dict | None = None, baseline_foo
     robustness = noise_robustness({"snn": snn, "ann": ann} if spiking else {"snn": snn}, test_loader,
                                   noise_sigmas, max_images=robustness_images, device=device, seed=seed)
     latency = measure_latency(snn, latency_images(test_loader, latency_batch), repeats=latency_repeats,
-                              warmup=latency_warmup, device=device)
+                              warmup=latency_warmup, device=device, form=latency_form)
     return {
         "accuracy": accuracy, "ann_accuracy": ann_accuracy,
         "timesteps": int(snn.timesteps) if spiking else 1, "spiking": spiking,

@@ -1,0 +1,153 @@
+"""A lean CPU inference runner for spiking VGG / convnet models: the deployment form.
+
+The eager :class:`~snncompress.models.SpikingVGG` forward is written for training:
+every layer call goes through ``nn.Module.__call__``, time folding reshapes, the
+LIF module's backend selection and argument checks, and the kernel wrapper's
+layout probes. At batch 1 and few timesteps these 10-30 us per layer cost more
+than the arithmetic (a pruned T = 1 convnet spends most of its time there).
+
+:class:`InferencePlan` walks the same modules once at build time and keeps, per
+layer, only what the forward needs:
+
+* convolution / BatchNorm / linear: the module's own ``forward`` (no hooks);
+* LIF: the C forward kernel (:mod:`snncompress.kernels.cpu`) with its leak and
+  threshold vectors prepared once; the current before the first LIF is read
+  with time stride 0 (computed once, never copied T times);
+* 2x2 average pooling: the C pooling kernel (bit-identical to PyTorch's);
+* dropout: nothing (eval mode).
+
+Activations stay time-folded ``[T*B, ...]`` from the first LIF on; the logits
+are summed over t exactly as the eager model does. The plan reads the model's
+current tensors (it copies nothing and changes nothing), so build it after
+training; outputs equal the eager model's (tests check bit-equality).
+
+:func:`build_inference_plan` returns None for what the plan does not cover
+(ResNets, ANN mode, Poisson encoding, non-CPU tensors, dtypes other than
+float32/float64, no C compiler); callers then use the eager model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..neuron import LIF
+from . import cpu
+
+
+def _lif_vectors(lif: LIF, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leak and threshold as contiguous vectors of one value (scalar) or ``C`` (per channel)."""
+    leak = lif.leak.detach().reshape(-1).to(dtype).contiguous()
+    thr = lif.threshold.detach().reshape(-1).to(dtype).contiguous()
+    return leak, thr
+
+
+class InferencePlan(nn.Module):
+    """Inference-only forward of a spiking VGG/convnet: images ``[B, C, H, W]`` -> logits ``[B, K]``.
+
+    Build it with :func:`build_inference_plan`. It holds references to the model's
+    modules and parameters; a later change of the model's weights is seen by the plan,
+    a change of leak/threshold is not (rebuild it).
+    """
+
+    def __init__(self, model: nn.Module, steps: list[tuple], timesteps: int, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.steps = steps
+        self.timesteps = int(timesteps)
+        self.dtype = dtype
+        lib = cpu.load_library()
+        f32 = dtype == torch.float32
+        self._lif_fwd = lib.lif_fwd_f32 if f32 else lib.lif_fwd_f64
+        self._pool_fwd = lib.avgpool_fwd_f32 if f32 else lib.avgpool_fwd_f64
+
+    def _lif(self, x: torch.Tensor, leak: torch.Tensor, thr: torch.Tensor, hard: bool,
+             has_time: bool) -> torch.Tensor:
+        """Spikes ``[T*B, ...]`` of currents ``x`` (``[T*B, ...]``, or ``[B, ...]`` broadcast over T)."""
+        x = x.contiguous()
+        t = self.timesteps
+        batch = x.shape[0] // t if has_time else x.shape[0]
+        out = torch.empty((t * batch, *x.shape[1:]), dtype=x.dtype)
+        n = x.numel() // t if has_time else x.numel()
+        c = thr.numel()
+        s = n if c == 1 else n // (batch * c)
+        self._lif_fwd(x.data_ptr(), n if has_time else 0, out.data_ptr(), None, leak.data_ptr(),
+                      thr.data_ptr(), t, n, c, s, int(hard), cpu._threads(t * n))
+        return out
+
+    def _pool(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        x = x.contiguous()
+        h, w = x.shape[-2:]
+        y = torch.empty(*x.shape[:-2], h // k, w // k, dtype=x.dtype)
+        self._pool_fwd(x.data_ptr(), y.data_ptr(), x.numel() // (h * w), h, w, k, cpu._threads(x.numel()))
+        return y
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` (normalised, the model's dtype, CPU) -> logits ``[B, K]`` (summed over t)."""
+        x, has_time = images.to(self.dtype), False
+        with torch.inference_mode():
+            for step in self.steps:
+                kind = step[0]
+                if kind == "lif":
+                    x, has_time = self._lif(x, *step[1:], has_time), True
+                elif kind == "pool":
+                    x = self._pool(x, step[1])
+                elif kind == "flatten":
+                    x = x.flatten(1)
+                else:
+                    x = step[1](x)
+            if has_time:
+                return x.view(self.timesteps, -1, *x.shape[1:]).sum(0)
+            return x * self.timesteps
+
+
+def _pool_size(m: nn.AvgPool2d) -> int | None:
+    """The window ``k`` of a k x k / stride k / no-padding average pool, else None."""
+    k, s, p = m.kernel_size, m.stride, m.padding
+    k = k if isinstance(k, int) else (k[0] if k[0] == k[1] else None)
+    s = k if s is None else (s if isinstance(s, int) else (s[0] if s[0] == s[1] else None))
+    if k is None or s != k or p not in (0, (0, 0)) or m.ceil_mode or not m.count_include_pad:
+        return None
+    return int(k)
+
+
+def _plan_steps(seq: nn.Sequential, dtype: torch.dtype) -> list[tuple] | None:
+    steps = []
+    for m in seq:
+        if isinstance(m, LIF):
+            steps.append(("lif", *_lif_vectors(m, dtype), m.reset == "hard"))
+        elif type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d):
+            steps.append(("module", m.forward))
+        elif isinstance(m, nn.AvgPool2d):
+            k = _pool_size(m)
+            if k is None:
+                return None
+            steps.append(("pool", k))
+        elif type(m).__name__ in ("TimeDropout", "Dropout", "Identity"):
+            continue
+        else:
+            return None
+    return steps
+
+
+def build_inference_plan(model: nn.Module) -> InferencePlan | None:
+    """The lean inference form of a spiking VGG/convnet on CPU, or None where it does not apply.
+
+    The model is put in eval mode (nothing else about it changes).
+    """
+    from ..models.vgg import SpikingVGG
+
+    if type(model) is not SpikingVGG or not model.spiking:
+        return None
+    if model.spec.get("encoding", "direct") != "direct" or cpu.load_library() is None:
+        return None
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    if dtype not in (torch.float32, torch.float64) or any(p.device.type != "cpu" or p.dtype != dtype
+                                                           for p in params):
+        return None
+    features, classifier = _plan_steps(model.features, dtype), _plan_steps(model.classifier, dtype)
+    if features is None or classifier is None:
+        return None
+    model.eval()
+    return InferencePlan(model, features + [("flatten",)] + classifier, model.timesteps, dtype)

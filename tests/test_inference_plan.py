@@ -1,0 +1,80 @@
+"""The lean inference plan computes exactly the eager model's logits, and says where it does not apply."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from snncompress.kernels import cpu
+from snncompress.kernels.inference_plan import build_inference_plan
+from snncompress.metrics.latency import inference_form, measure_latency
+from snncompress.models import build_model
+
+needs_cext = pytest.mark.skipif((shutil.which("cc") is None and shutil.which("gcc") is None)
+                                or os.environ.get("SNNCOMPRESS_NO_CEXT", "") not in ("", "0"),
+                                reason="no C compiler (or disabled)")
+
+
+def _convnet(timesteps: int, *, per_channel: bool = False, reset: str = "soft", batchnorm: bool = False,
+             dtype=torch.float32):
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, (1, 12, 12), timesteps, batchnorm=batchnorm,
+                        neuron={"per_channel": per_channel, "reset": reset, "threshold": 0.3, "leak": 0.9},
+                        features=[6, "A", 8, "A"], classifier=[16])
+    with torch.no_grad():
+        for _, lif in model.spiking_layers():  # distinct per-channel values
+            lif.threshold.mul_(torch.rand_like(lif.threshold) + 0.5)
+        for layer in model.classifier:  # the DIET init (std 0.01) leaves a small net silent
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, 2.0 / layer.in_features ** 0.5)
+    return model.to(dtype).eval()
+
+
+@needs_cext
+@pytest.mark.parametrize("timesteps,per_channel,reset,batchnorm,dtype", [
+    (1, False, "soft", False, torch.float32),
+    (4, False, "soft", False, torch.float32),
+    (3, True, "hard", True, torch.float32),
+    (2, True, "soft", False, torch.float64),
+])
+def test_plan_logits_equal_eager_logits(timesteps, per_channel, reset, batchnorm, dtype):
+    model = _convnet(timesteps, per_channel=per_channel, reset=reset, batchnorm=batchnorm, dtype=dtype)
+    images = torch.randn(5, 1, 12, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
+    plan = build_inference_plan(model)
+    assert plan is not None
+    with torch.inference_mode():
+        eager, lean = model(images), plan(images)
+    assert eager.abs().sum() > 0 and eager.std() > 0, "the test net must spike for the comparison to mean anything"
+    assert lean.shape == (5, 10) and lean.dtype == dtype
+    assert torch.equal(eager, lean)
+
+
+@needs_cext
+def test_plan_sees_weight_updates_of_its_model():
+    model = _convnet(2)
+    plan = build_inference_plan(model)
+    images = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        model.classifier[-1].weight.mul_(2.0)
+        assert torch.equal(plan(images), model(images))
+
+
+def test_plan_declines_what_it_does_not_cover():
+    resnet = build_model("resnet20", 10, (3, 16, 16), 2)
+    poisson = build_model("convnet", 10, (1, 12, 12), 2, encoding="poisson", features=[4, "A"], classifier=[8])
+    ann = build_model("convnet", 10, (1, 12, 12), 2, features=[4, "A"], classifier=[8]).ann_twin()
+    for model in (resnet, poisson, ann):
+        assert build_inference_plan(model) is None
+        assert inference_form(model, "plan")[1] == "eager"
+
+
+@needs_cext
+def test_latency_reports_the_form_it_timed():
+    model = _convnet(1)
+    images = torch.randn(1, 1, 12, 12)
+    assert measure_latency(model, images, repeats=2, warmup=1)["latency_form"] == "plan"
+    assert measure_latency(model, images, repeats=2, warmup=1, form="eager")["latency_form"] == "eager"
+    with pytest.raises(ValueError, match="latency form"):
+        measure_latency(model, images, repeats=1, form="fast")
+    assert cpu.cext_available()
