@@ -97,6 +97,24 @@ def test_run_writes_report_and_rerun_skips_finished_stages(tiny_recipe, tmp_path
     assert third.count("finished earlier; skipped") == 2 and "running stage train_snn" in third
 
 
+def test_resumed_run_trains_like_an_uninterrupted_one(tiny_recipe, tmp_path, capsys):
+    """A run resumed after its first stages sees the same training shuffles as one that never stopped."""
+    import shutil
+
+    import torch
+    from snncompress import load
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(["run", str(tiny_recipe), "--out", str(whole)]) == 0
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "stages/02-train_snn")
+    assert main(["run", str(tiny_recipe), "--out", str(resumed)]) == 0
+    assert capsys.readouterr().out.count("finished earlier; skipped") == 2
+    a = load(whole / "stages/02-train_snn/model.safetensors")
+    b = load(resumed / "stages/02-train_snn/model.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_same_seed_gives_the_same_run(tiny_recipe, tmp_path, capsys):
     reports = []
     for name in ("a", "b"):

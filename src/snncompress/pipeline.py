@@ -125,6 +125,8 @@ class Run:
             record = None if rerun else self._finished(stage_dir, fp)
             if record is not None:
                 print(f"[{opts.name}] finished earlier; skipped", flush=True)
+                if record.get("loader_epoch") is not None:  # later stages see the same shuffles
+                    self.train_loader.set_epoch(int(record["loader_epoch"]))
                 if record["metrics"].get("checkpoint"):
                     loaded = load_checkpoint(self.out / record["metrics"]["checkpoint"], self.device)
                     model, quant = loaded.model, loaded.quant
@@ -167,7 +169,8 @@ class Run:
             metrics = {"checkpoint": previous.get("checkpoint"), **metrics}
         record = {"name": opts.name, "kind": stage.kind, "seconds": seconds, "metrics": metrics,
                   "fingerprint": fp, "full_metrics": result.full_metrics,
-                  "dir": stage_dir.relative_to(self.out).as_posix()}
+                  "dir": stage_dir.relative_to(self.out).as_posix(),
+                  "loader_epoch": int(self.train_loader.epoch)}
         write_json(stage_dir / "metrics.json", record)
         return record, model, quant
 
