@@ -247,6 +247,17 @@ def test_default_schedule_and_validation():
         TemporalOptions(schedule=[2, 1], step_epochs=[1])
 
 
+def test_temporal_finetuning_decays_its_learning_rate():
+    """The timestep ``schedule`` of the temporal stage must not leak into the lr schedule."""
+    config = TemporalOptions(schedule=[3, 2, 1], lr=5e-4).train_config(0)
+    assert config.lr_schedule == "cosine" and config.lr == 5e-4
+    assert TemporalOptions(schedule=[2, 1], lr_schedule="constant").train_config(0).lr_schedule == "constant"
+    from snncompress.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(build_model("convnet", 10, (1, 8, 8), 1), [], [], TrainConfig(lr_schedule=[2, 1]))
+
+
 def test_temporal_schedule_stops_at_the_tolerance():
     model = build_model("convnet", 10, (1, 8, 8), 4, features=[4, "A"], classifier=[6])
     accuracy_at = {3: 0.905, 2: 0.89, 1: 0.86}                   # start 0.90, tolerance 0.02 -> T=1 fails

@@ -105,7 +105,8 @@ class TrainOptions(StageOptions):
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="learning rate over the stage: cosine decay from lr to 0, or constant")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     max_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
     lean_memory: bool = Field(False, description="keep spike tensors for backward as uint8 (exact)")
@@ -114,7 +115,7 @@ class TrainOptions(StageOptions):
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, optimizer=self.optimizer,
                            weight_decay=self.weight_decay, momentum=self.momentum,
-                           schedule=self.schedule, seed=seed, max_batches=self.max_batches,
+                           lr_schedule=self.lr_schedule, seed=seed, max_batches=self.max_batches,
                            label_smoothing=self.label_smoothing)
 
 

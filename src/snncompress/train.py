@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 from .models import SpikingNetwork
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings of one training stage.
@@ -36,7 +39,7 @@ class TrainConfig:
     optimizer: str = "adam"       # "adam" (amsgrad, as DIET) or "sgd" (momentum 0.9, nesterov)
     weight_decay: float = 5e-4
     momentum: float = 0.9
-    schedule: str = "cosine"      # "cosine" or "constant"
+    lr_schedule: str = "cosine"   # "cosine" or "constant"
     seed: int = 0
     max_batches: int | None = None
     label_smoothing: float = 0.0
@@ -109,6 +112,8 @@ def train(model: SpikingNetwork, train_loader, test_loader, cfg: TrainConfig, *,
     ``test_accuracy`` (0-1), ``lr``, ``seconds``, and for SNNs the mean leak
     and threshold. Rows are also appended to ``csv_path`` as they finish.
     """
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     seed_everything(cfg.seed)
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
@@ -121,7 +126,7 @@ def train(model: SpikingNetwork, train_loader, test_loader, cfg: TrainConfig, *,
         for i, (images, labels) in enumerate(train_loader):
             if i >= per_epoch:
                 break
-            lr = cosine_lr(step, total_steps, cfg.lr) if cfg.schedule == "cosine" else cfg.lr
+            lr = cosine_lr(step, total_steps, cfg.lr) if cfg.lr_schedule == "cosine" else cfg.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, labels = images.to(device), labels.to(device)

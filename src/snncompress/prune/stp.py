@@ -118,7 +118,7 @@ def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCA
     seed = ctx.recipe.seed
     ann_config = TrainConfig(epochs=opts.ann_epochs, lr=opts.ann_lr, optimizer=opts.optimizer,
                              weight_decay=opts.ann_weight_decay, momentum=opts.momentum,
-                             schedule=opts.schedule, seed=seed, max_batches=opts.max_batches,
+                             lr_schedule=opts.lr_schedule, seed=seed, max_batches=opts.max_batches,
                              label_smoothing=opts.label_smoothing)
     train_model(ctx, narrow.set_spiking(False), ann_config, "ann_log.csv", "pca-ann")
     narrow.set_spiking(True)
