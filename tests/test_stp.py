@@ -258,6 +258,28 @@ def test_temporal_finetuning_decays_its_learning_rate():
         train(build_model("convnet", 10, (1, 8, 8), 1), [], [], TrainConfig(lr_schedule=[2, 1]))
 
 
+def test_distillation_loss_blends_cross_entropy_and_teacher_kl():
+    import torch.nn.functional as F
+
+    from snncompress.train import TrainConfig, _teacher_logits, training_loss
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    labels = torch.tensor([0, 1])
+    ce = F.cross_entropy(logits, labels)
+    assert torch.equal(training_loss(logits, labels, TrainConfig(), logits * 3), ce)  # weight 0: CE only
+    half = TrainConfig(distill_weight=0.5, distill_temperature=2.0)
+    assert torch.allclose(training_loss(logits, labels, half, logits.clone()), 0.5 * ce)  # same logits: KL 0
+    teacher = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    p = F.softmax(teacher / 2, 1)
+    kl = (p * (p.log() - F.log_softmax(logits / 2, 1))).sum(1).mean() * 4
+    assert torch.allclose(training_loss(logits, labels, half, teacher), 0.5 * ce + 0.5 * kl)
+    # a T = 4 teacher's summed logits are compared with a T = 1 student's per timestep
+    big = build_model("convnet", 3, (1, 4, 4), 4, features=[], classifier=[3], dropout=0.0).eval()
+    small = build_model("convnet", 3, (1, 4, 4), 1, features=[], classifier=[3], dropout=0.0)
+    x = torch.randn(2, 1, 4, 4)
+    assert torch.allclose(_teacher_logits(big, small, x), big(x) / 4)
+
+
 def test_temporal_schedule_stops_at_the_tolerance():
     model = build_model("convnet", 10, (1, 8, 8), 4, features=[4, "A"], classifier=[6])
     accuracy_at = {3: 0.905, 2: 0.89, 1: 0.86}                   # start 0.90, tolerance 0.02 -> T=1 fails
@@ -354,7 +376,7 @@ stages:
   - {kind: prune_pca, name: pca-finetune, mode: finetune, theta: 0.9, pca_images: 32, epochs: 1, max_batches: 2}
   - {kind: prune_pca, name: pca-scratch, mode: scratch, theta: 0.99, pca_images: 32, epochs: 1, max_batches: 2,
      ann_epochs: 1, calib_images: 32, calib_timesteps: 4}
-  - {kind: temporal, schedule: [2, 1], tolerance: 1.0, epochs: 1, max_batches: 2}
+  - {kind: temporal, schedule: [2, 1], tolerance: 1.0, epochs: 1, max_batches: 2, distill: 0.5}
   - {kind: quant_sweep, bits: [8, 4, 2], tolerance: 0.05}
 measure: {robustness_images: 32, ops_images: 32, latency_repeats: 2, noise_sigmas: [0.0]}
 """

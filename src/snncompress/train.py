@@ -43,6 +43,8 @@ class TrainConfig:
     seed: int = 0
     max_batches: int | None = None
     label_smoothing: float = 0.0
+    distill_weight: float = 0.0       # weight of the teacher term in the loss (0: no teacher)
+    distill_temperature: float = 2.0  # softmax temperature of the teacher term
 
 
 def seed_everything(seed: int) -> None:
@@ -104,9 +106,46 @@ def _neuron_summary(model: SpikingNetwork) -> dict:
             "mean_threshold": float(np.mean([lif.threshold.mean().item() for _, lif in layers]))}
 
 
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy, blended with knowledge distillation when a teacher's logits are given.
+
+    ``logits``, ``teacher_logits``: ``[B, K]``; ``labels``: ``[B]``. With weight ``w`` and
+    temperature ``tau``: ``(1 - w) * CE + w * tau^2 * KL(softmax(teacher / tau) || softmax(logits / tau))``
+    (Hinton et al. 2015).
+    """
+    ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    if teacher_logits is None or cfg.distill_weight == 0:
+        return ce
+    tau = cfg.distill_temperature
+    kd = F.kl_div(F.log_softmax(logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                  reduction="batchmean", log_target=True) * tau ** 2
+    return (1.0 - cfg.distill_weight) * ce + cfg.distill_weight * kd
+
+
+def _teacher_logits(teacher: torch.nn.Module | None, student: SpikingNetwork, images: torch.Tensor):
+    """The teacher's logits on ``images`` ``[B, K]``, rescaled to the student's timesteps.
+
+    SNN logits are sums over t, so a T = 4 teacher's are about 4x a T = 1 student's; both are
+    compared per timestep (teacher logits x T_student / T_teacher).
+    """
+    if teacher is None:
+        return None
+    with torch.no_grad():
+        out = teacher(images)
+    t_teacher, t_student = getattr(teacher, "timesteps", 1), getattr(student, "timesteps", 1)
+    if getattr(teacher, "spiking", False) and getattr(student, "spiking", False) and t_teacher != t_student:
+        out = out * (t_student / t_teacher)
+    return out
+
+
 def train(model: SpikingNetwork, train_loader, test_loader, cfg: TrainConfig, *,
-          device="cpu", csv_path: Path | None = None, desc: str = "train") -> list[dict]:
+          device="cpu", csv_path: Path | None = None, desc: str = "train",
+          teacher: torch.nn.Module | None = None) -> list[dict]:
     """Train ``model`` in its current mode; returns one metrics dict per epoch.
+
+    ``teacher`` (eval mode, frozen) adds a distillation term to the loss when
+    ``cfg.distill_weight > 0`` (see :func:`training_loss`).
 
     Each epoch row: ``epoch``, ``train_loss``, ``train_accuracy``,
     ``test_accuracy`` (0-1), ``lr``, ``seconds``, and for SNNs the mean leak
@@ -114,8 +153,12 @@ def train(model: SpikingNetwork, train_loader, test_loader, cfg: TrainConfig, *,
     """
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    if cfg.distill_weight > 0 and teacher is None:
+        raise ValueError("distill_weight > 0 needs a teacher model")
     seed_everything(cfg.seed)
     model.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
     optimizer = make_optimizer(model, cfg)
     per_epoch = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches, len(train_loader))
     total_steps, step, history = cfg.epochs * per_epoch, 0, []
@@ -131,7 +174,7 @@ def train(model: SpikingNetwork, train_loader, test_loader, cfg: TrainConfig, *,
                 group["lr"] = lr
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            loss = training_loss(logits, labels, cfg, _teacher_logits(teacher, model, images))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _mask_gradients(model)

@@ -66,10 +66,11 @@ def relative(ctx: StageContext, path: Path) -> str:
         return path.name
 
 
-def train_model(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name: str, desc: str) -> float:
+def train_model(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name: str, desc: str,
+                teacher: SpikingNetwork | None = None) -> float:
     """Train ``model`` in its current mode; returns the last epoch's test accuracy (0-1)."""
     history = train(model, ctx.train_loader, ctx.test_loader, config, device=ctx.device,
-                    csv_path=ctx.stage_dir / log_name, desc=desc)
+                    csv_path=ctx.stage_dir / log_name, desc=desc, teacher=teacher)
     return float(history[-1]["test_accuracy"])
 
 
@@ -209,6 +210,9 @@ class TemporalOptions(TrainOptions):
     lr: float = Field(1e-4, gt=0)
     step_epochs: list[int] | None = Field(None, description="fine-tuning epochs of each schedule entry "
                                                             "(default: `epochs` for every step)")
+    distill: float = Field(0.0, ge=0, le=1, description="weight of distillation from the stage's starting "
+                                                        "model (at its T) in each step's loss; 0 = off")
+    distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of the distillation term")
 
     @field_validator("schedule")
     @classmethod
@@ -272,10 +276,13 @@ def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
     start_accuracy = evaluate_accuracy(model, ctx.test_loader, ctx.device)
     print(f"[temporal] start: T={start_timesteps} accuracy {start_accuracy:.4f}; schedule {schedule}", flush=True)
 
+    teacher = copy.deepcopy(model).eval() if opts.distill > 0 else None
+
     def finetune(candidate: SpikingNetwork) -> float:
         t = candidate.timesteps
-        config = replace(opts.train_config(ctx.recipe.seed), epochs=epochs[t])
-        return train_model(ctx, candidate, config, f"train_log_T{t}.csv", f"T={t}")
+        config = replace(opts.train_config(ctx.recipe.seed), epochs=epochs[t], distill_weight=opts.distill,
+                         distill_temperature=opts.distill_temperature)
+        return train_model(ctx, candidate, config, f"train_log_T{t}.csv", f"T={t}", teacher)
 
     final, trials = prune_timesteps(model, schedule, finetune, start_accuracy, opts.tolerance)
     rows = trials_table(trials)
