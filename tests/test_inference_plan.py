@@ -51,6 +51,18 @@ def test_plan_logits_equal_eager_logits(timesteps, per_channel, reset, batchnorm
 
 
 @needs_cext
+def test_plan_covers_a_model_trained_with_lean_memory():
+    from snncompress.kernels import lean_memory
+
+    model = lean_memory(_convnet(2))
+    plan = build_inference_plan(model)
+    assert plan is not None
+    images = torch.randn(3, 1, 12, 12)
+    with torch.inference_mode():
+        assert torch.equal(plan(images), model(images))
+
+
+@needs_cext
 def test_plan_sees_weight_updates_of_its_model():
     model = _convnet(2)
     plan = build_inference_plan(model)

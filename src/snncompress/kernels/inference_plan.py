@@ -28,11 +28,17 @@ float32/float64, no C compiler); callers then use the eager model.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from ..neuron import LIF
 from . import cpu
+
+
+#: Layers the plan runs with their own (plain-class) forward.
+STATELESS_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
 
 
 def _lif_vectors(lif: LIF, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,18 +118,23 @@ def _pool_size(m: nn.AvgPool2d) -> int | None:
 
 
 def _plan_steps(seq: nn.Sequential, dtype: torch.dtype) -> list[tuple] | None:
+    """The plan of one ``nn.Sequential`` of the model, or None if it holds a layer the plan lacks."""
+    from ..models.base import TimeDropout
+
     steps = []
     for m in seq:
         if isinstance(m, LIF):
             steps.append(("lif", *_lif_vectors(m, dtype), m.reset == "hard"))
-        elif type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d):
-            steps.append(("module", m.forward))
+        elif isinstance(m, STATELESS_LAYERS):
+            # the plain class's forward: lean_memory's subclasses only change what backward keeps
+            base = next(cls for cls in STATELESS_LAYERS if isinstance(m, cls))
+            steps.append(("module", functools.partial(base.forward, m)))
         elif isinstance(m, nn.AvgPool2d):
             k = _pool_size(m)
             if k is None:
                 return None
             steps.append(("pool", k))
-        elif type(m).__name__ in ("TimeDropout", "Dropout", "Identity"):
+        elif isinstance(m, (TimeDropout, nn.Dropout, nn.Identity)):  # identity in eval mode
             continue
         else:
             return None
