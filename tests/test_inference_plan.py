@@ -43,6 +43,8 @@ def test_plan_logits_equal_eager_logits(timesteps, per_channel, reset, batchnorm
     images = torch.randn(5, 1, 12, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
     plan = build_inference_plan(model)
     assert plan is not None
+    plan.train()  # inference only: stays in eval mode
+    assert not plan.training and not model.training
     with torch.inference_mode():
         eager, lean = model(images), plan(images)
     assert eager.abs().sum() > 0 and eager.std() > 0, "the test net must spike for the comparison to mean anything"

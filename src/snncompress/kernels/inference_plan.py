@@ -67,6 +67,10 @@ class InferencePlan(nn.Module):
         self._lif_fwd = lib.lif_fwd_f32 if f32 else lib.lif_fwd_f64
         self._pool_fwd = lib.avgpool_fwd_f32 if f32 else lib.avgpool_fwd_f64
 
+    def train(self, mode: bool = True) -> "InferencePlan":
+        """Inference only: the plan and its model stay in eval mode (BatchNorm keeps its running stats)."""
+        return super().train(False)
+
     def _lif(self, x: torch.Tensor, leak: torch.Tensor, thr: torch.Tensor, hard: bool,
              has_time: bool) -> torch.Tensor:
         """Spikes ``[T*B, ...]`` of currents ``x`` (``[T*B, ...]``, or ``[B, ...]`` broadcast over T)."""
@@ -82,6 +86,7 @@ class InferencePlan(nn.Module):
         return out
 
     def _pool(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """k x k / stride k average pool of ``[N, C, H, W]`` -> ``[N, C, H // k, W // k]``."""
         x = x.contiguous()
         h, w = x.shape[-2:]
         y = torch.empty(*x.shape[:-2], h // k, w // k, dtype=x.dtype)
