@@ -33,7 +33,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from .checkpoint import atomic_write
 from .errors import UserError
@@ -373,6 +373,8 @@ def _trajectory(ax, points, xlabel: str, log: bool) -> None:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if log and min(xs) > 0:
         _log_x(ax)
+    elif not log:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -387,6 +389,7 @@ def plot_trajectory(report: dict) -> Figure:
     _trajectory(right, _stage_points(report, "timesteps"), "timesteps T", log=False)
     left.set_title("Compression trajectory: accuracy vs footprint")
     right.set_title("Accuracy vs timesteps")
+    fig.tight_layout()
     return fig
 
 
