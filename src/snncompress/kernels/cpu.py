@@ -565,15 +565,25 @@ def _ptr(x: torch.Tensor | None):
     return None if x is None else x.data_ptr()
 
 
-def _forward_kernel(current, its, leak, threshold, hard, layout, out, u=None) -> None:
-    """Run the C forward kernel: spikes into ``out`` ``[T, ...]``, pre-reset potentials into ``u``
-    (same shape; None saves nothing). ``current[t]`` is read at element offset ``t * its``."""
+def launch_forward(current, its, lk, th, hard, layout, steps, out, u=None) -> None:
+    """Call the C forward kernel on prepared parameter vectors ``lk``, ``th`` (length ``C``).
+
+    Spikes go into ``out`` (``steps`` dense timesteps, ``[T, ...]`` or time-folded ``[T*B, ...]``),
+    pre-reset potentials into ``u`` (same shape; None saves nothing); ``current``'s timestep t is
+    read at element offset ``t * its`` (0: one tensor broadcast over time).
+    """
     c, s = layout
-    steps, n = out.shape[0], out[0].numel()
-    lk, th = _param_vector(leak, c), _param_vector(threshold, c)
+    n = out.numel() // steps
     fn = _lib.lif_fwd_f32 if current.dtype == torch.float32 else _lib.lif_fwd_f64
     fn(_ptr(current), its, _ptr(out), _ptr(u), _ptr(lk), _ptr(th), steps, n, c, s, int(hard),
        _threads(steps * n))
+
+
+def _forward_kernel(current, its, leak, threshold, hard, layout, out, u=None) -> None:
+    """:func:`launch_forward` with the LIF's own ``leak`` / ``threshold`` tensors (scalar or per channel)."""
+    c = layout[0]
+    launch_forward(current, its, _param_vector(leak, c), _param_vector(threshold, c), hard, layout,
+                   out.shape[0], out, u)
 
 
 # --------------------------------------------------------------------------------------
@@ -789,18 +799,24 @@ def pack_u8(x: torch.Tensor, levels: float = 16.0) -> torch.Tensor | None:
 # --------------------------------------------------------------------------------------
 # Average pooling with stride == kernel (the only pooling in DIET networks)
 # --------------------------------------------------------------------------------------
+def avgpool_forward(x: torch.Tensor, k: int) -> torch.Tensor:
+    """C k x k / stride k average pool of a contiguous CPU float tensor ``[..., H, W]`` ->
+    ``[..., H // k, W // k]`` (no autograd; the library must be loaded)."""
+    lead, (h, w) = x.shape[:-2], x.shape[-2:]
+    planes = x.numel() // (h * w) if h * w else 0
+    y = torch.empty(*lead, h // k, w // k, dtype=x.dtype)
+    fn = _lib.avgpool_fwd_f32 if x.dtype == torch.float32 else _lib.avgpool_fwd_f64
+    fn(x.data_ptr(), y.data_ptr(), planes, h, w, k, _threads(x.numel()))
+    return y
+
+
 class _AvgPoolCext(torch.autograd.Function):
     """k x k / stride k average pool; saves only the input shape for backward."""
 
     @staticmethod
     def forward(ctx, x, k):
-        lead, (h, w) = x.shape[:-2], x.shape[-2:]
-        planes = x.numel() // (h * w) if h * w else 0
-        y = torch.empty(*lead, h // k, w // k, dtype=x.dtype)
-        fn = _lib.avgpool_fwd_f32 if x.dtype == torch.float32 else _lib.avgpool_fwd_f64
-        fn(x.data_ptr(), y.data_ptr(), planes, h, w, k, _threads(x.numel()))
         ctx.shape, ctx.k = x.shape, k
-        return y
+        return avgpool_forward(x, k)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -62,10 +62,6 @@ class InferencePlan(nn.Module):
         self.steps = steps
         self.timesteps = int(timesteps)
         self.dtype = dtype
-        lib = cpu.load_library()
-        f32 = dtype == torch.float32
-        self._lif_fwd = lib.lif_fwd_f32 if f32 else lib.lif_fwd_f64
-        self._pool_fwd = lib.avgpool_fwd_f32 if f32 else lib.avgpool_fwd_f64
 
     def train(self, mode: bool = True) -> "InferencePlan":
         """Inference only: the plan and its model stay in eval mode (BatchNorm keeps its running stats)."""
@@ -78,20 +74,11 @@ class InferencePlan(nn.Module):
         t = self.timesteps
         batch = x.shape[0] // t if has_time else x.shape[0]
         out = torch.empty((t * batch, *x.shape[1:]), dtype=x.dtype)
-        n = x.numel() // t if has_time else x.numel()
+        n = out.numel() // t
         c = thr.numel()
-        s = n if c == 1 else n // (batch * c)
-        self._lif_fwd(x.data_ptr(), n if has_time else 0, out.data_ptr(), None, leak.data_ptr(),
-                      thr.data_ptr(), t, n, c, s, int(hard), cpu._threads(t * n))
+        layout = (1, n) if c == 1 else (c, n // (batch * c))
+        cpu.launch_forward(x, n if has_time else 0, leak, thr, hard, layout, t, out)
         return out
-
-    def _pool(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """k x k / stride k average pool of ``[N, C, H, W]`` -> ``[N, C, H // k, W // k]``."""
-        x = x.contiguous()
-        h, w = x.shape[-2:]
-        y = torch.empty(*x.shape[:-2], h // k, w // k, dtype=x.dtype)
-        self._pool_fwd(x.data_ptr(), y.data_ptr(), x.numel() // (h * w), h, w, k, cpu._threads(x.numel()))
-        return y
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` (normalised, the model's dtype, CPU) -> logits ``[B, K]`` (summed over t)."""
@@ -102,7 +89,7 @@ class InferencePlan(nn.Module):
                 if kind == "lif":
                     x, has_time = self._lif(x, *step[1:], has_time), True
                 elif kind == "pool":
-                    x = self._pool(x, step[1])
+                    x = cpu.avgpool_forward(x.contiguous(), step[1])
                 elif kind == "flatten":
                     x = x.flatten(1)
                 else:
