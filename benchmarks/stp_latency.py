@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/stp_latency.py --run runs/stp-fmnist
 
 Loads the checkpoints that ``report.json`` names as baseline and final, and times
-both in both forms (``eager``: the model's own forward; ``plan``: the lean
+both in both forms with the reports' own protocol (:func:`snncompress.metrics.latency.measure_latency`;
+``eager``: the model's own forward; ``plan``: the lean
 :class:`~snncompress.kernels.inference_plan.InferencePlan`) on the same image,
 interleaving the four variants round by round so that machine-speed drift hits
 all of them alike. Prints each variant's median ms/image per round and over all
@@ -17,40 +18,24 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from snncompress.checkpoint import load
-from snncompress.metrics.latency import inference_form
+from snncompress.metrics.latency import LATENCY_FORMS, measure_latency
 
 
-def _median_ms(model, images, passes: int) -> float:
-    times = []
-    with torch.inference_mode():
-        for _ in range(passes):
-            start = time.perf_counter()
-            model(images)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3 / images.shape[0]
-
-
-def variants(run: Path) -> tuple[dict, list[int]]:
-    """``({"baseline eager": module, "baseline plan": ..., "final eager": ..., "final plan": ...},
-    the models' input shape [C, H, W])``."""
+def load_models(run: Path) -> dict:
+    """``{"baseline": model, "final": model}`` from the checkpoints ``report.json`` names."""
     report = json.loads((run / "report.json").read_text())
-    out, shape = {}, None
+    models = {}
     for role in ("baseline", "final"):
         checkpoint = report[role].get("checkpoint")
         if not checkpoint:
             raise SystemExit(f"error: report.json of {run} names no {role} checkpoint")
-        model = load(run / checkpoint).eval()
-        shape = model.spec["in_shape"]
-        for form in ("eager", "plan"):
-            module, used = inference_form(model, form)
-            out[f"{role} {used}"] = module
-    return out, shape
+        models[role] = load(run / checkpoint).eval()
+    return models
 
 
 def main() -> None:
@@ -62,15 +47,15 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.run / "report.json").is_file():
         sys.exit(f"error: {args.run} has no report.json (run `snncompress run` first)")
-    models, shape = variants(args.run)
-    images = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
-    for m in models.values():
-        _median_ms(m, images, 20)  # warm-up
-    per_round = {k: [] for k in models}
+    models = load_models(args.run)
+    images = torch.randn(args.batch, *models["final"].spec["in_shape"], generator=torch.Generator().manual_seed(0))
+    per_round: dict[str, list[float]] = {}
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.passes} passes x {args.rounds} rounds")
     for r in range(args.rounds):
-        for k, m in models.items():
-            per_round[k].append(_median_ms(m, images, args.passes))
+        for role, model in models.items():
+            for form in LATENCY_FORMS:
+                timed = measure_latency(model, images, repeats=args.passes, warmup=20 if r == 0 else 3, form=form)
+                per_round.setdefault(f"{role} {timed['latency_form']}", []).append(timed["latency_ms"])
         print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.3f} ms" for k, v in per_round.items()), flush=True)
     med = {k: statistics.median(v) for k, v in per_round.items()}
     for form in ("eager", "plan"):

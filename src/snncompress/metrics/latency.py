@@ -43,9 +43,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: What ``measure_latency`` can time (module docstring).
+LATENCY_FORMS = ("plan", "eager")
+
+
 def inference_form(model: nn.Module, form: str = "plan") -> tuple[nn.Module, str]:
     """``(module to time, its name)``: the inference plan when ``form == "plan"`` and it applies, else the model."""
-    if form not in ("plan", "eager"):
+    if form not in LATENCY_FORMS:
         raise ValueError(f"latency form must be 'plan' or 'eager', got {form!r}")
     if form == "plan":
         from ..kernels.inference_plan import build_inference_plan

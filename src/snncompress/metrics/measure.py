@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import UserError
 from .energy import ENERGY_PRESETS, energy_uj, layer_energy_uj, preset_costs
 from .footprint import count_params, footprint
-from .latency import latency_images, measure_latency
+from .latency import LATENCY_FORMS, latency_images, measure_latency
 from .ops import POOLED_SPIKE_CONVENTIONS, SpikeMeter, SynOpsMeter, count_synops
 from .robustness import DEFAULT_SIGMAS, limited_batches, noise_robustness
 
@@ -37,8 +37,8 @@ def _check_options(energy_preset: str, pooled_spikes: str, latency_batch: int, l
         raise UserError(f"pooled_spikes must be one of {POOLED_SPIKE_CONVENTIONS}, got {pooled_spikes!r}")
     if latency_batch < 1 or latency_repeats < 1:
         raise UserError(f"latency_batch and latency_repeats must be >= 1, got {latency_batch}, {latency_repeats}")
-    if latency_form not in ("plan", "eager"):
-        raise UserError(f"latency_form must be 'plan' or 'eager', got {latency_form!r}")
+    if latency_form not in LATENCY_FORMS:
+        raise UserError(f"latency_form must be one of {LATENCY_FORMS}, got {latency_form!r}")
 
 
 def accuracy_and_spikes(model: nn.Module, loader, device) -> tuple[float, SpikeMeter]:
