@@ -50,6 +50,8 @@ CACHE_ENV = "SNNCOMPRESS_CACHE"
 IMAGEFOLDER_PREFIX = "imagefolder:"
 SUBSET_SEED = 0
 """Seed of the class-balanced subset selection; fixed so every training seed sees the same subset."""
+VALIDATION_SALT = 0x5EED0F7A1
+"""Mixed with the recipe seed to draw the validation slice (a stream apart from the shuffling seeds)."""
 
 CROP_PADDING = 4
 """Zero padding (pixels) of the random-crop augmentation on 32x32-style RGB data."""
@@ -263,6 +265,7 @@ class TensorBatchLoader:
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        self.mean, self.std = tuple(mean), tuple(std)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
@@ -877,6 +880,65 @@ def load_data(
     if canonical in _TENSOR_DATASETS:
         return _load_tensor_dataset(canonical, data_dir, sizes, train_subset, test_subset, augment, seed)
     return _load_folder_dataset(canonical, data_dir, sizes, train_subset, test_subset, augment, seed, num_workers)
+
+
+def validation_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Ascending indices of a seeded, class-stratified ``fraction`` of ``labels`` (int ``[N]``).
+
+    Each class gives ``round(fraction * its count)`` items (at least one when
+    ``fraction > 0`` and the class has two or more), drawn in an order seeded
+    by ``seed``; the same labels, fraction and seed give the same slice.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0 <= fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(_mix_seed(seed, VALIDATION_SALT))
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = int(round(fraction * members.size))
+        if fraction > 0 and members.size >= 2:
+            count = min(max(count, 1), members.size - 1)
+        chosen.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def hold_out_validation(train, fraction: float, seed: int, batch_size: int):
+    """Split a training loader of this module into ``(train, validation)`` loaders.
+
+    The validation loader holds a seeded, class-stratified ``fraction`` of the
+    training images (:func:`validation_indices`), in storage order, never
+    shuffled or augmented, ``batch_size`` per batch; the returned training
+    loader holds the rest and keeps the original's shuffling, augmentation
+    and seed. ``fraction == 0`` gives ``(train, None)``.
+    """
+    if fraction == 0:
+        return train, None
+    if isinstance(train, TensorBatchLoader):
+        val_index = validation_indices(train.labels.numpy(), fraction, seed)
+        keep = np.ones(len(train.labels), dtype=bool)
+        keep[val_index] = False
+
+        def part(index, **kw):
+            index = torch.from_numpy(index)
+            return TensorBatchLoader(train.images[index], train.labels[index], train.mean, train.std,
+                                     seed=train.seed, **kw)
+
+        return (part(np.flatnonzero(keep), batch_size=train.batch_size, shuffle=True, augment=train.augment),
+                part(val_index, batch_size=batch_size, shuffle=False, augment=False))
+    if isinstance(train, FolderBatchLoader):
+        samples = train.dataset.samples
+        val_index = set(validation_indices(np.array([s[1] for s in samples]), fraction, seed).tolist())
+        rest = [s for i, s in enumerate(samples) if i not in val_index]
+        held = [s for i, s in enumerate(samples) if i in val_index]
+        new_train = FolderBatchLoader(SeededImageDataset(rest, train.dataset.transform), train.batch_size,
+                                      shuffle=True, seed=train.seed, num_workers=train.num_workers,
+                                      eval_transform=train.eval_transform)
+        val = FolderBatchLoader(SeededImageDataset(held, train.eval_transform), batch_size, shuffle=False,
+                                seed=train.seed, num_workers=train.num_workers,
+                                eval_transform=train.eval_transform)
+        return new_train, val
+    raise TypeError(f"cannot split a validation set off {type(train).__name__}")
 
 
 def calibration_batch(loader: Iterable, n: int) -> torch.Tensor:

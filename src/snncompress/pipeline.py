@@ -26,10 +26,11 @@ import yaml
 from pydantic import ValidationError
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .data import load_data
+from .data import hold_out_validation, load_data
 from .errors import UserError
 from .metrics import count_params, footprint
 from .recipe import Recipe, format_validation_error, load_recipe
+from .train import evaluate_accuracy
 from .stages import EvaluateOptions, StageContext, StageDef, measure, stage_kinds
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -104,11 +105,14 @@ class Run:
             d.dataset, d.data_dir, d.batch_size, train_subset=d.train_subset, test_subset=d.test_subset,
             augment=d.augment, seed=self.recipe.seed, num_workers=d.num_workers,
             test_batch_size=d.test_batch_size)
+        self.train_loader, self.val_loader = hold_out_validation(
+            self.train_loader, d.val_fraction, self.recipe.seed, d.test_batch_size)
         self.context(None, Path(".")).new_model()  # model options are checked before anything is written
 
     def context(self, model, stage_dir: Path, quant=None, previous=None) -> StageContext:
         return StageContext(recipe=self.recipe, run_dir=self.out, stage_dir=stage_dir, device=self.device,
-                            train_loader=self.train_loader, test_loader=self.test_loader, info=self.info,
+                            train_loader=self.train_loader, val_loader=self.val_loader,
+                            test_loader=self.test_loader, info=self.info,
                             model=model, quant=quant or {}, previous=previous or [])
 
     def execute(self) -> dict:
@@ -160,6 +164,7 @@ class Run:
             model, quant = result.model, result.quant or {}
             ckpt = stage_dir / CHECKPOINT_NAME
             metrics = {**model_summary(model, quant), **metrics,
+                       "accuracy": evaluate_accuracy(model, self.test_loader, self.device),
                        "checkpoint": ckpt.relative_to(self.out).as_posix()}
             save_checkpoint(ckpt, model, masks=model.masks, quant=quant,
                             info={"stage": opts.name, "kind": stage.kind, "dataset": self.info.name,

@@ -44,6 +44,9 @@ class DataConfig(Strict):
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
     augment: bool = True
+    val_fraction: float = Field(0.1, gt=0, lt=1, description=(
+        "seeded, class-stratified slice of the training split held out for every selection "
+        "(timesteps, bit widths, schedules); the test split is only reported"))
     num_workers: int = Field(0, ge=0)
 
 

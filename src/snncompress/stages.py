@@ -39,7 +39,8 @@ class StageContext:
     stage_dir: Path
     device: torch.device
     train_loader: Any
-    test_loader: Any
+    val_loader: Any                            # held out of training; every selection reads it
+    test_loader: Any                           # read only to report (the pipeline and `evaluate`)
     info: Any                                  # data.DatasetInfo
     model: SpikingNetwork | None               # the previous stage's model (None for the first)
     quant: dict = field(default_factory=dict)  # the previous checkpoint's integer weights
@@ -60,7 +61,11 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """A stage's output: the model (None = unchanged, no new checkpoint), its quantized weights, metrics."""
+    """A stage's output: the model (None = unchanged, no new checkpoint), its quantized weights, metrics.
+
+    Stages report validation figures (``val_accuracy``); the pipeline adds the
+    test accuracy (``accuracy``) of every model a stage returns.
+    """
 
     model: SpikingNetwork | None
     metrics: dict = field(default_factory=dict)
@@ -126,13 +131,13 @@ def run_training(ctx: StageContext, opts: TrainOptions, model: SpikingNetwork, d
     lean_memory(model, opts.lean_memory)
     checkpoint_layers(model, opts.checkpoint_layers)
     try:
-        history = train(model, ctx.train_loader, ctx.test_loader, opts.train_config(ctx.recipe.seed),
+        history = train(model, ctx.train_loader, ctx.val_loader, opts.train_config(ctx.recipe.seed),
                         device=ctx.device, csv_path=ctx.stage_dir / "train_log.csv", desc=desc)
     finally:  # later stages get the plain model back
         lean_memory(model, False)
         checkpoint_layers(model, False)
     last = history[-1]
-    return StageResult(model, {"accuracy": last["test_accuracy"], "epochs": len(history),
+    return StageResult(model, {"val_accuracy": last["val_accuracy"], "epochs": len(history),
                                "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history)})
 
 
@@ -181,10 +186,10 @@ def convert(ctx: StageContext, opts: ConvertOptions) -> StageResult:
     images = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
     thresholds = calibrate_thresholds(model, images, calib_timesteps=opts.calib_timesteps,
                                       percentile=opts.percentile, scale=opts.scale, chunk=opts.chunk)
-    accuracy = evaluate_accuracy(model, ctx.test_loader, ctx.device)
+    accuracy = evaluate_accuracy(model, ctx.val_loader, ctx.device)
     print(f"[convert] thresholds {', '.join(f'{v:.3g}' for v in thresholds.values())}; "
-          f"SNN accuracy at T={model.timesteps} before training: {accuracy:.4f}", flush=True)
-    return StageResult(model, {"accuracy": accuracy, "thresholds": thresholds})
+          f"SNN validation accuracy at T={model.timesteps} before training: {accuracy:.4f}", flush=True)
+    return StageResult(model, {"val_accuracy": accuracy, "thresholds": thresholds})
 
 
 def calibration_images(loader, n: int) -> torch.Tensor:

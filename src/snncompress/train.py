@@ -139,7 +139,7 @@ def _teacher_logits(teacher: torch.nn.Module | None, student: SpikingNetwork, im
     return out
 
 
-def train(model: SpikingNetwork, train_loader, test_loader, cfg: TrainConfig, *,
+def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
           device="cpu", csv_path: Path | None = None, desc: str = "train",
           teacher: torch.nn.Module | None = None) -> list[dict]:
     """Train ``model`` in its current mode; returns one metrics dict per epoch.
@@ -148,7 +148,7 @@ def train(model: SpikingNetwork, train_loader, test_loader, cfg: TrainConfig, *,
     ``cfg.distill_weight > 0`` (see :func:`training_loss`).
 
     Each epoch row: ``epoch``, ``train_loss``, ``train_accuracy``,
-    ``test_accuracy`` (0-1), ``lr``, ``seconds``, and for SNNs the mean leak
+    ``val_accuracy`` (0-1, on the validation split), ``lr``, ``seconds``, and for SNNs the mean leak
     and threshold. Rows are also appended to ``csv_path`` as they finish.
     """
     if cfg.lr_schedule not in LR_SCHEDULES:
@@ -190,11 +190,11 @@ def train(model: SpikingNetwork, train_loader, test_loader, cfg: TrainConfig, *,
         bar.close()
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                "train_accuracy": correct / max(seen, 1),
-               "test_accuracy": evaluate_accuracy(model, test_loader, device),
+               "val_accuracy": evaluate_accuracy(model, val_loader, device),
                "lr": lr, "seconds": time.perf_counter() - start, **_neuron_summary(model)}
         history.append(row)
         print(f"[{desc}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f} "
-              f"train {row['train_accuracy']:.4f} test {row['test_accuracy']:.4f} ({row['seconds']:.1f} s)",
+              f"train {row['train_accuracy']:.4f} val {row['val_accuracy']:.4f} ({row['seconds']:.1f} s)",
               flush=True)
         if csv_path is not None:
             _append_csv(csv_path, row)

@@ -68,10 +68,10 @@ def relative(ctx: StageContext, path: Path) -> str:
 
 def train_model(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name: str, desc: str,
                 teacher: SpikingNetwork | None = None) -> float:
-    """Train ``model`` in its current mode; returns the last epoch's test accuracy (0-1)."""
-    history = train(model, ctx.train_loader, ctx.test_loader, config, device=ctx.device,
+    """Train ``model`` in its current mode; returns the last epoch's validation accuracy (0-1)."""
+    history = train(model, ctx.train_loader, ctx.val_loader, config, device=ctx.device,
                     csv_path=ctx.stage_dir / log_name, desc=desc, teacher=teacher)
-    return float(history[-1]["test_accuracy"])
+    return float(history[-1]["val_accuracy"])
 
 
 # ----------------------------------------------------------------------------- prune_pca
@@ -125,14 +125,14 @@ def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCA
     narrow.set_spiking(True)
     recalibrate(ctx, narrow, opts)
     if opts.epochs == 0:
-        return evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
+        return evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
     return train_model(ctx, narrow, opts.train_config(seed), "train_log.csv", "pca-snn")
 
 
 def finetune_inherited(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
     """Fine-tune the narrow SNN that inherited the kept channels' weights; returns its accuracy."""
     if opts.epochs == 0:
-        return evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
+        return evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
     return train_model(ctx, narrow, opts.train_config(ctx.recipe.seed), "train_log.csv", "pca-finetune")
 
 
@@ -175,7 +175,7 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
         narrow = narrow_model(model, keep, groups)
         if opts.recalibrate:  # thresholds tuned for the wide net can silence the narrow one
             recalibrate(ctx, narrow, opts)
-        accuracy_after_surgery = evaluate_accuracy(narrow, ctx.test_loader, ctx.device)
+        accuracy_after_surgery = evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
         accuracy = finetune_inherited(ctx, narrow, opts)
     else:
         narrow = narrow_fresh(model, widths, groups).to(ctx.device)
@@ -188,8 +188,8 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
     print("[prune_pca] k per layer: " + ", ".join(f"{n} {p.k}/{p.channels}" for n, p in pca.items())
           + f"; widths: {widths}", flush=True)
     return StageResult(narrow, {
-        "accuracy": accuracy, "mode": opts.mode, "theta": opts.theta,
-        "accuracy_after_surgery": accuracy_after_surgery,
+        "val_accuracy": accuracy, "mode": opts.mode, "theta": opts.theta,
+        "val_accuracy_after_surgery": accuracy_after_surgery,
         "layer_k": {name: p.k for name, p in pca.items()},
         "layer_channels": {name: p.channels for name, p in pca.items()},
         "group_widths": widths, "group_sizes": {g.name: g.size for g in groups},
@@ -253,15 +253,15 @@ def plot_trials(start_timesteps: int, start_accuracy: float, rows: list[dict], t
     fig = Figure(figsize=(5.5, 3.8))
     ax = fig.add_subplot(1, 1, 1)
     ts = [start_timesteps] + [r["timesteps"] for r in rows]
-    accs = [start_accuracy] + [r["accuracy"] for r in rows]
+    accs = [start_accuracy] + [r["val_accuracy"] for r in rows]
     ax.plot(ts, accs, "o-", color="#1f77b4")
     for r in rows:
         if not r["accepted"]:
-            ax.plot([r["timesteps"]], [r["accuracy"]], "x", color="#d62728", ms=10, label="rejected")
+            ax.plot([r["timesteps"]], [r["val_accuracy"]], "x", color="#d62728", ms=10, label="rejected")
     ax.axhline(start_accuracy - tolerance, color="grey", ls="--", lw=1, label="start - tolerance")
     ax.set_xticks(sorted(set(ts)))
     ax.invert_xaxis()
-    ax.set(xlabel="timesteps T", ylabel="test accuracy", title="temporal pruning")
+    ax.set(xlabel="timesteps T", ylabel="validation accuracy", title="temporal pruning")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
@@ -273,8 +273,8 @@ def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
     start_timesteps = model.timesteps
     schedule = opts.schedule if opts.schedule is not None else default_schedule(start_timesteps)
     epochs = opts.epochs_by_timesteps(schedule)
-    start_accuracy = evaluate_accuracy(model, ctx.test_loader, ctx.device)
-    print(f"[temporal] start: T={start_timesteps} accuracy {start_accuracy:.4f}; schedule {schedule}", flush=True)
+    start_accuracy = evaluate_accuracy(model, ctx.val_loader, ctx.device)
+    print(f"[temporal] start: T={start_timesteps} validation accuracy {start_accuracy:.4f}; schedule {schedule}", flush=True)
 
     teacher = copy.deepcopy(model).eval() if opts.distill > 0 else None
 
@@ -289,8 +289,8 @@ def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
     plot = plot_trials(start_timesteps, start_accuracy, rows, opts.tolerance, ctx.stage_dir / "temporal.png")
     accepted = [r for r in rows if r["accepted"]]
     return StageResult(final, {
-        "accuracy": accepted[-1]["accuracy"] if accepted else start_accuracy,
-        "start_timesteps": start_timesteps, "start_accuracy": start_accuracy,
+        "val_accuracy": accepted[-1]["val_accuracy"] if accepted else start_accuracy,
+        "start_timesteps": start_timesteps, "start_val_accuracy": start_accuracy,
         "final_timesteps": final.timesteps, "tolerance": opts.tolerance,
         "schedule": check_schedule(schedule, start_timesteps), "trials": rows,
         "plot": relative(ctx, ctx.stage_dir / plot),
@@ -349,7 +349,7 @@ def plot_sweep(results: dict[int, float], reference: float, tolerance: float, ch
     if chosen is not None:
         ax.plot([chosen], [results[chosen]], "s", color="#d62728", ms=9, label=f"chosen: {chosen} bits")
     ax.invert_xaxis()
-    ax.set(xlabel="weight bits", ylabel="test accuracy", title="post-training weight quantization")
+    ax.set(xlabel="weight bits", ylabel="validation accuracy", title="post-training weight quantization")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
@@ -358,18 +358,18 @@ def plot_sweep(results: dict[int, float], reference: float, tolerance: float, ch
 def quant_sweep(ctx: StageContext, opts: QuantSweepOptions) -> StageResult:
     """Sweep bit widths, apply the smallest within tolerance; the checkpoint stores integers + scales."""
     model = ctx.require_model("quant_sweep")
-    evaluate = lambda m: evaluate_accuracy(m, ctx.test_loader, ctx.device, opts.max_batches)  # noqa: E731
+    evaluate = lambda m: evaluate_accuracy(m, ctx.val_loader, ctx.device, opts.max_batches)  # noqa: E731
     reference = float(evaluate(model))
     results = sweep_accuracy(model, opts.bits, evaluate)
     chosen = smallest_within(results, reference, opts.tolerance)
     plot = plot_sweep(results, reference, opts.tolerance, chosen, ctx.stage_dir / "quant_sweep.png")
-    metrics = {"float_accuracy": reference, "sweep": {str(b): a for b, a in results.items()},
+    metrics = {"float_val_accuracy": reference, "sweep": {str(b): a for b, a in results.items()},
                "tolerance": opts.tolerance, "bits": chosen, "plot": relative(ctx, ctx.stage_dir / plot)}
     if chosen is None or not opts.apply:
         print(f"[quant_sweep] no bit width applied (chosen: {chosen})", flush=True)
-        return StageResult(None, {**metrics, "accuracy": reference})
+        return StageResult(None, {**metrics, "val_accuracy": reference})
     final = copy.deepcopy(model)
     quant = quantize_weights_(final, chosen)
-    accuracy = results[chosen] if opts.max_batches is None else evaluate_accuracy(final, ctx.test_loader, ctx.device)
+    accuracy = results[chosen] if opts.max_batches is None else evaluate_accuracy(final, ctx.val_loader, ctx.device)
     print(f"[quant_sweep] applied {chosen} bits to {len(quant)} weight tensors", flush=True)
-    return StageResult(final, {**metrics, "accuracy": accuracy}, quant=quant)
+    return StageResult(final, {**metrics, "val_accuracy": accuracy}, quant=quant)

@@ -1,6 +1,6 @@
 """Gradual temporal pruning (STP, SPEC §2): lower T step by step while accuracy holds.
 
-Starting from a trained SNN at ``T0`` with accuracy ``a0`` (the stage's start),
+Starting from a trained SNN at ``T0`` with validation accuracy ``a0`` (the stage's start),
 for each ``T`` of a decreasing schedule:
 
 1. copy the last accepted model (weights, leaks, thresholds) and set its T;
@@ -26,10 +26,10 @@ DEFAULT_STEP_RATIO = 0.6
 
 @dataclass
 class TimestepTrial:
-    """One schedule step: its T, the accuracy (0-1) after fine-tuning, whether it was kept."""
+    """One schedule step: its T, the validation accuracy (0-1) after fine-tuning, whether it was kept."""
 
     timesteps: int
-    accuracy: float
+    val_accuracy: float
     accepted: bool
 
 
@@ -65,7 +65,7 @@ def prune_timesteps(model: SpikingNetwork, schedule: list[int], finetune: Callab
         model: the starting SNN at its own T (not modified).
         schedule: decreasing timesteps to try (entries >= the model's T are skipped).
         finetune: trains the given model (its T already set) in place and
-            returns its test accuracy in [0, 1].
+            returns its validation accuracy in [0, 1].
         start_accuracy: accuracy of ``model`` at its own T (the reference).
         tolerance: largest accepted drop below ``start_accuracy`` (accuracy units, 0.01 = 1 point).
 
@@ -88,5 +88,5 @@ def prune_timesteps(model: SpikingNetwork, schedule: list[int], finetune: Callab
 
 
 def trials_table(trials: list[TimestepTrial]) -> list[dict]:
-    """The trials as JSON-able rows ``{"timesteps", "accuracy", "accepted"}``."""
+    """The trials as JSON-able rows ``{"timesteps", "val_accuracy", "accepted"}``."""
     return [asdict(t) for t in trials]
