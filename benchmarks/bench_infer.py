@@ -7,7 +7,7 @@ Used by bench_speed.py (section ``infer``); runnable alone:
 For each case: the model as trained (eval mode, reference LIF), the fused LIF
 backend only, :func:`snncompress.kernels.prepare_for_inference` (fused LIF +
 C average pool + channels_last convolutions), the lean inference plan
-(:mod:`snncompress.kernels.inference_plan`, VGG/convnet on CPU), and the ANN twin on
+(:mod:`snncompress.deploy.plan`, VGG/convnet on CPU), and the ANN twin on
 T x B images (plain and prepared). All under ``torch.inference_mode``; the largest logit
 difference between the prepared and the plain model is reported.
 """
@@ -22,8 +22,8 @@ import time
 import torch
 
 from snncompress import build_model
-from snncompress.kernels import prepare_for_inference
-from snncompress.kernels.inference_plan import build_inference_plan
+from snncompress.deploy import prepare_for_inference
+from snncompress.deploy.plan import build_inference_plan
 
 #: (label, arch, in_shape, T, batch, family options); "pruned" = narrower widths as PCA pruning yields.
 CASES = [

@@ -55,7 +55,7 @@ sys.path.insert(0, str(HERE))
 import bench_peers as bp  # noqa: E402
 
 from snncompress.kernels import cpu as kcpu  # noqa: E402
-from snncompress.kernels import checkpoint_layers, lean_memory  # noqa: E402
+from snncompress.training.memory import checkpoint_layers, lean_memory  # noqa: E402
 from snncompress.neuron import LIF  # noqa: E402
 
 PEERS = list(bp.NEURONS)

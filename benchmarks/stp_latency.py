@@ -5,7 +5,7 @@
 Loads the checkpoints that ``report.json`` names as baseline and final, and times
 both in both forms with the reports' own protocol (:func:`snncompress.metrics.latency.measure_latency`;
 ``eager``: the model's own forward; ``plan``: the lean
-:class:`~snncompress.kernels.inference_plan.InferencePlan`) on the same image,
+:class:`~snncompress.deploy.plan.InferencePlan`) on the same image,
 interleaving the four variants round by round so that machine-speed drift hits
 all of them alike. Prints each variant's median ms/image per round and over all
 rounds, and the baseline/final speed-up per form. Absolute times on a shared VM

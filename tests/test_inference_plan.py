@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from snncompress.kernels import cpu
-from snncompress.kernels.inference_plan import build_inference_plan
+from snncompress.deploy.plan import build_inference_plan
 from snncompress.metrics.latency import inference_form, measure_latency
 from snncompress.models import build_model
 
@@ -54,7 +54,7 @@ def test_plan_logits_equal_eager_logits(timesteps, per_channel, reset, batchnorm
 
 @needs_cext
 def test_plan_covers_a_model_trained_with_lean_memory():
-    from snncompress.kernels import lean_memory
+    from snncompress.training.memory import lean_memory
 
     model = lean_memory(_convnet(2))
     plan = build_inference_plan(model)

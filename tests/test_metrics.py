@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from snncompress.compress import UniformQuantizer, attach_quantizer, set_mask
 from snncompress import build_model
 from snncompress.errors import UserError
 from snncompress.metrics import (ENERGY_PRESETS, SpikeMeter, count_synops, energy_uj, footprint,
@@ -79,8 +80,7 @@ def test_half_masked_layer_counts_half_the_acs():
     dense_acs = count_synops(model, halves())["per_layer"]["classifier.0"]["ac"]
     mask = torch.ones(4, 32, dtype=torch.bool)
     mask[:2] = False  # half of the weights: the rows of outputs 0 and 1
-    model.masks = {"classifier.0.weight": mask}
-    model.apply_masks()
+    set_mask(model, "classifier.0.weight", mask)
     masked = count_synops(model, halves())["per_layer"]["classifier.0"]
     assert dense_acs == HAND_SPIKES * 4
     assert masked["ac"] == dense_acs / 2
@@ -114,7 +114,10 @@ def test_conv1_per_timestep_multiplies_conv1_macs_by_t(timesteps):
 ])
 def test_snn_dense_is_t_times_ann_dense_for_every_family(arch, in_shape, options):
     timesteps = 3
-    model = build_model(arch, 5, in_shape, timesteps, neuron={"threshold": 0.1}, **options).eval()
+    # Seeded weights and a low threshold: the spike-fed classifier layers of the small convnet and
+    # vgg5 (linear init N(0, 0.01)) fire for every seed tried, so Effective_ACs > 0 is not luck.
+    torch.manual_seed(0)
+    model = build_model(arch, 5, in_shape, timesteps, neuron={"threshold": 0.01}, **options).eval()
     images = torch.randn(2, *in_shape, generator=torch.Generator().manual_seed(1))
     snn = count_synops(model, images, conv1_per_timestep=True)
     ann = count_synops(model.ann_twin(), images)
@@ -181,13 +184,11 @@ def test_sparse_format_costs():
 
 def test_footprint_of_quantized_sparse_model_matches_hand_count():
     model = two_layer_net()
-    quant = {"features.0.weight": {"bits": 4, "int": torch.ones(2, 1, 3, 3, dtype=torch.int8),
-                                   "scale": torch.tensor(0.5)}}
+    attach_quantizer(model, "features.0.weight", UniformQuantizer(4))
     mask = torch.zeros(3, 32, dtype=torch.bool)
     mask.view(-1)[:24] = True
-    model.masks = {"classifier.0.weight": mask}
-    model.apply_masks()
-    fp = footprint(model, quant, neurons_per_layer={"features.1": 32})
+    set_mask(model, "classifier.0.weight", mask)
+    fp = footprint(model, neurons_per_layer={"features.1": 32})
     # conv: 18 values x 4 bits + one 32-bit scale = 104; LIF leak + threshold: 2 x 32 = 64;
     # linear: 24 of 96 kept, bitmap cheapest (864 bits, see test_sparse_format_costs).
     assert fp["by_kind"]["weight"] == 104 + 864
@@ -195,10 +196,10 @@ def test_footprint_of_quantized_sparse_model_matches_hand_count():
     assert fp["bits"] == 1032 and fp["bytes"] == 129
     assert fp["tensors"]["classifier.0.weight"]["format"] == "bitmap"
     assert fp["tensors"]["features.0.weight"]["format"] == "dense"
-    with_state = footprint(model, quant, include_state=True, state_bits=16, neurons_per_layer={"features.1": 32})
+    with_state = footprint(model, include_state=True, state_bits=16, neurons_per_layer={"features.1": 32})
     assert with_state["bits"] == 1032 + 32 * 16 and with_state["bytes"] == 193
-    quant["features.1.membrane"] = {"bits": 8}
-    assert footprint(model, quant, include_state=True, neurons_per_layer={"features.1": 32})["bytes"] == 161
+    dict(model.spiking_layers())["features.1"].state_quantizer = UniformQuantizer(8)
+    assert footprint(model, include_state=True, neurons_per_layer={"features.1": 32})["bytes"] == 161
 
 
 def test_footprint_of_dense_float_model_is_32_bits_per_value():
@@ -249,3 +250,86 @@ def test_measure_model_returns_the_spec_metrics():
     assert 0 < m["spikes_per_image"] and all(0 <= r <= 1 for r in m["firing_rate"].values())
     assert math.isfinite(m["latency_ms"]) and m["latency_ms"] > 0
     assert next(model.parameters()).device.type == "cpu" and model.spiking  # caller's model untouched
+
+
+# --------------------------------------------------------------------------- trained ANN reference
+
+def reference_ann():
+    """A trained-ANN stand-in, wider than two_layer_net: conv 1->3 -> ReLU -> avgpool 2x2 -> linear 12->5
+    -> ReLU -> linear 5->3, on 4x4 images, in ANN mode, seeded weights.
+
+    Dense MACs per image, from the shapes (zero padding costs nothing, as in the SNN's count):
+      features.0: 3 output channels x 100 in-bounds taps (4*4 + 8*6 + 4*9) = 300;
+      classifier.0: 12 x 5 = 60; classifier.3: 5 x 3 = 15; total 375.
+    """
+    torch.manual_seed(3)
+    return build_model("convnet", 3, (1, 4, 4), T, features=[3, "A"], classifier=[5]).set_spiking(False).eval()
+
+
+REF_MACS = {"features.0": 300.0, "classifier.0": 60.0, "classifier.3": 15.0}
+TWIN_DENSE = 200 + 32 * 3  # two_layer_net's ReLU twin: conv1 200 + linear 32x3, one pass
+
+
+def reference_loader(reference, correct: int = 10, total: int = 16):
+    """``total`` random 4x4 images in batches of 8, labelled so that ``reference`` gets exactly ``correct`` right."""
+    images = torch.randn(total, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        predicted = reference(images).argmax(1)
+    labels = torch.where(torch.arange(total) < correct, predicted, (predicted + 1) % 3)
+    return [(images[i:i + 8], labels[i:i + 8]) for i in range(0, total, 8)]
+
+
+MEASURE_OPTS = dict(noise_sigmas=(0.0, 0.1, 0.5), robustness_images=None, ops_images=None, latency_repeats=1,
+                    latency_warmup=0)
+
+
+def test_measure_model_reports_the_trained_ann_beside_the_relu_twin():
+    reference = reference_ann()
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    loader = reference_loader(reference)
+    m = measure_model(two_layer_net(), loader, reference_ann=reference, **MEASURE_OPTS)
+    e_mac = ENERGY_PRESETS["fp32"][0]
+    # accuracy: 10 of 16 by construction of the labels, and what a direct evaluation gives
+    with torch.no_grad():
+        direct = sum(int((reference(x).argmax(1) == y).sum()) for x, y in loader) / 16
+    assert m["trained_ann_accuracy"] == direct == 10 / 16
+    # energy: the hand-counted dense MACs x 4.6 pJ
+    assert m["trained_ann_synops"] == {"mac": 375.0, "dense": 375.0}
+    assert m["trained_ann_energy_uj"] == pytest.approx(375 * e_mac * 1e-6)
+    assert m["trained_ann_energy_per_layer_uj"] == {k: pytest.approx(v * e_mac * 1e-6) for k, v in REF_MACS.items()}
+    assert m["energy_ratio_trained_ann"] == pytest.approx(375 * e_mac * 1e-6 / m["energy_uj"])
+    # the ReLU twin keeps its own keys and numbers
+    assert m["ann_synops"] == {"mac": TWIN_DENSE, "dense": TWIN_DENSE}
+    assert m["ann_energy_uj"] == pytest.approx(TWIN_DENSE * e_mac * 1e-6)
+    assert m["energy_ratio"] == pytest.approx(m["ann_energy_uj"] / m["energy_uj"])
+    # robustness: one entry per sigma, on the same noisy images as the SNN
+    assert list(m["robustness_trained_ann"]) == ["0.0", "0.1", "0.5"]
+    assert m["robustness_trained_ann"]["0.0"] == 10 / 16
+    assert m["robustness_trained_ann"] == noise_robustness({"ref": reference}, loader, (0.0, 0.1, 0.5))["ref"]
+    # the caller's reference is neither changed nor switched out of ANN mode
+    assert reference.spiking is False and not reference.training
+    assert all(torch.equal(v, before[k]) for k, v in reference.state_dict().items())
+
+
+def test_trained_ann_keys_absent_without_reference_and_snn_numbers_unchanged():
+    reference = reference_ann()
+    loader = reference_loader(reference)
+    without = measure_model(two_layer_net(), loader, **MEASURE_OPTS)
+    with_ref = measure_model(two_layer_net(), loader, reference_ann=reference, **MEASURE_OPTS)
+    trained_keys = {"trained_ann_accuracy", "trained_ann_energy_uj", "trained_ann_energy_per_layer_uj",
+                    "trained_ann_synops", "energy_ratio_trained_ann", "robustness_trained_ann"}
+    assert not trained_keys & set(without)
+    assert set(with_ref) - set(without) == trained_keys
+    for key in ("accuracy", "ann_accuracy", "energy_uj", "ann_energy_uj", "energy_ratio", "robustness",
+                "robustness_ann", "synops", "spikes_per_image"):
+        assert with_ref[key] == without[key], key
+
+
+def test_measure_model_accepts_a_trained_ann_for_an_int8_preset_and_rejects_an_snn_reference():
+    reference = reference_ann()
+    loader = reference_loader(reference, correct=4)
+    m = measure_model(two_layer_net(), loader, reference_ann=reference, energy_preset="int8", **MEASURE_OPTS)
+    assert m["trained_ann_accuracy"] == 4 / 16
+    assert m["trained_ann_energy_uj"] == pytest.approx(375 * 0.23e-6)
+    with pytest.raises(ValueError, match="ANN mode"):
+        measure_model(two_layer_net(), loader, reference_ann=two_layer_net(), **MEASURE_OPTS)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from snncompress import UserError, build_from_spec, build_model, load, load_checkpoint, save_checkpoint
+from snncompress.compress import set_mask
 from snncompress.models import MODEL_NAMES
 
 
@@ -76,10 +77,9 @@ def test_checkpoint_round_trip_reproduces_outputs_exactly(tmp_path):
     model = _complex_model()
     weight = "blocks.0.conv1.weight"
     mask = torch.rand_like(dict(model.named_parameters())[weight]) > 0.5
-    model.masks = {weight: mask}
-    model.apply_masks()
+    set_mask(model, weight, mask)
     path = tmp_path / "m.safetensors"
-    save_checkpoint(path, model, masks=model.masks, info={"dataset": "cifar10"})
+    save_checkpoint(path, model, info={"dataset": "cifar10"})
     images = torch.randn(4, 3, 16, 16)
     loaded = load_checkpoint(path)
     assert torch.equal(model(images), loaded.model(images))
@@ -88,21 +88,34 @@ def test_checkpoint_round_trip_reproduces_outputs_exactly(tmp_path):
     assert loaded.model.spec == model.spec
 
 
-def test_checkpoint_stores_quantized_weights_as_integers(tmp_path):
+def test_format1_checkpoint_with_integer_weights_still_loads(tmp_path):
+    """Checkpoints written before format 2 (dense state dict, int8 weights + scale, uint8 masks) still load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from snncompress.checkpoint import META_KEY
+
     model = build_model("convnet", 10, (1, 28, 28), 2, features=[4, "A"], classifier=[8]).eval()
     name = "features.0.weight"
     w = dict(model.named_parameters())[name]
-    scale = w.abs().max() / 7
+    scale = (w.abs().max() / 7).reshape(())
     ints = torch.round(w / scale).clamp(-7, 7)
     with torch.no_grad():
         w.copy_(ints * scale)
-    path = tmp_path / "q.safetensors"
-    save_checkpoint(path, model, quant={name: {"bits": 4, "int": ints, "scale": scale}})
-    from safetensors.torch import load_file
-    raw = load_file(str(path))
-    assert raw[name].dtype == torch.int8 and raw[name].abs().max() <= 7
+    mask = torch.rand(8, 4 * 14 * 14) < 0.5
+    with torch.no_grad():
+        model.classifier[0].weight.mul_(mask)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tensors[name] = ints.to(torch.int8)
+    tensors[f"{name}@scale"] = scale.to(torch.float32)
+    tensors["classifier.0.weight@mask"] = mask.to(torch.uint8)
+    meta = {"format": 1, "spec": model.spec, "quant": {name: {"bits": 4}}, "masks": ["classifier.0.weight"],
+            "info": {}}
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
     loaded = load_checkpoint(path)
-    assert loaded.quant[name]["bits"] == 4
+    assert loaded.quantizers[name].bits == 4 and torch.equal(loaded.masks["classifier.0.weight"], mask)
     images = torch.randn(2, 1, 28, 28)
     assert torch.equal(model(images), loaded.model(images))
 

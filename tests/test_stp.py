@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,13 +14,14 @@ from snncompress.checkpoint import load_checkpoint, save_checkpoint
 from snncompress.errors import UserError
 from snncompress.models import build_model
 from snncompress.neuron import LIF
-from snncompress.prune.pca import (as_samples, explained_variance_ratio, pca_significance,
-                                   significant_dimension)
-from snncompress.prune.stp import QuantSweepOptions, TemporalOptions, smallest_within
-from snncompress.prune.surgery import (channel_groups, group_widths, narrow_model, projection_conflicts,
-                                       select_channels)
-from snncompress.prune.temporal import check_schedule, default_schedule, prune_timesteps
-from snncompress.quant import quantize_symmetric, quantize_weights_
+from snncompress.compress import get_quantizers, quantize_weights
+from snncompress.compress.importance import (as_samples, explained_variance_ratio, pca_significance,
+                                             significant_dimension)
+from snncompress.compress.structure import (channel_groups, group_widths, narrow_model, projection_conflicts,
+                                            select_channels)
+from snncompress.compress.temporal import check_schedule, default_schedule, prune_timesteps
+from snncompress.stages.quant import QuantSweepOptions, smallest_within
+from snncompress.stages.stp import TemporalOptions
 
 # ----------------------------------------------------------------------------- PCA
 
@@ -78,7 +80,7 @@ def test_layer_pca_of_a_network_finds_the_rank_of_its_weights():
 def test_significance_ranks_the_channels_that_carry_variance():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1000, 6, generator=g) * torch.tensor([0.01, 5.0, 0.01, 3.0, 0.01, 0.01])
-    from snncompress.prune.pca import Scatter, layer_pca
+    from snncompress.compress.importance import Scatter, layer_pca
 
     scatter = Scatter(6)
     for part in x.split(300):                                     # streaming == one shot
@@ -252,7 +254,7 @@ def test_temporal_finetuning_decays_its_learning_rate():
     config = TemporalOptions(schedule=[3, 2, 1], lr=5e-4).train_config(0)
     assert config.lr_schedule == "cosine" and config.lr == 5e-4
     assert TemporalOptions(schedule=[2, 1], lr_schedule="constant").train_config(0).lr_schedule == "constant"
-    from snncompress.train import TrainConfig, train
+    from snncompress.training import TrainConfig, train
 
     with pytest.raises(ValueError, match="lr_schedule"):
         train(build_model("convnet", 10, (1, 8, 8), 1), [], [], TrainConfig(lr_schedule=[2, 1]))
@@ -261,23 +263,35 @@ def test_temporal_finetuning_decays_its_learning_rate():
 def test_distillation_loss_blends_cross_entropy_and_teacher_kl():
     import torch.nn.functional as F
 
-    from snncompress.train import TrainConfig, _teacher_logits, training_loss
+    from snncompress.training import Distillation
 
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
     labels = torch.tensor([0, 1])
     ce = F.cross_entropy(logits, labels)
-    assert torch.equal(training_loss(logits, labels, TrainConfig(), logits * 3), ce)  # weight 0: CE only
-    half = TrainConfig(distill_weight=0.5, distill_temperature=2.0)
-    assert torch.allclose(training_loss(logits, labels, half, logits.clone()), 0.5 * ce)  # same logits: KL 0
+
+    class Fixed(nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, x):
+            return self.out
+
+    def loss_with(teacher_logits, weight):
+        student = SimpleNamespace(model=nn.Identity())                      # an ANN student: no rescaling
+        return Distillation(Fixed(teacher_logits), weight, 2.0).loss(student, None, labels, logits, ce)
+
+    assert torch.equal(loss_with(logits * 3, 0.0), ce)                    # weight 0: CE only
+    assert torch.allclose(loss_with(logits.clone(), 0.5), 0.5 * ce)        # same logits: KL 0
     teacher = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
     p = F.softmax(teacher / 2, 1)
     kl = (p * (p.log() - F.log_softmax(logits / 2, 1))).sum(1).mean() * 4
-    assert torch.allclose(training_loss(logits, labels, half, teacher), 0.5 * ce + 0.5 * kl)
+    assert torch.allclose(loss_with(teacher, 0.5), 0.5 * ce + 0.5 * kl)
     # a T = 4 teacher's summed logits are compared with a T = 1 student's per timestep
     big = build_model("convnet", 3, (1, 4, 4), 4, features=[], classifier=[3], dropout=0.0).eval()
     small = build_model("convnet", 3, (1, 4, 4), 1, features=[], classifier=[3], dropout=0.0)
     x = torch.randn(2, 1, 4, 4)
-    assert torch.allclose(_teacher_logits(big, small, x), big(x) / 4)
+    assert torch.allclose(Distillation(big, 0.5).teacher_logits(small, x), big(x) / 4)
 
 
 def test_temporal_schedule_stops_at_the_tolerance():
@@ -305,47 +319,36 @@ def test_temporal_schedule_stops_at_the_tolerance():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
-def test_quantize_symmetric_uses_max_abs_over_qmax_and_rounds_to_nearest(bits):
-    w = torch.randn(5, 7) * 0.3
-    ints, scale = quantize_symmetric(w, bits)
+def test_uniform_quantization_uses_max_abs_over_qmax_and_rounds_to_nearest(bits):
+    model = build_model("convnet", 10, (1, 8, 8), 2, features=[4, "A"], classifier=[6]).eval()
+    quantizer = quantize_weights(model, bits)["features.0.weight"]
+    w = model.features[0].parametrizations.weight.original.detach()
+    codes, scale = quantizer.export(w)
     q_max = 2 ** (bits - 1) - 1
     assert scale.dtype == torch.float32 and scale.dim() == 0
     assert scale.item() == pytest.approx(w.abs().max().item() / q_max, rel=1e-6)
-    assert ints.dtype == (torch.int8 if bits <= 8 else torch.int16)
-    assert ints.abs().max().item() == q_max                        # the largest weight hits the top code
-    assert (ints.float() * scale - w).abs().max().item() <= scale.item() / 2 + 1e-7
-    assert quantize_symmetric(torch.zeros(3), bits)[0].abs().sum() == 0
+    assert codes.abs().max().item() == q_max                        # the largest weight hits the top code
+    assert (model.features[0].weight - w).abs().max().item() <= scale.item() / 2 + 1e-7
+    assert torch.equal(model.features[0].weight, codes.float() * scale)
 
 
-def test_quantize_symmetric_hand_example():
-    ints, scale = quantize_symmetric(torch.tensor([-1.0, -0.26, 0.0, 0.24, 0.55]), 3)  # q_max 3, scale 1/3
-    assert scale.item() == pytest.approx(1 / 3)
-    assert ints.tolist() == [-3, -1, 0, 1, 2]                     # -0.78 -> -1, 0.72 -> 1, 1.65 -> 2
-
-
-def test_quantized_checkpoint_stores_integers_and_reloads_to_the_same_outputs(tmp_path):
+def test_quantized_checkpoint_stores_packed_codes_and_reloads_to_the_same_outputs(tmp_path):
     torch.manual_seed(0)
     model = build_model("convnet", 10, (1, 8, 8), 3, features=[4, "A"], classifier=[6]).eval()
-    quant = quantize_weights_(model, 5)
-    assert sorted(quant) == ["classifier.0.weight", "classifier.3.weight", "features.0.weight"]
-    for name, p in model.named_parameters():
-        if name in quant:                                          # float weights are exactly int * scale
-            assert torch.equal(p.detach(), quant[name]["int"].float() * quant[name]["scale"])
+    quantizers = quantize_weights(model, 5)
+    assert sorted(quantizers) == ["classifier.0.weight", "classifier.3.weight", "features.0.weight"]
     path = tmp_path / "q.safetensors"
-    save_checkpoint(path, model, quant=quant)
+    save_checkpoint(path, model)
     with safe_open(str(path), framework="pt") as f:
-        assert f.get_tensor("features.0.weight").dtype == torch.int8
+        codes = f.get_tensor("features.0.weight@codes")
+        assert codes.dtype == torch.uint8 and codes.numel() == (4 * 9 * 5 + 7) // 8   # 5 bits per weight
         assert f.get_tensor("features.0.weight@scale").numel() == 1
+        assert "features.0.weight" not in f.keys()
     loaded = load_checkpoint(path)
     images = torch.randn(6, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded.model(images), model(images))
-    assert loaded.quant["classifier.0.weight"]["bits"] == 5
-
-    from snncompress.metrics import footprint
-    fp = footprint(loaded.model, loaded.quant)
-    weights = sum(q["int"].numel() for q in quant.values())
-    assert fp["by_kind"]["weight"] == weights * 5 + 3 * 32         # 5 bits per weight + one fp32 scale per layer
+    assert get_quantizers(loaded.model)["classifier.0.weight"].bits == 5
 
 
 def test_sweep_picks_the_smallest_bit_width_within_tolerance():
@@ -403,7 +406,7 @@ def test_stp_stages_run_in_a_recipe(tmp_path):
     assert set(sweep["sweep"]) == {"8", "4", "2"} and sweep["bits"] in (8, 4, 2)
     final = load_checkpoint(tmp_path / "run" / report["final"]["checkpoint"])
     assert final.model.timesteps == 1 and final.model.spec["features"] == [second["group_widths"]["features.0"], "A"]
-    assert {q["bits"] for q in final.quant.values()} == {sweep["bits"]}
+    assert {q.bits for q in get_quantizers(final.model).values()} == {sweep["bits"]}
     assert report["final"]["footprint_bytes"] < report["baseline"]["footprint_bytes"]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["final"]["timesteps"] == 1
 
@@ -441,3 +444,51 @@ def test_finetune_recalibrate_sets_narrow_thresholds_from_calibration(tmp_path):
     assert thresholds["inherit"] == next(lif for _, lif in inherited.spiking_layers()).threshold.item()
     assert thresholds["s1"] != thresholds["inherit"]
     assert thresholds["s05"] == pytest.approx(0.5 * thresholds["s1"], rel=1e-6)
+
+
+class _ReadForbidden:
+    """A loader that fails the test when anything iterates it."""
+
+    def __iter__(self):
+        raise AssertionError("a stage read the test split")
+
+    def __len__(self):
+        raise AssertionError("a stage read the test split")
+
+
+def test_selection_stages_never_read_the_test_split(tmp_path):
+    """Every stage (PCA widths, temporal T, bit width) gets a test loader that raises; only the pipeline's
+    reporting reads the test split, and the report still carries test and validation accuracy."""
+    from snncompress.pipeline import Run
+
+    class GuardedRun(Run):
+        def context(self, model, stage_dir, previous=None):
+            ctx = super().context(model, stage_dir, previous)
+            if stage_dir != self.out:                       # a stage, not the final measurement
+                ctx.test_loader = _ReadForbidden()
+            return ctx
+
+    recipe = tmp_path / "stp.yaml"
+    recipe.write_text(STP_RECIPE)
+    report = GuardedRun(recipe, tmp_path / "run").execute()
+    for stage in report["stages"]:
+        if stage["metrics"].get("checkpoint"):
+            assert 0 <= stage["metrics"]["accuracy"] <= 1 and 0 <= stage["metrics"]["val_accuracy"] <= 1
+    trials = {s["name"]: s["metrics"] for s in report["stages"]}["temporal"]["trials"]
+    assert [t["timesteps"] for t in trials] == [2, 1] and all("val_accuracy" in t for t in trials)
+
+
+def test_validation_split_is_seeded_stratified_and_disjoint_from_training():
+    from snncompress.data import hold_out_validation, load_data
+
+    train, _, _ = load_data("mnist-builtin", batch_size=64, train_subset=1000)
+    kept, val = hold_out_validation(train, 0.1, seed=3, batch_size=128)
+    kept_again, val_again = hold_out_validation(train, 0.1, seed=3, batch_size=128)
+    assert len(val.labels) == 100 and len(kept.labels) == 900
+    assert torch.equal(val.labels, val_again.labels) and torch.equal(val.images, val_again.images)
+    assert torch.bincount(val.labels, minlength=10).tolist() == [10] * 10     # the subset is balanced: 100/class
+    other = hold_out_validation(train, 0.1, seed=4, batch_size=128)[1]
+    assert not torch.equal(val.images, other.images)
+    flat = lambda x: {bytes(img.numpy()) for img in x}                          # noqa: E731
+    assert not flat(val.images) & flat(kept.images)
+    assert not val.shuffle and not val.augment and kept.shuffle

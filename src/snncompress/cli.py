@@ -1,4 +1,4 @@
-"""Command line: ``snncompress run | demo | evaluate | report``.
+"""Command line: ``snncompress run | demo | evaluate | report | stages``.
 
 User mistakes (bad recipe, missing data, incompatible checkpoint) end with one
 line on stderr and exit code 2; nothing is half-written.
@@ -51,8 +51,43 @@ def cmd_report(args) -> None:
     print(f"comparison written to {Path(args.out) / 'report.md'}")
 
 
+def cmd_stages(args) -> None:
+    from .stages import stage_kinds
+
+    kinds = stage_kinds()
+    if args.kind is not None and args.kind not in kinds:
+        raise UserError(f"unknown stage {args.kind!r}; choose one of {', '.join(sorted(kinds))}")
+    print(describe_stages({k: kinds[k] for k in ([args.kind] if args.kind else sorted(kinds, key=_stage_order(kinds)))}))
+
+
+def _stage_order(kinds):
+    return lambda kind: (kinds[kind].module, kind)
+
+
+def describe_stages(kinds: dict) -> str:
+    """Each stage's options with their defaults and descriptions, from the options models that validate recipes."""
+    lines = []
+    for kind, stage in kinds.items():
+        summary = (stage.run.__doc__ or "").strip().splitlines()[0] if stage.run.__doc__ else ""
+        lines.append(f"{kind}  ({stage.module})  {summary}")
+        for name, field in stage.options.model_fields.items():
+            if name == "kind":
+                continue
+            default = field.default_factory() if field.default_factory is not None else field.default
+            limits = ", ".join(repr(m) for m in field.metadata)
+            text = f"    {name} = {default!r}"
+            text += f"  [{limits}]" if limits else ""
+            text += f"  {field.description}" if field.description else ""
+            lines.append(text)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="snncompress", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"snncompress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe's stages into a run folder")
@@ -80,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run folders holding report.json")
     rep.add_argument("--out", required=True, help="folder for the comparison")
     rep.set_defaults(func=cmd_report)
+
+    stages = sub.add_parser("stages", help="list the recipe stages with their options, defaults and descriptions")
+    stages.add_argument("kind", nargs="?", help="one stage kind (default: all)")
+    stages.set_defaults(func=cmd_stages)
     return parser
 
 

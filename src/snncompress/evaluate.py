@@ -11,7 +11,7 @@ from .checkpoint import load_checkpoint
 from .data import load_data
 from .errors import UserError
 from .recipe import apply_overrides, format_validation_error
-from .stages import EvaluateOptions
+from .stages.evaluate import EvaluateOptions
 
 
 def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: str | None = None,
@@ -26,7 +26,7 @@ def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: 
 
     raw = apply_overrides({"kind": "evaluate"}, overrides or [])
     try:
-        opts = EvaluateOptions.model_validate(raw).model_dump(exclude={"kind", "name"})
+        opts = EvaluateOptions.model_validate(raw).measure_options()
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, "evaluate --set")) from None
     loaded = load_checkpoint(path)
@@ -39,7 +39,7 @@ def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: 
         raise UserError(f"dataset {info.name} has input {tuple(info.in_shape)} and {info.num_classes} classes; "
                         f"the checkpoint expects {expected[0]} and {expected[1]}")
     start = time.perf_counter()
-    metrics = {"checkpoint": Path(path).name, **measure_model(loaded.model, test_loader, quant=loaded.quant, **opts)}
+    metrics = {"checkpoint": Path(path).name, **measure_model(loaded.model, test_loader, **opts)}
     report = {"schema": 1, "dataset": info.name, "model": loaded.model.spec.get("arch"),
               "recipe": loaded.info.get("recipe"),
               "stages": [{"name": "evaluate", "kind": "evaluate", "seconds": time.perf_counter() - start,

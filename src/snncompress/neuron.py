@@ -8,47 +8,90 @@ Equations, per spiking layer and timestep t (all tensors ``[B, ...]``)::
     do/dz    = surrogate'(z)                        gradient used in the backward pass
     u_hat[t] = u[t] - thr * o[t]                    soft reset ("subtract")
     u_hat[t] = u[t] * (1 - o[t])                    hard reset ("zero")
+    u_hat[t] = q(u_hat[t])                          optional membrane-state quantizer
+
+with ``u_hat[-1] = 0``. ``I``, ``u``, ``u_hat`` and ``thr`` share one unit (that
+of the input current); ``leak`` and ``z`` are dimensionless.
 
 The spike ``o`` is detached inside the reset term (as in DIET-SNN), so the
 membrane trace itself is a smooth function of ``leak``, ``thr`` and ``I``
 between spikes; gradients reach ``leak`` and ``thr`` through autograd.
 
-Surrogate derivatives, as functions of ``z``:
+Surrogate derivatives, as functions of ``z`` (:data:`SURROGATE_TABLE`):
 
 * ``linear``        ``gamma * max(0, 1 - |z|)``                 (DIET, gamma = 0.3)
 * ``atan``          ``(alpha/2) / (1 + (pi/2 * alpha * z)^2)``  (CRIT, alpha = 2)
 * ``fast_sigmoid``  ``1 / (1 + slope * |z|)^2``                 (SuperSpike, slope = 25)
 
-:func:`lif_multistep` is the one pure function that holds these equations;
-:class:`LIF` is the module that owns ``leak`` and ``thr``. Faster backends live
-in :mod:`snncompress.kernels` and must reproduce this function exactly.
+:func:`lif_step` is the one function that holds these equations, for one
+timestep; :func:`lif_multistep` loops it over ``T``; :class:`LIF` is the module
+that owns ``leak`` and ``thr``. Faster multi-step backends live in
+:mod:`snncompress.kernels` (registered in :data:`LIF_BACKENDS` when
+``snncompress`` is imported) and must reproduce :func:`lif_step` exactly.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 RESETS = ("soft", "hard")
-SURROGATES = ("linear", "atan", "fast_sigmoid")
+
+
+def _linear(z: torch.Tensor, gamma: float) -> torch.Tensor:
+    return gamma * torch.clamp(1.0 - z.abs(), min=0.0)
+
+
+def _atan(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (alpha / 2.0) / (1.0 + (math.pi / 2.0 * alpha * z) ** 2)
+
+
+def _fast_sigmoid(z: torch.Tensor, slope: float) -> torch.Tensor:
+    return 1.0 / (1.0 + slope * z.abs()) ** 2
+
+
+class Surrogate(NamedTuple):
+    """One surrogate gradient: ``derivative(z, scale)`` (``z`` any shape, result same shape)
+    and the default of its dimensionless shape parameter ``scale``."""
+
+    derivative: Callable[[torch.Tensor, float], torch.Tensor]
+    default_scale: float
+
+
+#: The surrogate gradients by name; the only list of them in the package. The fused
+#: kernels implement the first entries in this order (their ``KIND`` is the position).
+SURROGATE_TABLE: dict[str, Surrogate] = {
+    "linear": Surrogate(_linear, 0.3),
+    "atan": Surrogate(_atan, 2.0),
+    "fast_sigmoid": Surrogate(_fast_sigmoid, 25.0),
+}
+
+SURROGATES = tuple(SURROGATE_TABLE)
 
 #: Default shape parameter of each surrogate (gamma, alpha, slope).
-SURROGATE_DEFAULT_SCALE = {"linear": 0.3, "atan": 2.0, "fast_sigmoid": 25.0}
+SURROGATE_DEFAULT_SCALE = {name: s.default_scale for name, s in SURROGATE_TABLE.items()}
+
+
+def _surrogate(kind: str) -> Surrogate:
+    try:
+        return SURROGATE_TABLE[kind]
+    except KeyError:
+        raise ValueError(f"unknown surrogate {kind!r}; choose one of {SURROGATES}") from None
+
+
+def surrogate_scale(kind: str, scale: float | None = None) -> float:
+    """The shape parameter to use: ``scale`` itself, or the surrogate's default when None."""
+    return _surrogate(kind).default_scale if scale is None else float(scale)
 
 
 def surrogate_grad(z: torch.Tensor, kind: str, scale: float | None = None) -> torch.Tensor:
     """Surrogate derivative ``d spike / d z`` evaluated at ``z = u/thr - 1`` (same shape as ``z``)."""
-    s = SURROGATE_DEFAULT_SCALE[kind] if scale is None else scale
-    if kind == "linear":
-        return s * torch.clamp(1.0 - z.abs(), min=0.0)
-    if kind == "atan":
-        return (s / 2.0) / (1.0 + (math.pi / 2.0 * s * z) ** 2)
-    if kind == "fast_sigmoid":
-        return 1.0 / (1.0 + s * z.abs()) ** 2
-    raise ValueError(f"unknown surrogate {kind!r}; choose one of {SURROGATES}")
+    sur = _surrogate(kind)
+    return sur.derivative(z, sur.default_scale if scale is None else scale)
 
 
 class _SpikeFunction(torch.autograd.Function):
@@ -71,6 +114,66 @@ def spike_fn(z: torch.Tensor, kind: str = "linear", scale: float | None = None) 
     return _SpikeFunction.apply(z, kind, scale)
 
 
+class LIFState(NamedTuple):
+    """State of a LIF layer after a timestep; both fields ``[B, ...]``, units of the input current.
+
+    ``u_hat`` is the membrane after reset (and after the state quantizer, if any): the
+    only field the next :func:`lif_step` reads. ``u`` is the pre-reset potential of the
+    step that produced this state, kept for callers that analyse it (PCA pruning,
+    criticality scores); it is zero in the initial state.
+    """
+
+    u_hat: torch.Tensor
+    u: torch.Tensor
+
+    @classmethod
+    def initial(cls, like: torch.Tensor) -> "LIFState":
+        """The resting state ``u_hat = u = 0`` for one timestep's input ``like`` ``[B, ...]``."""
+        return cls(torch.zeros_like(like), torch.zeros_like(like))
+
+
+def lif_step(
+    current: torch.Tensor,
+    state: LIFState,
+    leak: torch.Tensor,
+    threshold: torch.Tensor,
+    reset: str = "soft",
+    surrogate: str = "linear",
+    scale: float | None = None,
+    state_quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, LIFState]:
+    """One timestep of the LIF equations of this module (see its docstring).
+
+    Args:
+        current: input current ``I[t]``, shape ``[B, ...]``.
+        state: the layer's state after the previous step (:meth:`LIFState.initial` before
+            the first one).
+        leak: membrane leak factor in [0, 1]; a scalar tensor or one value per channel,
+            already shaped to broadcast against ``[B, ...]``.
+        threshold: firing threshold (units of the current), same broadcasting as ``leak``.
+        reset: ``"soft"`` (subtract threshold) or ``"hard"`` (reset to zero).
+        surrogate: a name in :data:`SURROGATES`.
+        scale: surrogate shape parameter; ``None`` uses the default.
+        state_quantizer: maps ``u_hat`` to a same-shaped tensor (e.g. a fake quantizer
+            with a straight-through gradient); ``None`` keeps it exact.
+
+    Returns:
+        ``(spikes, new_state)``: spikes ``[B, ...]`` in {0, 1} (dtype of ``current``) and
+        :class:`LIFState` with the new ``u_hat`` and this step's pre-reset ``u``.
+    """
+    u = leak * state.u_hat + current
+    o = spike_fn(u / threshold - 1.0, surrogate, scale)
+    if reset == "soft":
+        u_hat = u - threshold * o.detach()
+    elif reset == "hard":
+        u_hat = u * (1.0 - o.detach())
+    else:
+        raise ValueError(f"unknown reset {reset!r}; choose one of {RESETS}")
+    if state_quantizer is not None:
+        u_hat = state_quantizer(u_hat)
+    return o, LIFState(u_hat, u)
+
+
 def lif_multistep(
     current: torch.Tensor,
     leak: torch.Tensor,
@@ -79,37 +182,29 @@ def lif_multistep(
     surrogate: str = "linear",
     scale: float | None = None,
     return_membrane: bool = False,
+    state_quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ):
-    """Run a LIF layer over all timesteps (reference implementation of SPEC §1).
+    """Run a LIF layer over all timesteps from rest: :func:`lif_step` for t = 0 .. T-1.
+
+    This is the reference implementation of SPEC §1 (``"reference"`` backend).
 
     Args:
         current: input currents ``I``, shape ``[T, B, ...]`` (arbitrary units).
-        leak: membrane leak factor in [0, 1]; a scalar tensor or one value per
-            channel, already shaped to broadcast against ``[B, ...]``.
-        threshold: firing threshold, same broadcasting rules as ``leak``.
-        reset: ``"soft"`` (subtract threshold) or ``"hard"`` (reset to zero).
-        surrogate: ``"linear"``, ``"atan"`` or ``"fast_sigmoid"``.
-        scale: surrogate shape parameter; ``None`` uses the default.
+        leak, threshold, reset, surrogate, scale, state_quantizer: as in :func:`lif_step`.
         return_membrane: also return the pre-reset membrane potentials.
 
     Returns:
         spikes ``[T, B, ...]`` in {0, 1} (same dtype as ``current``), and with
         ``return_membrane`` the pre-reset potentials ``u`` ``[T, B, ...]``.
     """
-    if reset not in RESETS:
-        raise ValueError(f"unknown reset {reset!r}; choose one of {RESETS}")
-    u_hat = torch.zeros_like(current[0])
+    state = LIFState.initial(current[0])
     spikes, membranes = [], []
     for t in range(current.shape[0]):
-        u = leak * u_hat + current[t]
-        o = spike_fn(u / threshold - 1.0, surrogate, scale)
-        if reset == "soft":
-            u_hat = u - threshold * o.detach()
-        else:
-            u_hat = u * (1.0 - o.detach())
+        o, state = lif_step(current[t], state, leak, threshold, reset, surrogate, scale,
+                            state_quantizer)
         spikes.append(o)
         if return_membrane:
-            membranes.append(u)
+            membranes.append(state.u)
     spikes = torch.stack(spikes)
     if return_membrane:
         return spikes, torch.stack(membranes)
@@ -146,12 +241,21 @@ class LIF(nn.Module):
         leak: initial leak (1.0 = integrate-and-fire).
         threshold: initial firing threshold (units of the input current).
         reset: ``"soft"`` or ``"hard"``.
-        surrogate: ``"linear"``, ``"atan"`` or ``"fast_sigmoid"``.
+        surrogate: a name in :data:`SURROGATES`.
+        surrogate_scale: its shape parameter; ``None`` uses the default.
         learn_leak / learn_threshold: make them trainable ``nn.Parameter`` s
             (otherwise buffers, still saved in checkpoints).
         per_channel: one leak and threshold per channel (dimension 2 of the
             input); needs ``num_channels``.
         backend: ``"auto"``, ``"reference"`` or a registered kernel name.
+        state_quantizer: initial value of the :attr:`state_quantizer` slot.
+
+    ``state_quantizer`` is a submodule slot (``None`` by default): an ``nn.Module``
+    mapping the membrane after reset ``u_hat`` ``[B, C, ...]`` to a tensor of the same
+    shape and unit, applied at every timestep (e.g. a fake quantizer with a
+    straight-through gradient). Assign it like any submodule (``lif.state_quantizer =
+    q``): ``.to()`` moves it and its buffers are in ``state_dict``. While it is set the
+    layer runs the reference loop :func:`lif_multistep`, whatever its ``backend``.
 
     After each optimizer step call :meth:`clamp_` (the training loop does):
     leak is kept in [0, 1] and the threshold above a small positive floor.
@@ -160,6 +264,7 @@ class LIF(nn.Module):
     """
 
     THRESHOLD_FLOOR = 1e-3
+    state_quantizer: nn.Module | None
 
     def __init__(
         self,
@@ -173,6 +278,7 @@ class LIF(nn.Module):
         num_channels: int | None = None,
         surrogate_scale: float | None = None,
         backend: str = "auto",
+        state_quantizer: nn.Module | None = None,
     ):
         super().__init__()
         if reset not in RESETS:
@@ -186,6 +292,7 @@ class LIF(nn.Module):
         self.per_channel, self.backend = per_channel, backend
         self._register("leak", torch.full(shape, float(leak)), learn_leak)
         self._register("threshold", torch.full(shape, float(threshold)), learn_threshold)
+        self.register_module("state_quantizer", state_quantizer)
         self.record_membrane = False
         self.last_membrane: torch.Tensor | None = None
 
@@ -205,7 +312,10 @@ class LIF(nn.Module):
         """Input currents ``[T, B, C, ...]`` -> spikes ``[T, B, C, ...]``."""
         leak = self._broadcast(self.leak, current.dim() - 1)
         thr = self._broadcast(self.threshold, current.dim() - 1)
-        fn = select_backend(self.backend, current, self.record_membrane)
+        if self.state_quantizer is None:
+            fn = select_backend(self.backend, current, self.record_membrane)
+        else:
+            fn = functools.partial(lif_multistep, state_quantizer=self.state_quantizer)
         out = fn(current, leak, thr, self.reset, self.surrogate, self.surrogate_scale,
                  return_membrane=self.record_membrane)
         if self.record_membrane:
@@ -215,21 +325,12 @@ class LIF(nn.Module):
     @torch.no_grad()
     def clamp_(self) -> None:
         """Keep leak in [0, 1] and threshold >= THRESHOLD_FLOOR (call after each optimizer step)."""
-        self.leak.clamp_(0.0, 1.0)
-        self.threshold.clamp_(min=self.THRESHOLD_FLOOR)
+        stored = getattr(self, "parametrizations", {})  # a quantizer on leak/threshold: clamp what is stored
+        (stored["leak"].original if "leak" in stored else self.leak).clamp_(0.0, 1.0)
+        (stored["threshold"].original if "threshold" in stored else self.threshold).clamp_(min=self.THRESHOLD_FLOOR)
 
     def extra_repr(self) -> str:
         return (f"reset={self.reset}, surrogate={self.surrogate}, per_channel={self.per_channel}, "
                 f"learn_leak={isinstance(self.leak, nn.Parameter)}, "
                 f"learn_threshold={isinstance(self.threshold, nn.Parameter)}")
 
-
-# Fast backends (snncompress.kernels: "cpu", "triton", "torch") register themselves in
-# LIF_BACKENDS. Nothing is compiled here; a broken kernels module never breaks this import.
-try:
-    from . import kernels  # noqa: E402,F401  registers fast LIF backends
-except Exception as _exc:  # noqa: BLE001
-    import warnings
-
-    warnings.warn(f"snncompress.kernels unavailable, LIF uses the reference backend: {_exc!r}",
-                  RuntimeWarning, stacklevel=1)

@@ -25,13 +25,15 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import hold_out_validation, load_data
 from .errors import UserError
+from .io import atomic_write, write_json
 from .metrics import count_params, footprint
 from .recipe import Recipe, format_validation_error, load_recipe
-from .train import evaluate_accuracy
-from .stages import EvaluateOptions, StageContext, StageDef, measure, stage_kinds
+from .stages import StageContext, StageDef, stage_kinds
+from .stages.evaluate import EvaluateOptions, measure
+from .training import evaluate_accuracy
 
 CHECKPOINT_NAME = "model.safetensors"
 
@@ -74,15 +76,11 @@ def fingerprint(recipe: Recipe, opts, previous: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=float)))
-
-
-def model_summary(model, quant: dict) -> dict:
+def model_summary(model) -> dict:
     """Cheap metrics every model-producing stage records: timesteps, parameters, footprint, mode."""
     params, nonzero = count_params(model)
     return {"timesteps": model.timesteps, "params": params, "nonzero_params": nonzero,
-            "footprint_bytes": footprint(model, quant)["bytes"], "spiking": model.spiking}
+            "footprint_bytes": footprint(model)["bytes"], "spiking": model.spiking}
 
 
 class Run:
@@ -93,11 +91,11 @@ class Run:
         where = f"recipe {Path(recipe_path).name}"
         self.stages = validate_stages(self.recipe, where)
         try:
-            self.measure_opts = EvaluateOptions(kind="evaluate", **self.recipe.measure).model_dump(
-                exclude={"kind", "name"})
+            self.measure_opts = EvaluateOptions(kind="evaluate", **self.recipe.measure).measure_options()
         except ValidationError as exc:
             raise UserError(format_validation_error(exc, f"{where}: measure")) from None
         self.recipe_label = recipe_label or str(recipe_path)
+        self._ann_cache: tuple[str | None, object] = (None, None)
         self.out = Path(out_dir)
         self.device = resolve_device(self.recipe.device)
         d = self.recipe.data
@@ -109,11 +107,22 @@ class Run:
             self.train_loader, d.val_fraction, self.recipe.seed, d.test_batch_size)
         self.context(None, Path(".")).new_model()  # model options are checked before anything is written
 
-    def context(self, model, stage_dir: Path, quant=None, previous=None) -> StageContext:
+    def context(self, model, stage_dir: Path, previous=None) -> StageContext:
+        previous = previous or []
         return StageContext(recipe=self.recipe, run_dir=self.out, stage_dir=stage_dir, device=self.device,
                             train_loader=self.train_loader, val_loader=self.val_loader,
-                            test_loader=self.test_loader, info=self.info,
-                            model=model, quant=quant or {}, previous=previous or [])
+                            test_loader=self.test_loader, info=self.info, model=model, previous=previous,
+                            reference_ann=self._trained_ann(previous))
+
+    def _trained_ann(self, records: list[dict]):
+        """The model of the run's last finished ``train_ann`` stage (the energy/robustness reference), or None."""
+        ann = [r for r in records if r["kind"] == "train_ann" and r["metrics"].get("checkpoint")]
+        if not ann:
+            return None
+        path = ann[-1]["metrics"]["checkpoint"]
+        if self._ann_cache[0] != path:
+            self._ann_cache = (path, load_checkpoint(self.out / path, self.device).model)
+        return self._ann_cache[1]
 
     def execute(self) -> dict:
         """Run (or skip) every stage, then write and return the report."""
@@ -122,7 +131,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out / "recipe.yaml",
                      lambda tmp: Path(tmp).write_text(yaml.safe_dump(self.recipe.model_dump(), sort_keys=False)))
-        model, quant, records, prev_fp, rerun = None, {}, [], "", False
+        model, records, prev_fp, rerun = None, [], "", False
         for index, (stage, opts) in enumerate(self.stages):
             stage_dir = self.out / "stages" / f"{index:02d}-{opts.name}"
             fp = fingerprint(self.recipe, opts, prev_fp)
@@ -132,11 +141,10 @@ class Run:
                 if record.get("loader_epoch") is not None:  # later stages see the same shuffles
                     self.train_loader.set_epoch(int(record["loader_epoch"]))
                 if record["metrics"].get("checkpoint"):
-                    loaded = load_checkpoint(self.out / record["metrics"]["checkpoint"], self.device)
-                    model, quant = loaded.model, loaded.quant
+                    model = load_checkpoint(self.out / record["metrics"]["checkpoint"], self.device).model
             else:
                 rerun = True
-                record, model, quant = self._run_stage(stage, opts, stage_dir, fp, model, quant, records)
+                record, model = self._run_stage(stage, opts, stage_dir, fp, model, records)
             records.append(record)
             prev_fp = fp
         return self._report(records)
@@ -151,23 +159,22 @@ class Run:
             return None
         return record
 
-    def _run_stage(self, stage: StageDef, opts, stage_dir: Path, fp: str, model, quant, records):
+    def _run_stage(self, stage: StageDef, opts, stage_dir: Path, fp: str, model, records):
         if stage_dir.exists():
             shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True)
         print(f"[{opts.name}] running stage {stage.kind}", flush=True)
         start = time.perf_counter()
-        result = stage.run(self.context(model, stage_dir, quant, records), opts)
+        result = stage.run(self.context(model, stage_dir, records), opts)
         seconds = time.perf_counter() - start
         metrics = dict(result.metrics)
         if result.model is not None:
-            model, quant = result.model, result.quant or {}
+            model = result.model
             ckpt = stage_dir / CHECKPOINT_NAME
-            metrics = {**model_summary(model, quant), **metrics,
+            metrics = {**model_summary(model), **metrics,
                        "accuracy": evaluate_accuracy(model, self.test_loader, self.device),
                        "checkpoint": ckpt.relative_to(self.out).as_posix()}
-            save_checkpoint(ckpt, model, masks=model.masks, quant=quant,
-                            info={"stage": opts.name, "kind": stage.kind, "dataset": self.info.name,
+            save_checkpoint(ckpt, model, info={"stage": opts.name, "kind": stage.kind, "dataset": self.info.name,
                                   "recipe": self.recipe.name, "accuracy": metrics.get("accuracy")})
         else:
             previous = records[-1]["metrics"] if records else {}
@@ -177,7 +184,7 @@ class Run:
                   "dir": stage_dir.relative_to(self.out).as_posix(),
                   "loader_epoch": int(self.train_loader.epoch)}
         write_json(stage_dir / "metrics.json", record)
-        return record, model, quant
+        return record, model
 
     def _report(self, records: list[dict]) -> dict:
         from .report import write_report
@@ -213,10 +220,10 @@ class Run:
             record["full_metrics"] = True
             write_json(self.out / record["dir"] / "metrics.json", record)
             return
-        loaded = load_checkpoint(self.out / record["metrics"]["checkpoint"], self.device)
-        ctx = self.context(loaded.model, self.out, loaded.quant, [r for r in records if r.get("baseline")])
+        model = load_checkpoint(self.out / record["metrics"]["checkpoint"], self.device).model
+        ctx = self.context(model, self.out, [r for r in records if r.get("baseline") or r["kind"] == "train_ann"])
         print(f"[report] measuring {record['name']}", flush=True)
-        record["metrics"] = {**record["metrics"], **measure(ctx, loaded.model, self.measure_opts)}
+        record["metrics"] = {**record["metrics"], **measure(ctx, model, self.measure_opts)}
         record["full_metrics"] = True
         write_json(self.out / record["dir"] / "metrics.json", record)
 

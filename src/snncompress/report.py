@@ -5,14 +5,17 @@ A run folder gets, from :func:`write_report`:
 * ``report.json``: the report dict as given (the SPEC §7 contract:
   ``schema, dataset, model, recipe, stages [{name, kind, seconds, metrics}],
   baseline, final``), written atomically (temp file + ``os.replace``);
-* ``report.md``: tables of the stages, baseline vs final, the final model's
-  per-layer firing rates, synaptic operations (NeuroBench names
-  Effective_ACs / Effective_MACs / Dense) and energy, and robustness;
+* ``report.md``: tables of the stages, baseline vs final, the final model
+  against its ANN references, the final model's per-layer firing rates,
+  synaptic operations (NeuroBench names Effective_ACs / Effective_MACs /
+  Dense) and energy, and robustness;
 * ``firing_rates.png``: spikes per neuron per timestep of each LIF layer
   (baseline and final);
 * ``energy_layers.png``: the final model's energy per layer, split into
-  MAC (analog input) and AC (spike input) energy;
-* ``robustness.png``: accuracy vs Gaussian input noise sigma, SNN and ANN twin;
+  MAC (analog input) and AC (spike input) energy, beside the ANN references'
+  dense MAC energy;
+* ``robustness.png``: accuracy vs Gaussian input noise sigma, SNN and ANN
+  references;
 * ``trajectory.png``: accuracy vs footprint and accuracy vs timesteps across
   the run's stages (the compression trajectory).
 
@@ -20,22 +23,29 @@ A run folder gets, from :func:`write_report`:
 table (``report.md``), ``comparison.json`` and one Pareto plot
 (``pareto.png``: accuracy vs footprint and accuracy vs energy).
 
+ANN references, labelled for what they are (see :mod:`snncompress.metrics.measure`):
+"ReLU twin" is the SNN's own weights with ReLU in place of each LIF (metrics
+keys ``ann_accuracy``, ``ann_energy_uj``, ``energy_ratio``,
+``robustness_ann``, ...); "trained ANN" is the ANN the user trained in the run
+(keys ``trained_ann_accuracy``, ``trained_ann_energy_uj``,
+``energy_ratio_trained_ann``, ``robustness_trained_ann``, ...), shown only
+where the metrics have it: a table column or row for it appears only when at
+least one shown model has a trained-ANN measurement.
+
 Plots are drawn with matplotlib's Agg canvas directly (no pyplot state), so
 writing reports from several threads or processes is safe.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .checkpoint import atomic_write
+from .io import save_figure, write_bytes
 from .errors import UserError
 
 SCHEMA = 1
@@ -47,6 +57,11 @@ METRIC_KEYS = ("checkpoint", "accuracy", "timesteps", "params", "nonzero_params"
 SYNOPS_KEYS = ("ac", "mac", "dense")
 PLOT_FILES = ("firing_rates.png", "energy_layers.png", "robustness.png", "trajectory.png")
 SNN_COLOR, ANN_COLOR, MAC_COLOR, AC_COLOR = "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c"
+TRAINED_ANN_COLOR = "#9467bd"
+#: Labels of the two ANN references in tables and plots.
+TWIN_LABEL, TRAINED_LABEL = "ReLU twin", "trained ANN"
+#: Metrics key present exactly when a trained ANN was measured.
+TRAINED_KEY = "trained_ann_energy_uj"
 
 
 # --------------------------------------------------------------------------- contract and files
@@ -78,18 +93,6 @@ def _jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _save_figure(fig: Figure, path: Path) -> None:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _atomic_write_bytes(path, buf.getvalue())
 
 
 def read_report(run_dir) -> dict:
@@ -136,21 +139,37 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def _has_trained(*metrics: dict) -> bool:
+    """Whether any of these metrics dicts holds a trained-ANN measurement."""
+    return any(isinstance(m, dict) and m.get(TRAINED_KEY) is not None for m in metrics)
+
+
 # --------------------------------------------------------------------------- report.md
 
-STAGE_COLUMNS = ["#", "stage", "kind", "time (s)", "accuracy", "ANN twin acc.", "T", "params", "nonzero",
+STAGE_COLUMNS = ["#", "stage", "kind", "time (s)", "accuracy", f"{TWIN_LABEL} acc.", "T", "params", "nonzero",
                  "footprint (KiB)", "spikes/img", "Effective_ACs", "Effective_MACs", "Dense", "energy (µJ)",
-                 "ANN energy (µJ)", "ANN/SNN energy", "latency (ms/img)"]
+                 f"{TWIN_LABEL} energy (µJ)", f"{TWIN_LABEL}/SNN energy", "latency (ms/img)"]
+#: Added before the latency column when some stage measured the trained ANN.
+TRAINED_STAGE_COLUMNS = [f"{TRAINED_LABEL} acc.", f"{TRAINED_LABEL} energy (µJ)", f"{TRAINED_LABEL}/SNN energy"]
 
 
-def _stage_row(i: int, stage: dict) -> list[str]:
+def _trained_cells(m: dict) -> list[str]:
+    return [_pct(m.get("trained_ann_accuracy")), _num(m.get("trained_ann_energy_uj")),
+            _num(m.get("energy_ratio_trained_ann"))]
+
+
+def _stage_columns(trained: bool) -> list[str]:
+    return STAGE_COLUMNS[:-1] + TRAINED_STAGE_COLUMNS + STAGE_COLUMNS[-1:] if trained else STAGE_COLUMNS
+
+
+def _stage_row(i: int, stage: dict, trained: bool = False) -> list[str]:
     m = stage.get("metrics") or {}
     return [str(i), stage.get("name", ""), stage.get("kind", ""), _num(stage.get("seconds")),
             _pct(m.get("accuracy")), _pct(m.get("ann_accuracy")), _num(m.get("timesteps")),
             _num(m.get("params")), _num(m.get("nonzero_params")), _kib(m.get("footprint_bytes")),
             _num(m.get("spikes_per_image")), _num(_syn(m, "ac")), _num(_syn(m, "mac")), _num(_syn(m, "dense")),
             _num(m.get("energy_uj")), _num(m.get("ann_energy_uj")), _num(m.get("energy_ratio")),
-            _num(m.get("latency_ms"))]
+            *(_trained_cells(m) if trained else []), _num(m.get("latency_ms"))]
 
 
 COMPARE_ROWS = [
@@ -165,8 +184,14 @@ COMPARE_ROWS = [
     ("Effective_MACs", lambda m: _syn(m, "mac"), _num),
     ("Dense", lambda m: _syn(m, "dense"), _num),
     ("energy (µJ)", lambda m: m.get("energy_uj"), _num),
-    ("ANN twin energy (µJ)", lambda m: m.get("ann_energy_uj"), _num),
+    (f"{TWIN_LABEL} accuracy", lambda m: m.get("ann_accuracy"), _pct),
+    (f"{TWIN_LABEL} energy (µJ)", lambda m: m.get("ann_energy_uj"), _num),
     ("latency (ms/img)", lambda m: m.get("latency_ms"), _num),
+]
+#: Rows added before latency when the baseline or the final model measured the trained ANN.
+TRAINED_COMPARE_ROWS = [
+    (f"{TRAINED_LABEL} accuracy", lambda m: m.get("trained_ann_accuracy"), _pct),
+    (f"{TRAINED_LABEL} energy (µJ)", lambda m: m.get("trained_ann_energy_uj"), _num),
 ]
 
 
@@ -178,9 +203,31 @@ def _change(before, after) -> str:
 
 def _baseline_final_lines(report: dict) -> list[str]:
     base, final = report.get("baseline") or {}, report.get("final") or {}
-    rows = [[label, fmt(get(base)), fmt(get(final)), _change(get(base), get(final))]
-            for label, get, fmt in COMPARE_ROWS]
+    specs = COMPARE_ROWS[:-1] + TRAINED_COMPARE_ROWS + COMPARE_ROWS[-1:] if _has_trained(base, final) \
+        else COMPARE_ROWS
+    rows = [[label, fmt(get(base)), fmt(get(final)), _change(get(base), get(final))] for label, get, fmt in specs]
     return ["## Baseline vs final", "", *_table(["metric", "baseline", "final", "final / baseline"], rows), ""]
+
+
+def _reference_lines(final: dict) -> list[str]:
+    """The final model beside its ANN references: accuracy, ops and energy per image."""
+    if final.get("energy_uj") is None and final.get("accuracy") is None:
+        return []
+    name = "SNN (final)" if final.get("spiking", True) else "final model (ANN)"
+    rows = [[name, _pct(final.get("accuracy")), _num(_syn(final, "mac")), _num(_syn(final, "ac")),
+             _num(final.get("energy_uj")), "1" if final.get("energy_uj") else "–"]]
+    refs = [(TWIN_LABEL, "ann", "energy_ratio")]
+    if _has_trained(final):
+        refs.append((TRAINED_LABEL, "trained_ann", "energy_ratio_trained_ann"))
+    for label, key, ratio in refs:
+        rows.append([label, _pct(final.get(f"{key}_accuracy")), _num((final.get(f"{key}_synops") or {}).get("mac")),
+                     "0", _num(final.get(f"{key}_energy_uj")), _num(final.get(ratio))])
+    return ["## Final model vs ANN references", "",
+            f"{TWIN_LABEL}: the final model's own weights with ReLU in place of each LIF."
+            + (f" {TRAINED_LABEL}: the ANN trained in this run." if _has_trained(final) else "")
+            + " ANNs run densely: every MAC counts, no ACs.", "",
+            *_table(["model", "accuracy", "MACs / image", "ACs / image", "energy (µJ)", "energy / SNN energy"],
+                    rows), ""]
 
 
 def _layer_lines(final: dict) -> list[str]:
@@ -203,13 +250,16 @@ def _layer_lines(final: dict) -> list[str]:
 
 def _robustness_lines(final: dict) -> list[str]:
     snn, ann = final.get("robustness") or {}, final.get("robustness_ann") or {}
+    trained = final.get("robustness_trained_ann") or {}
     if not snn:
         return []
-    rows = [[sigma, _pct(acc), _pct(ann.get(sigma))] for sigma, acc in snn.items()]
+    rows = [[sigma, _pct(acc), _pct(ann.get(sigma)), *([_pct(trained.get(sigma))] if trained else [])]
+            for sigma, acc in snn.items()]
     n = final.get("robustness_images")
     return ["## Robustness to Gaussian input noise", "",
-            f"Accuracy with `x + sigma * N(0, 1)` on the normalised input{f' ({n} test images)' if n else ''}.",
-            "", *_table(["sigma", "SNN", "ANN twin"], rows), ""]
+            f"Accuracy with `x + sigma * N(0, 1)` on the normalised input{f' ({n} test images)' if n else ''}"
+            "; the same noisy images for every model.",
+            "", *_table(["sigma", "SNN", TWIN_LABEL, *([TRAINED_LABEL] if trained else [])], rows), ""]
 
 
 def _method_lines(final: dict) -> list[str]:
@@ -226,8 +276,10 @@ def _method_lines(final: dict) -> list[str]:
                      f"Effective_ACs {_num(alt.get('ac'))}, Effective_MACs {_num(alt.get('mac'))}, "
                      f"Dense {_num(alt.get('dense'))}, energy {_num(alt.get('energy_uj'))} µJ.")
     if pj:
+        refs = f"the {TWIN_LABEL}" + (f" and the {TRAINED_LABEL}" if _has_trained(final) else "")
         lines.append(f"- Energy: MACs x {pj.get('mac')} pJ + ACs x {pj.get('ac')} pJ "
-                     f"(preset {final.get('energy_preset')}); the ANN twin: all dense MACs x {pj.get('mac')} pJ.")
+                     f"(preset {final.get('energy_preset')}); {refs}: all dense MACs x {pj.get('mac')} pJ, "
+                     f"counted on one test image.")
     lines.append(f"- Footprint: {final.get('footprint_format', 'dense')}; membrane state "
                  f"{'included' if final.get('footprint_include_state') else 'not included'}"
                  f" ({_kib(final.get('footprint_state_bytes'))} KiB).")
@@ -242,11 +294,14 @@ def _method_lines(final: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     """The text of ``report.md`` for a SPEC §7 report dict."""
     final = report.get("final") or {}
+    stages = report.get("stages") or []
+    trained = _has_trained(*(s.get("metrics") for s in stages))
     lines = [f"# snncompress run: {report.get('model', '?')} on {report.get('dataset', '?')}", "",
              f"Recipe: `{report.get('recipe', '?')}` · report schema {report.get('schema', '?')}", "",
              "## Stages", "",
-             *_table(STAGE_COLUMNS, [_stage_row(i, s) for i, s in enumerate(report.get("stages") or [])]), "",
-             *_baseline_final_lines(report), *_layer_lines(final), *_robustness_lines(final),
+             *_table(_stage_columns(trained), [_stage_row(i, s, trained) for i, s in enumerate(stages)]), "",
+             *_baseline_final_lines(report), *_reference_lines(final), *_layer_lines(final),
+             *_robustness_lines(final),
              *_method_lines(final), "## Plots", ""]
     lines += [f"![{name[:-4]}]({name})" for name in PLOT_FILES]
     return "\n".join(lines) + "\n"
@@ -296,41 +351,54 @@ def plot_firing_rates(report: dict) -> Figure:
 
 
 def plot_energy_layers(report: dict) -> Figure:
-    """The final model's energy per layer in µJ: stacked MAC and AC parts, ANN twin's dense MACs beside."""
+    """The final model's energy per layer in µJ: stacked MAC and AC parts, the ANN references' dense MACs beside.
+
+    References: the ReLU twin (hatched) and, when measured, the trained ANN (dotted); a layer the
+    trained ANN has and the SNN lacks gets its own tick.
+    """
     final = report.get("final") or {}
     energy = final.get("energy_per_layer_uj") or {}
-    ann = final.get("ann_energy_per_layer_uj") or {}
+    refs = [(label, final.get(key) or {}, hatch) for label, key, hatch in
+            ((TWIN_LABEL, "ann_energy_per_layer_uj", "//"), (TRAINED_LABEL, "trained_ann_energy_per_layer_uj", ".."))]
+    refs = [r for r in refs if r[1]]
     fig = Figure(figsize=(max(5.5, 0.8 * len(energy) + 2), 4.2))
     ax = fig.add_subplot()
     if not energy:
         _no_data(ax, "per-layer energy")
         return fig
-    names = list(energy)
+    names = list(dict.fromkeys([*energy, *(n for _, layers, _ in refs for n in layers)]))
     xs = list(range(len(names)))
-    width = 0.4 if ann else 0.8
-    snn_x = [x - width / 2 for x in xs] if ann else xs
-    macs = [energy[n].get("mac", 0.0) for n in names]
-    acs = [energy[n].get("ac", 0.0) for n in names]
-    ax.bar(snn_x, macs, width, color=MAC_COLOR, label="SNN: MAC energy (analog input)")
-    ax.bar(snn_x, acs, width, bottom=macs, color=AC_COLOR, label="SNN: AC energy (spike input)")
-    if ann:
-        ax.bar([x + width / 2 for x in xs], [ann.get(n, 0.0) for n in names], width, color="none",
-               edgecolor="0.3", hatch="//", label="ANN twin: dense MACs")
+    width = 0.8 / (1 + len(refs))
+
+    def shifted(j):  # x positions of the j-th bar group (0: SNN)
+        return [x + (j - len(refs) / 2) * width for x in xs]
+
+    macs = [(energy.get(n) or {}).get("mac", 0.0) for n in names]
+    acs = [(energy.get(n) or {}).get("ac", 0.0) for n in names]
+    ax.bar(shifted(0), macs, width, color=MAC_COLOR, label="SNN: MAC energy (analog input)")
+    ax.bar(shifted(0), acs, width, bottom=macs, color=AC_COLOR, label="SNN: AC energy (spike input)")
+    for j, (label, layers, hatch) in enumerate(refs, start=1):
+        ax.bar(shifted(j), [layers.get(n, 0.0) for n in names], width, color="none",
+               edgecolor="0.3", hatch=hatch, label=f"{label}: dense MACs")
     ax.set_xticks(xs, names, rotation=45, ha="right")
     ax.set_ylabel(f"energy per image (µJ, {final.get('energy_preset', '?')} preset)")
-    ax.set_title(f"Energy per layer: SNN {_num(final.get('energy_uj'))} µJ, "
-                 f"ANN twin {_num(final.get('ann_energy_uj'))} µJ")
+    title = (f"Energy per layer: SNN {_num(final.get('energy_uj'))} µJ, "
+             f"{TWIN_LABEL} {_num(final.get('ann_energy_uj'))} µJ")
+    if _has_trained(final):
+        title += f",\n{TRAINED_LABEL} {_num(final.get('trained_ann_energy_uj'))} µJ"
+    ax.set_title(title)
     _legend_below(ax)
     return fig
 
 
 def plot_robustness(report: dict) -> Figure:
-    """Accuracy vs noise sigma: final SNN, its ANN twin, and the baseline SNN (dashed)."""
+    """Accuracy vs noise sigma: final SNN, its ReLU twin, the trained ANN (when measured), the baseline SNN (dashed)."""
     fig = Figure(figsize=(5.5, 3.8))
     ax = fig.add_subplot()
     final, base = report.get("final") or {}, report.get("baseline") or {}
     curves = [("SNN (final)", final.get("robustness"), SNN_COLOR, "-"),
-              ("ANN twin (final)", final.get("robustness_ann"), ANN_COLOR, "-"),
+              (f"{TWIN_LABEL} (final)", final.get("robustness_ann"), ANN_COLOR, "-"),
+              (TRAINED_LABEL, final.get("robustness_trained_ann"), TRAINED_ANN_COLOR, "-."),
               ("SNN (baseline)", base.get("robustness"), SNN_COLOR, "--")]
     curves = [c for c in curves if c[1]]
     if not curves:
@@ -344,7 +412,7 @@ def plot_robustness(report: dict) -> Figure:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy under input noise")
     ax.grid(alpha=0.3)
-    _legend_below(ax, ncol=3)
+    _legend_below(ax, ncol=2 if len(curves) == 4 else 3)
     return fig
 
 
@@ -408,10 +476,10 @@ def write_report(run_dir, report: dict) -> None:
         raise ValueError(f"report lacks the SPEC §7 key(s) {absent}")
     run_dir = Path(run_dir)
     report = _jsonable(report)
-    _atomic_write_bytes(run_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    _atomic_write_bytes(run_dir / "report.md", render_markdown(report).encode())
+    write_bytes(run_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_bytes(run_dir / "report.md", render_markdown(report).encode())
     for name, plotter in PLOTTERS.items():
-        _save_figure(plotter(report), run_dir / name)
+        save_figure(plotter(report), run_dir / name)
 
 
 # --------------------------------------------------------------------------- several runs
@@ -449,16 +517,25 @@ def _comparison_rows(labels: list[str], reports: list[dict]) -> list[dict]:
 
 COMPARISON_COLUMNS = ["run", "dataset", "model", "recipe", "stages", "accuracy", "T", "footprint (KiB)",
                       "compression", "spikes/img", "Effective_ACs", "Effective_MACs", "Dense", "energy (µJ)",
-                      "ANN energy (µJ)", "ANN/SNN energy", "latency (ms/img)", "Pareto (footprint / energy)"]
+                      f"{TWIN_LABEL} energy (µJ)", f"{TWIN_LABEL}/SNN energy", "latency (ms/img)",
+                      "Pareto (footprint / energy)"]
+#: Comparison keys of the trained ANN, in comparison.json only for runs that measured it.
+TRAINED_SUMMARY_KEYS = ("trained_ann_accuracy", "trained_ann_energy_uj", "energy_ratio_trained_ann")
 
 
-def _comparison_line(row: dict) -> list[str]:
+def _comparison_columns(trained: bool) -> list[str]:
+    return COMPARISON_COLUMNS[:-2] + TRAINED_STAGE_COLUMNS + COMPARISON_COLUMNS[-2:] if trained \
+        else COMPARISON_COLUMNS
+
+
+def _comparison_line(row: dict, trained: bool = False) -> list[str]:
     front = "/".join("yes" if row.get(f"pareto_{c}") else "no" for c in ("footprint_bytes", "energy_uj"))
     return [row["run"], str(row.get("dataset")), str(row.get("model")), f"`{row.get('recipe')}`",
             str(row["stages"]), _pct(row.get("accuracy")), _num(row.get("timesteps")),
             _kib(row.get("footprint_bytes")), _num(row.get("compression_ratio")), _num(row.get("spikes_per_image")),
             _num(_syn(row, "ac")), _num(_syn(row, "mac")), _num(_syn(row, "dense")), _num(row.get("energy_uj")),
-            _num(row.get("ann_energy_uj")), _num(row.get("energy_ratio")), _num(row.get("latency_ms")), front]
+            _num(row.get("ann_energy_uj")), _num(row.get("energy_ratio")),
+            *(_trained_cells(row) if trained else []), _num(row.get("latency_ms")), front]
 
 
 def _pareto_panel(ax, labels, reports, rows, cost: str, scale: float, xlabel: str) -> None:
@@ -499,17 +576,22 @@ def compare_runs(run_dirs: list, out_dir) -> None:
     labels = _run_labels(run_dirs)
     rows = _comparison_rows(labels, reports)
     out_dir = Path(out_dir)
+    trained = _has_trained(*rows)
     text = ["# snncompress run comparison", "",
-            "Final model of each run. Pareto: not beaten by another run on both accuracy and cost.", "",
-            *_table(COMPARISON_COLUMNS, [_comparison_line(r) for r in rows]), "", "![pareto](pareto.png)", ""]
-    _atomic_write_bytes(out_dir / "report.md", "\n".join(text).encode())
-    summary = [{k: r.get(k) for k in ("run", "dataset", "model", "recipe", "accuracy", "timesteps",
-                                      "footprint_bytes", "energy_uj", "ann_energy_uj", "synops",
-                                      "pareto_footprint_bytes", "pareto_energy_uj")} for r in rows]
-    _atomic_write_bytes(out_dir / "comparison.json", (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+            "Final model of each run. Pareto: not beaten by another run on both accuracy and cost. "
+            f"{TWIN_LABEL}: the SNN's own weights with ReLU in place of each LIF"
+            + (f"; {TRAINED_LABEL}: the ANN trained in that run." if trained else "."), "",
+            *_table(_comparison_columns(trained), [_comparison_line(r, trained) for r in rows]), "",
+            "![pareto](pareto.png)", ""]
+    write_bytes(out_dir / "report.md", "\n".join(text).encode())
+    summary = [{**{k: r.get(k) for k in ("run", "dataset", "model", "recipe", "accuracy", "timesteps",
+                                         "footprint_bytes", "energy_uj", "ann_energy_uj", "synops",
+                                         "pareto_footprint_bytes", "pareto_energy_uj")},
+                **{k: r[k] for k in TRAINED_SUMMARY_KEYS if k in r}} for r in rows]
+    write_bytes(out_dir / "comparison.json", (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
     fig = Figure(figsize=(11, 4.2))
     _pareto_panel(fig.add_subplot(1, 2, 1), labels, reports, rows, "footprint_bytes", 1 / 1024,
                   "memory footprint (KiB)")
     _pareto_panel(fig.add_subplot(1, 2, 2), labels, reports, rows, "energy_uj", 1.0, "energy per image (µJ)")
     fig.suptitle("Accuracy vs cost across runs")
-    _save_figure(fig, out_dir / "pareto.png")
+    save_figure(fig, out_dir / "pareto.png")

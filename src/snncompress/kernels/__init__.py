@@ -1,5 +1,9 @@
 """Fast backends of :func:`snncompress.neuron.lif_multistep`, registered on import.
 
+``import snncompress`` imports this package, which adds its backends to
+:data:`snncompress.neuron.LIF_BACKENDS`; :mod:`snncompress.neuron` itself never
+imports it.
+
 =========  ===========================================================  ===============
 name       what                                                         chosen by auto
 =========  ===========================================================  ===============
@@ -10,15 +14,16 @@ torch      lean-memory pure-PyTorch loop, any device                    never (e
 reference  :func:`~snncompress.neuron.lif_multistep` itself             never (explicit)
 =========  ===========================================================  ===============
 
-All compute the reference's spikes exactly and its gradients for ``current``,
-``leak`` and ``threshold`` (scalar or per-channel), save only the pre-reset
-potential ``u`` for backward, and save nothing under ``torch.inference_mode``.
-Layouts they do not cover (other dtypes, other parameter shapes,
-``return_membrane``) go to the reference.
+All compute the spikes of the :func:`~snncompress.neuron.lif_step` loop exactly
+and its gradients for ``current``, ``leak`` and ``threshold`` (scalar or
+per-channel), save only the pre-reset potential ``u`` for backward, and save
+nothing under ``torch.inference_mode``. Layouts they do not cover (other dtypes,
+other parameter shapes, surrogates beyond the kernels' formulas,
+``return_membrane``) go to the reference; :class:`~snncompress.neuron.LIF` with a
+``state_quantizer`` never calls them.
 
-Also here: :func:`lean_memory` (store spike-valued activations as uint8 for
-backward), :func:`checkpoint_layers` (recompute each spiking layer in backward)
-and :func:`prepare_for_inference`.
+The memory tools of training (``lean_memory``, ``checkpoint_layers``) live in
+:mod:`snncompress.training.memory`, the inference forms in :mod:`snncompress.deploy`.
 """
 
 from __future__ import annotations
@@ -46,8 +51,5 @@ LIF_BACKENDS["cpu"] = lif_cpu
 LIF_BACKENDS["triton"] = lif_triton
 LIF_BACKENDS["torch"] = lif_torch
 
-from .checkpointing import checkpoint_layers, lean_memory  # noqa: E402
-from .inference import prepare_for_inference, tune_cpu_allocator  # noqa: E402
 
-__all__ = ["lif_cpu", "lif_triton", "lif_torch", "cext_available", "build_error",
-           "lean_memory", "checkpoint_layers", "prepare_for_inference", "tune_cpu_allocator"]
+__all__ = ["lif_cpu", "lif_triton", "lif_torch", "cext_available", "build_error"]

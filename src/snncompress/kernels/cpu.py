@@ -54,11 +54,16 @@ from pathlib import Path
 
 import torch
 
-from ..neuron import RESETS, SURROGATE_DEFAULT_SCALE, SURROGATES, lif_multistep
+from ..neuron import RESETS, SURROGATES, lif_multistep, surrogate_grad, surrogate_scale
 
 log = logging.getLogger(__name__)
 
-SURROGATE_IDS = {"linear": 0, "atan": 1, "fast_sigmoid": 2}
+#: How many surrogate formulas the C and Triton kernels implement (``KIND`` 0, 1, 2).
+KERNEL_SURROGATES = 3
+
+#: ``KIND`` of each surrogate the fused kernels support: its position in
+#: :data:`snncompress.neuron.SURROGATE_TABLE`. Other surrogates run the reference.
+SURROGATE_IDS = {name: kind for kind, name in enumerate(SURROGATES[:KERNEL_SURROGATES])}
 
 
 def mark_keep(t: torch.Tensor) -> torch.Tensor:
@@ -647,17 +652,6 @@ def _lif_cext_inference(current, leak, threshold, hard, layout):
 # --------------------------------------------------------------------------------------
 # Pure-PyTorch fallback with the same lean saved state (any device)
 # --------------------------------------------------------------------------------------
-def surrogate_from_z(z: torch.Tensor, kind: str, s: float) -> torch.Tensor:
-    """Surrogate derivative at z, computed with few temporaries (same formulas as neuron.surrogate_grad)."""
-    if kind == "linear":
-        return (1.0 - z.abs()).clamp_(min=0.0).mul_(s)
-    if kind == "atan":
-        q = z * (torch.pi / 2.0 * s)
-        return q.mul_(q).add_(1.0).reciprocal_().mul_(s / 2.0)
-    d = z.abs().mul_(s).add_(1.0)
-    return d.mul_(d).reciprocal_()
-
-
 class _LIFTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, current, leak, threshold, hard, kind, scale):
@@ -697,7 +691,7 @@ class _LIFTorch(torch.autograd.Function):
         z = u[-1] / thr_d - 1.0
         for t in range(u.shape[0] - 1, -1, -1):
             o = (z >= 0).to(u.dtype)
-            gz = grad_out[t] * surrogate_from_z(z, kind, scale)
+            gz = grad_out[t] * surrogate_grad(z, kind, scale)
             du = torch.div(gz, thr_d, out=grad_in[t])
             if carry is not None:
                 du.add_(carry * (1.0 - o) if hard else carry)
@@ -728,7 +722,7 @@ def _sum_to(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 # Public backend functions (signature of neuron.lif_multistep)
 # --------------------------------------------------------------------------------------
 def _supported(current, leak, threshold, reset, surrogate) -> bool:
-    return (reset in RESETS and surrogate in SURROGATES and current.dim() >= 2
+    return (reset in RESETS and surrogate in SURROGATE_IDS and current.dim() >= 2
             and current.shape[0] >= 1 and current[0].numel() > 0
             and current.dtype in (torch.float32, torch.float64)
             and isinstance(leak, torch.Tensor) and isinstance(threshold, torch.Tensor)
@@ -743,7 +737,7 @@ def lif_torch(current, leak, threshold, reset="soft", surrogate="linear", scale=
         return lif_multistep(current, leak, threshold, reset, surrogate, scale, return_membrane)
     if channel_layout(current, leak, threshold) is None:
         return lif_multistep(current, leak, threshold, reset, surrogate, scale)
-    s = SURROGATE_DEFAULT_SCALE[surrogate] if scale is None else float(scale)
+    s = surrogate_scale(surrogate, scale)
     return _LIFTorch.apply(current, leak, threshold, reset == "hard", surrogate, s)
 
 
@@ -759,7 +753,7 @@ def lif_cpu(current, leak, threshold, reset="soft", surrogate="linear", scale=No
         return lif_multistep(current, leak, threshold, reset, surrogate, scale, return_membrane)
     if channel_layout(current, leak, threshold) is None:
         return lif_multistep(current, leak, threshold, reset, surrogate, scale)
-    s = SURROGATE_DEFAULT_SCALE[surrogate] if scale is None else float(scale)
+    s = surrogate_scale(surrogate, scale)
     if current.device.type != "cpu" or load_library() is None:
         return _LIFTorch.apply(current, leak, threshold, reset == "hard", surrogate, s)
     fmt = step_format(current)

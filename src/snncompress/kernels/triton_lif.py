@@ -41,7 +41,7 @@ else:
 
     _mul_rn, _add_rn, _div_rn = libdevice.mul_rn, libdevice.add_rn, libdevice.div_rn
 
-from ..neuron import SURROGATE_DEFAULT_SCALE, lif_multistep
+from ..neuron import lif_multistep, surrogate_scale
 from .cpu import SURROGATE_IDS, _supported, channel_layout, lif_torch, mark_keep
 
 
@@ -69,6 +69,7 @@ def _lif_fwd_kernel(I_ptr, its, O_ptr, U_ptr, leak_ptr, thr_ptr, T, N, C, S,
             h = u - th * o
 
 
+# KIND is cpu.SURROGATE_IDS[name]: the surrogate's position in neuron.SURROGATE_TABLE.
 @triton.jit
 def _surrogate(z, s, half_pi_s, half_s, KIND: tl.constexpr):
     if KIND == 0:
@@ -211,5 +212,5 @@ def lif_triton(current, leak, threshold, reset="soft", surrogate="linear", scale
     if not current[0].is_contiguous():
         current = current.contiguous()
     layout = channel_layout(current, leak, threshold)
-    s = SURROGATE_DEFAULT_SCALE[surrogate] if scale is None else float(scale)
+    s = surrogate_scale(surrogate, scale)
     return _LIFTriton.apply(current, leak, threshold, reset == "hard", surrogate, s, layout)

@@ -4,19 +4,18 @@ Every tensor of the model's ``state_dict`` is costed at the bit width it is
 actually stored with:
 
 * weights (conv / linear ``weight`` and ``bias``): 32 bits per value (the
-  tensor's own element size) unless the checkpoint stores them quantized:
-  ``quant[name] = {"bits": b, "int": ..., "scale": ...}`` costs ``b`` bits
-  per value plus 32 bits per value of ``scale``;
+  tensor's own element size) unless a quantizer is attached to the tensor
+  (:mod:`snncompress.compress.quantizers`): then ``b`` bits per value (its
+  integer codes) plus 32 bits per value of its ``scale``;
 * neuron parameters (LIF ``leak`` and ``threshold``): the same rule;
 * normalisation (BatchNorm weight, bias, running mean and variance): the
   same rule; integer bookkeeping buffers (``num_batches_tracked``) are not
   stored for inference and cost nothing;
 * membrane state (only with ``include_state``): one potential per neuron,
-  at ``state_bits`` (default 32), or at ``quant["<lif>.membrane"]["bits"]``
-  for that layer.
+  at ``state_bits`` (default 32), or at the bit width of that layer's
+  ``state_quantizer``.
 
-Sparse weights: a weight with a pruning mask (``model.masks[name]``, or the
-``masks`` argument) is stored in whichever of three formats is cheapest for
+Sparse weights: a tensor with a pruning mask (:mod:`snncompress.compress.masks`) is stored in whichever of three formats is cheapest for
 that tensor (``nnz`` = kept positions, ``b`` = value bits, the tensor viewed
 as ``rows = shape[0]`` by ``cols = numel / rows``):
 
@@ -25,7 +24,9 @@ as ``rows = shape[0]`` by ``cols = numel / rows``):
 * ``csr``:    ``nnz x (b + ceil(log2 cols))`` (value + column index)
   ``+ (rows + 1) x ceil(log2(nnz + 1))`` (row pointers)
 
-Unmasked tensors are dense. Totals round up to whole bytes.
+Unmasked tensors are dense. Totals round up to whole bytes. The checkpoint
+(:mod:`snncompress.checkpoint`) stores exactly these bits, each packed array
+rounded up to whole bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import math
 import torch
 from torch import nn
 
+from ..compress.state import StoredTensor, stored_tensors
 from ..neuron import LIF
 
 SPARSE_FORMATS = ("dense", "bitmap", "csr")
@@ -60,11 +62,6 @@ def sparse_format_bits(shape: tuple[int, ...], kept: int, value_bits: int) -> di
     }
 
 
-def _clean_name(name: str) -> str:
-    """``a.parametrizations.weight.original`` -> ``a.weight`` (torch parametrize naming)."""
-    return name.replace(".parametrizations.", ".").replace(".original", "")
-
-
 def _tensor_kind(owner: nn.Module | None) -> str:
     if isinstance(owner, LIF):
         return "neuron"
@@ -75,49 +72,48 @@ def _tensor_kind(owner: nn.Module | None) -> str:
     return "other"
 
 
-def _owner(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
-    path = name.rsplit(".", 1)[0] if "." in name else ""
-    path = path.split(".parametrizations")[0]
-    return modules.get(path)
+def choose_format(shape: tuple[int, ...], kept: int, value_bits: int) -> str:
+    """The cheapest of :data:`SPARSE_FORMATS` for a masked tensor (ties keep the simpler format)."""
+    options = sparse_format_bits(shape, kept, value_bits)
+    return min(SPARSE_FORMATS, key=lambda f: options[f])
 
 
-def _tensor_cost(name: str, tensor: torch.Tensor, kind: str, quant: dict, mask: torch.Tensor | None) -> dict:
+def tensor_cost(stored: StoredTensor) -> dict:
     """Cost of one stored tensor: ``{"kind", "numel", "stored", "value_bits", "format", "bits"}``."""
-    q = quant.get(name)
-    value_bits = int(q["bits"]) if q else tensor.element_size() * 8
-    scale_bits = SCALE_BITS * int(torch.as_tensor(q.get("scale", 1.0)).numel()) if q else 0
-    numel = tensor.numel()
+    q = stored.quantizer
+    value_bits = q.bits if q is not None else stored.values.element_size() * 8
+    scale_bits = SCALE_BITS * q.scale.numel() if q is not None else 0
+    numel = stored.values.numel()
     fmt, kept, bits = "dense", numel, numel * value_bits
-    if mask is not None and numel > 0:
-        kept = int(mask.bool().sum())
-        options = sparse_format_bits(tuple(tensor.shape), kept, value_bits)
-        fmt = min(SPARSE_FORMATS, key=lambda f: options[f])  # ties keep the simpler format
-        bits = options[fmt]
-    return {"kind": kind, "numel": numel, "stored": kept, "value_bits": value_bits, "format": fmt,
-            "bits": bits + scale_bits}
+    if stored.mask is not None and numel > 0:
+        kept = int(stored.mask.sum())
+        fmt = choose_format(tuple(stored.values.shape), kept, value_bits)
+        bits = sparse_format_bits(tuple(stored.values.shape), kept, value_bits)[fmt]
+    return {"kind": _tensor_kind(stored.owner), "numel": numel, "stored": kept, "value_bits": value_bits,
+            "format": fmt, "bits": bits + scale_bits}
 
 
-def _state_costs(quant: dict, state_bits: int, neurons: dict[str, int]) -> dict[str, dict]:
+def _state_costs(model: nn.Module, state_bits: int, neurons: dict[str, int]) -> dict[str, dict]:
     """Cost of one membrane potential per neuron of each LIF layer, ``{"<lif>.membrane": cost}``."""
+    modules = dict(model.named_modules())
     costs = {}
     for name, count in neurons.items():
-        q = quant.get(f"{name}.membrane")
-        bits = int(q["bits"]) if q else int(state_bits)
+        quantizer = getattr(modules.get(name), "state_quantizer", None)
+        bits = int(quantizer.bits) if quantizer is not None else int(state_bits)
         costs[f"{name}.membrane"] = {"kind": "state", "numel": count, "stored": count, "value_bits": bits,
                                      "format": "dense", "bits": count * bits}
     return costs
 
 
-def footprint(model: nn.Module, quant: dict | None = None, *, masks: dict | None = None,
-              include_state: bool = False, state_bits: int = 32,
+def footprint(model: nn.Module, *, include_state: bool = False, state_bits: int = 32,
               neurons_per_layer: dict[str, int] | None = None) -> dict:
-    """Memory footprint of ``model`` as stored (see the module docstring for the rules).
+    """Memory footprint of ``model`` as its checkpoint stores it (see the module docstring for the rules).
 
     Args:
-        model: the network; ``model.masks`` is used when ``masks`` is None.
-        quant: ``{name: {"bits": b, "scale": tensor, ...}}`` of quantized tensors.
+        model: the network; masks and quantizers are read from its tensors
+            (:mod:`snncompress.compress`).
         include_state: add the membrane potentials (one per neuron) to the total.
-        state_bits: bits per membrane potential when ``quant`` names none for the layer.
+        state_bits: bits per membrane potential of a LIF layer without a state quantizer.
         neurons_per_layer: ``{lif_name: neurons per image}`` (from
             :class:`~snncompress.metrics.ops.SpikeMeter`); needed for the state.
 
@@ -125,17 +121,9 @@ def footprint(model: nn.Module, quant: dict | None = None, *, masks: dict | None
         ``{"bytes", "bits", "by_kind": {kind: bits}, "state_bytes", "format", "tensors":
         {name: cost}, "include_state"}``; ``bytes`` includes the state only with ``include_state``.
     """
-    quant = quant or {}
-    masks = getattr(model, "masks", {}) if masks is None else masks
-    modules = dict(model.named_modules())
-    tensors = {}
-    for raw_name, tensor in model.state_dict().items():
-        if not torch.is_floating_point(tensor):
-            continue  # integer bookkeeping (num_batches_tracked) is not needed at inference
-        name = _clean_name(raw_name)
-        kind = _tensor_kind(_owner(modules, raw_name))
-        tensors[name] = _tensor_cost(name, tensor, kind, quant, masks.get(name))
-    state = _state_costs(quant, state_bits, neurons_per_layer or {})
+    stored = stored_tensors(model)
+    tensors = {t.name: tensor_cost(t) for t in stored}
+    state = _state_costs(model, state_bits, neurons_per_layer or {})
     by_kind = {k: 0 for k in KINDS}
     for cost in [*tensors.values(), *state.values()]:
         by_kind[cost["kind"]] += cost["bits"]
@@ -144,7 +132,7 @@ def footprint(model: nn.Module, quant: dict | None = None, *, masks: dict | None
     return {
         "bytes": math.ceil(total_bits / 8), "bits": total_bits, "by_kind": by_kind,
         "state_bytes": math.ceil(by_kind["state"] / 8),
-        "format": SPARSE_SCHEME if any(name in masks for name in tensors) else "dense",
+        "format": SPARSE_SCHEME if any(t.mask is not None for t in stored) else "dense",
         "tensors": {**tensors, **(state if include_state else {})}, "include_state": bool(include_state),
     }
 

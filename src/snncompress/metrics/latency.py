@@ -7,7 +7,7 @@ milliseconds per image. On CUDA every pass is synchronised before the clock
 is read.
 
 Form (``latency_form``): ``"plan"`` (default) times the model's deployment form,
-the lean :class:`~snncompress.kernels.inference_plan.InferencePlan` (same
+the lean :class:`~snncompress.deploy.plan.InferencePlan` (same
 outputs, no training-time layer plumbing) where it applies (spiking VGG/convnet
 on CPU) and the eager model elsewhere; ``"eager"`` always times the model's own
 forward. The form that was timed is reported with the figure.
@@ -20,6 +20,8 @@ import time
 
 import torch
 from torch import nn
+
+from ..compress.state import frozen
 
 
 def latency_images(loader, batch: int) -> torch.Tensor:
@@ -52,7 +54,7 @@ def inference_form(model: nn.Module, form: str = "plan") -> tuple[nn.Module, str
     if form not in LATENCY_FORMS:
         raise ValueError(f"latency form must be 'plan' or 'eager', got {form!r}")
     if form == "plan":
-        from ..kernels.inference_plan import build_inference_plan
+        from ..deploy.plan import build_inference_plan
 
         plan = build_inference_plan(model)
         if plan is not None:
@@ -74,7 +76,7 @@ def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20
         "latency_form"}``.
     """
     device = torch.device(device)
-    model = model.eval()
+    model = frozen(model)  # masks and quantizers burned in, as deployed
     timed, form_used = inference_form(model, form) if device.type == "cpu" else (model, "eager")
     images = images.to(device)
     times = []

@@ -2,8 +2,11 @@
 
 For each sigma, every test image ``x`` (already normalised) becomes
 ``x + sigma * n`` with ``n ~ N(0, 1)`` per pixel. One noise draw per image
-(seeded) is shared by all sigmas and all models, so the SNN and its ANN twin
-see exactly the same noisy images and the curves differ only by the model.
+(seeded) is shared by all sigmas and all models, so the SNN and its ANN
+references (the ReLU twin and, when given, the trained ANN) see exactly the
+same noisy images and the curves differ only by the model. The noise depends
+only on the seed and the images, not on which models are evaluated: adding a
+model to ``models`` leaves the others' accuracies unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def noise_robustness(models: dict[str, nn.Module], loader, sigmas=DEFAULT_SIGMAS
     """Accuracy (0-1) of each model at each noise level.
 
     Args:
-        models: ``{label: model}``, e.g. ``{"snn": snn, "ann": ann_twin}``.
+        models: ``{label: model}``, each mapping ``[B, C, H, W]`` to logits ``[B, classes]``, e.g.
+            ``{"snn": snn, "ann": relu_twin, "trained_ann": trained_ann}``.
         loader: yields ``(images [B, C, H, W] normalised, labels [B] int64)``.
         sigmas: noise standard deviations, in units of the normalised input.
         max_images: use only the first this many test images (None: all).

@@ -94,8 +94,6 @@ class SpikingNetwork(nn.Module):
         super().__init__()
         self.spec = copy.deepcopy(spec)
         self.spiking = bool(self.spec.get("spiking", True))
-        #: Pruning masks ``{param_name: bool tensor}``; masked weights are held at zero.
-        self.masks: dict[str, torch.Tensor] = {}
 
     @property
     def timesteps(self) -> int:
@@ -152,13 +150,6 @@ class SpikingNetwork(nn.Module):
         """Project every LIF's leak and threshold back into range (after each optimizer step)."""
         for _, lif in self.spiking_layers():
             lif.clamp_()
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        """Zero every masked weight (call after each optimizer step when masks are set)."""
-        params = dict(self.named_parameters())
-        for name, mask in self.masks.items():
-            params[name].mul_(mask.to(params[name].dtype))
 
     def set_lif_backend(self, backend: str) -> None:
         """Use the named :func:`lif_multistep` backend in every LIF layer."""

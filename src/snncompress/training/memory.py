@@ -39,7 +39,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..neuron import LIF
-from .cpu import avg_pool_fast, pack_u8
+from ..kernels.cpu import avg_pool_fast, pack_u8
 
 #: Values are stored as uint8 k with value == k / LEVELS.
 LEVELS = 16.0

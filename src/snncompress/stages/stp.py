@@ -1,4 +1,4 @@
-"""STP stages (SPEC §2): ``prune_pca``, ``temporal`` and ``quant_sweep``.
+"""STP stages (SPEC §2): ``prune_pca`` and ``temporal`` (``quant_sweep`` is in :mod:`.quant`).
 
 * ``prune_pca``: PCA significance of every spiking layer -> a physically
   narrower network with ``k_l`` channels per layer (coupled ResNet channels
@@ -8,70 +8,29 @@
   and fine-tuning the SNN (``mode: finetune``).
 * ``temporal``: lower T along a decreasing schedule, fine-tuning at each step,
   until accuracy falls more than ``tolerance`` below the stage's start.
-* ``quant_sweep``: uniform symmetric per-layer weight quantization at every
-  bit width of ``bits``; the smallest width within ``tolerance`` of the float
-  accuracy is applied (weights set to ``int * scale``, the checkpoint stores
-  the integers and one scale per layer).
 
-Each stage writes a PNG plot and a JSON file of its curves into its folder.
+Both choose on the validation split; each writes a PNG plot and a JSON file of its curves into its folder.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import Field, field_validator, model_validator
 
-from ..checkpoint import atomic_write
+from ..compress.importance import LayerPCA, pca_significance
+from ..compress.structure import (channel_groups, group_widths, narrow_fresh, narrow_model, projection_conflicts,
+                                  select_channels)
+from ..compress.temporal import check_schedule, default_schedule, prune_timesteps, trials_table
 from ..convert import calibrate_thresholds
 from ..errors import UserError
+from ..io import save_figure, write_json
 from ..models import SpikingNetwork
-from ..quant.uniform import quantize_weights_
-from ..stages import (StageContext, StageOptions, StageResult, TrainOptions, calibration_images,
-                      register_stage)
-from ..train import TrainConfig, evaluate_accuracy, train
-from .pca import LayerPCA, pca_significance
-from .surgery import (channel_groups, group_widths, narrow_fresh, narrow_model, projection_conflicts,
-                      select_channels)
-from .temporal import check_schedule, default_schedule, prune_timesteps, trials_table
-
-DEFAULT_SWEEP_BITS = list(range(16, 1, -1))
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
-
-
-def save_figure(fig: Figure, path: Path) -> str:
-    """Write ``fig`` as PNG atomically; returns the file name."""
-    FigureCanvasAgg(fig)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    return path.name
-
-
-def relative(ctx: StageContext, path: Path) -> str:
-    """``path`` relative to the run folder (report paths never hold machine-specific prefixes)."""
-    try:
-        return path.relative_to(ctx.run_dir).as_posix()
-    except ValueError:
-        return path.name
-
-
-def train_model(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name: str, desc: str,
-                teacher: SpikingNetwork | None = None) -> float:
-    """Train ``model`` in its current mode; returns the last epoch's validation accuracy (0-1)."""
-    history = train(model, ctx.train_loader, ctx.val_loader, config, device=ctx.device,
-                    csv_path=ctx.stage_dir / log_name, desc=desc, teacher=teacher)
-    return float(history[-1]["val_accuracy"])
+from ..training import Distillation, evaluate_accuracy
+from .base import (StageContext, StageResult, TrainOptions, calibration_images, fit, register_stage)
 
 
 # ----------------------------------------------------------------------------- prune_pca
@@ -115,25 +74,23 @@ def recalibrate(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions
 
 
 def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
-    """The hybrid pipeline on the narrow network: ANN, threshold calibration, SNN; returns SNN accuracy."""
+    """The hybrid pipeline on the narrow network: ANN, threshold calibration, SNN; returns SNN val accuracy."""
     seed = ctx.recipe.seed
-    ann_config = TrainConfig(epochs=opts.ann_epochs, lr=opts.ann_lr, optimizer=opts.optimizer,
-                             weight_decay=opts.ann_weight_decay, momentum=opts.momentum,
-                             lr_schedule=opts.lr_schedule, seed=seed, max_batches=opts.max_batches,
-                             label_smoothing=opts.label_smoothing)
-    train_model(ctx, narrow.set_spiking(False), ann_config, "ann_log.csv", "pca-ann")
+    ann_config = opts.train_config(seed, epochs=opts.ann_epochs, lr=opts.ann_lr,
+                                   weight_decay=opts.ann_weight_decay)
+    fit(ctx, narrow.set_spiking(False), ann_config, "ann_log.csv", "pca-ann")
     narrow.set_spiking(True)
     recalibrate(ctx, narrow, opts)
     if opts.epochs == 0:
         return evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
-    return train_model(ctx, narrow, opts.train_config(seed), "train_log.csv", "pca-snn")
+    return fit(ctx, narrow, opts.train_config(seed), "train_log.csv", "pca-snn")[-1]["val_accuracy"]
 
 
 def finetune_inherited(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
-    """Fine-tune the narrow SNN that inherited the kept channels' weights; returns its accuracy."""
+    """Fine-tune the narrow SNN that inherited the kept channels' weights; returns its val accuracy."""
     if opts.epochs == 0:
         return evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
-    return train_model(ctx, narrow, opts.train_config(ctx.recipe.seed), "train_log.csv", "pca-finetune")
+    return fit(ctx, narrow, opts.train_config(ctx.recipe.seed), "train_log.csv", "pca-finetune")[-1]["val_accuracy"]
 
 
 def plot_variance(pca: dict[str, LayerPCA], theta: float, path: Path) -> str:
@@ -194,7 +151,7 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
         "layer_channels": {name: p.channels for name, p in pca.items()},
         "group_widths": widths, "group_sizes": {g.name: g.size for g in groups},
         "params_before": sum(p.numel() for p in model.parameters()),
-        "variance_plot": relative(ctx, ctx.stage_dir / plot),
+        "variance_plot": ctx.relative(ctx.stage_dir / plot),
     })
 
 
@@ -276,13 +233,12 @@ def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
     start_accuracy = evaluate_accuracy(model, ctx.val_loader, ctx.device)
     print(f"[temporal] start: T={start_timesteps} validation accuracy {start_accuracy:.4f}; schedule {schedule}", flush=True)
 
-    teacher = copy.deepcopy(model).eval() if opts.distill > 0 else None
+    callbacks = [Distillation(copy.deepcopy(model), opts.distill, opts.distill_temperature)] if opts.distill > 0 else []
 
     def finetune(candidate: SpikingNetwork) -> float:
         t = candidate.timesteps
-        config = replace(opts.train_config(ctx.recipe.seed), epochs=epochs[t], distill_weight=opts.distill,
-                         distill_temperature=opts.distill_temperature)
-        return train_model(ctx, candidate, config, f"train_log_T{t}.csv", f"T={t}", teacher)
+        config = opts.train_config(ctx.recipe.seed, epochs=epochs[t])
+        return fit(ctx, candidate, config, f"train_log_T{t}.csv", f"T={t}", callbacks)[-1]["val_accuracy"]
 
     final, trials = prune_timesteps(model, schedule, finetune, start_accuracy, opts.tolerance)
     rows = trials_table(trials)
@@ -293,83 +249,5 @@ def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
         "start_timesteps": start_timesteps, "start_val_accuracy": start_accuracy,
         "final_timesteps": final.timesteps, "tolerance": opts.tolerance,
         "schedule": check_schedule(schedule, start_timesteps), "trials": rows,
-        "plot": relative(ctx, ctx.stage_dir / plot),
+        "plot": ctx.relative(ctx.stage_dir / plot),
     })
-
-
-# ----------------------------------------------------------------------------- quant_sweep
-
-
-class QuantSweepOptions(StageOptions):
-    """Post-training weight quantization sweep (uniform, symmetric, per layer, round to nearest)."""
-
-    kind: Literal["quant_sweep"] = "quant_sweep"
-    bits: list[int] = Field(default_factory=lambda: list(DEFAULT_SWEEP_BITS),
-                            description="bit widths to try, each in [2, 16]")
-    tolerance: float = Field(0.01, ge=0, le=1, description="accepted drop below float accuracy (0.01 = 1 point)")
-    max_batches: int | None = Field(None, ge=1, description="test batches per evaluation (default: all)")
-    apply: bool = Field(True, description="quantize the output model at the chosen bit width")
-
-    @field_validator("bits")
-    @classmethod
-    def bit_range(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("bits must list at least one bit width")
-        bad = [b for b in value if not 2 <= b <= 16]
-        if bad:
-            raise ValueError(f"every bit width must be in [2, 16], got {bad}")
-        return sorted(set(value), reverse=True)
-
-
-def sweep_accuracy(model: SpikingNetwork, bits: list[int], evaluate) -> dict[int, float]:
-    """Accuracy (0-1) of a quantized copy of ``model`` at each bit width; ``model`` is untouched."""
-    results = {}
-    for b in bits:
-        candidate = copy.deepcopy(model)
-        quantize_weights_(candidate, b)
-        results[b] = float(evaluate(candidate))
-        print(f"[quant_sweep] {b:2d} bits: accuracy {results[b]:.4f}", flush=True)
-    return results
-
-
-def smallest_within(results: dict[int, float], reference: float, tolerance: float) -> int | None:
-    """Smallest bit width whose accuracy is >= ``reference - tolerance`` (None if none is)."""
-    ok = [b for b, acc in results.items() if acc >= reference - tolerance]
-    return min(ok) if ok else None
-
-
-def plot_sweep(results: dict[int, float], reference: float, tolerance: float, chosen: int | None,
-               path: Path) -> str:
-    fig = Figure(figsize=(5.5, 3.8))
-    ax = fig.add_subplot(1, 1, 1)
-    bits = sorted(results)
-    ax.plot(bits, [results[b] for b in bits], "o-", color="#1f77b4", label="quantized")
-    ax.axhline(reference, color="black", lw=1, label="float32")
-    ax.axhline(reference - tolerance, color="grey", ls="--", lw=1, label="float - tolerance")
-    if chosen is not None:
-        ax.plot([chosen], [results[chosen]], "s", color="#d62728", ms=9, label=f"chosen: {chosen} bits")
-    ax.invert_xaxis()
-    ax.set(xlabel="weight bits", ylabel="validation accuracy", title="post-training weight quantization")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-@register_stage("quant_sweep", QuantSweepOptions)
-def quant_sweep(ctx: StageContext, opts: QuantSweepOptions) -> StageResult:
-    """Sweep bit widths, apply the smallest within tolerance; the checkpoint stores integers + scales."""
-    model = ctx.require_model("quant_sweep")
-    evaluate = lambda m: evaluate_accuracy(m, ctx.val_loader, ctx.device, opts.max_batches)  # noqa: E731
-    reference = float(evaluate(model))
-    results = sweep_accuracy(model, opts.bits, evaluate)
-    chosen = smallest_within(results, reference, opts.tolerance)
-    plot = plot_sweep(results, reference, opts.tolerance, chosen, ctx.stage_dir / "quant_sweep.png")
-    metrics = {"float_val_accuracy": reference, "sweep": {str(b): a for b, a in results.items()},
-               "tolerance": opts.tolerance, "bits": chosen, "plot": relative(ctx, ctx.stage_dir / plot)}
-    if chosen is None or not opts.apply:
-        print(f"[quant_sweep] no bit width applied (chosen: {chosen})", flush=True)
-        return StageResult(None, {**metrics, "val_accuracy": reference})
-    final = copy.deepcopy(model)
-    quant = quantize_weights_(final, chosen)
-    accuracy = results[chosen] if opts.max_batches is None else evaluate_accuracy(final, ctx.val_loader, ctx.device)
-    print(f"[quant_sweep] applied {chosen} bits to {len(quant)} weight tensors", flush=True)
-    return StageResult(final, {**metrics, "val_accuracy": accuracy}, quant=quant)

@@ -38,6 +38,9 @@ import torch
 from torch import nn
 
 from ..models import SpikingNetwork, build_from_spec
+from .masks import set_masks
+from .quantizers import attach_quantizer, quantizer_from_config
+from .state import stored_tensors
 from ..neuron import LIF
 
 
@@ -220,12 +223,14 @@ def _index_outputs(state: dict, module: str, keep: torch.Tensor) -> None:
 def _index_inputs(state: dict, module: str, positions: int, keep: torch.Tensor) -> None:
     """Keep the input columns of ``module``'s weight that belong to the kept channels."""
     key = f"{module}.weight"
+    if key not in state:  # a partial state (e.g. only the masked tensors)
+        return
     columns = (keep[:, None] * positions + torch.arange(positions)).flatten()
     state[key] = state[key].index_select(1, columns.to(state[key].device))
 
 
 def narrow_state(state: dict, groups: list[ChannelGroup], keep: dict[str, torch.Tensor]) -> dict:
-    """A new state dict in which every group keeps only the channels ``keep[group]``."""
+    """A new state dict (or any subset of one, e.g. the masks) in which every group keeps only ``keep[group]``."""
     state = dict(state)
     for g in groups:
         for module in g.outputs:
@@ -241,17 +246,30 @@ def narrow_model(model: SpikingNetwork, keep: dict[str, torch.Tensor],
 
     Weights (including the next layer's input slices), BatchNorm parameters and
     statistics, per-channel LIF leaks and thresholds and pruning masks follow
-    their channels. Mode (SNN/ANN), T and device are those of ``model``.
+    their channels; quantizers are attached again to the narrowed tensors
+    (recalibrated: the largest kept weight may be smaller). Mode (SNN/ANN), T
+    and device are those of ``model``.
     """
     groups = groups if groups is not None else channel_groups(model)
     widths = {g.name: int(keep[g.name].numel()) for g in groups}
     narrow = build_from_spec(narrow_spec(model.spec, groups, widths))
     param = next(model.parameters())
     narrow.to(param.device, param.dtype)
-    narrow.load_state_dict(narrow_state(model.state_dict(), groups, keep), strict=True)
-    if model.masks:
-        narrow.masks = narrow_state(model.masks, groups, keep)
+    stored = stored_tensors(model)
+    narrow.load_state_dict(narrow_state({**_bookkeeping(model), **{t.name: t.values for t in stored}}, groups, keep),
+                           strict=True)
+    masks = {t.name: t.mask for t in stored if t.mask is not None}
+    set_masks(narrow, narrow_state(masks, groups, keep))
+    for t in stored:
+        if t.quantizer is not None:
+            attach_quantizer(narrow, t.name, quantizer_from_config(t.quantizer.config()))
     return narrow.train(model.training)
+
+
+def _bookkeeping(model: nn.Module) -> dict:
+    """Non-float buffers of ``model`` (BatchNorm's ``num_batches_tracked``) under their state_dict names."""
+    return {k: v for k, v in model.state_dict().items()
+            if not torch.is_floating_point(v) and "parametrizations" not in k.split(".")}
 
 
 def narrow_fresh(model: SpikingNetwork, widths: dict[str, int],

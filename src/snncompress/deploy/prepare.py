@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..neuron import LIF
-from .checkpointing import _swap_pools
+from ..training.memory import _swap_pools
 
 
 def _to_channels_last(module, args):

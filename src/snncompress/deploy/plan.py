@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..neuron import LIF
-from . import cpu
+from ..kernels import cpu
 
 
 #: Layers the plan runs with their own (plain-class) forward.
@@ -116,6 +116,8 @@ def _plan_steps(seq: nn.Sequential, dtype: torch.dtype) -> list[tuple] | None:
     steps = []
     for m in seq:
         if isinstance(m, LIF):
+            if m.state_quantizer is not None:  # the C kernel keeps a float membrane
+                return None
             steps.append(("lif", *_lif_vectors(m, dtype), m.reset == "hard"))
         elif isinstance(m, STATELESS_LAYERS):
             # the plain class's forward: lean_memory's subclasses only change what backward keeps

@@ -1,0 +1,223 @@
+"""Quantizers that attach to a tensor of the model (weights, threshold, leak) as parametrizations.
+
+A quantizer maps a float tensor ``w`` to the grid ``codes * scale``::
+
+    r      = w / scale                        position on the grid (float)
+    codes  = clamp(round_mode(r), -q_max, q_max)    signed integers of ``bits`` bits
+    Q(w)   = codes * scale                    what the model computes with
+
+with a straight-through gradient (``dQ/dw = 1``). Two ways to set ``scale``:
+
+* :class:`UniformQuantizer` (STP's post-training sweep): symmetric, per
+  tensor, ``scale = max|w| / q_max`` with ``q_max = 2^(bits-1) - 1`` (the code
+  -2^(bits-1) is never used). The scale is set by :meth:`~UniformQuantizer.calibrate`
+  (attach time) and, in training mode (quantization-aware training), from the
+  current ``w`` at every forward pass.
+* :class:`FixedPointQuantizer` (tinySNN's Q(i.f)): ``scale = 2^-f``, saturating
+  at ``q_max = 2^(i+f) - 1`` (one sign bit, ``i`` integer and ``f`` fraction bits).
+
+Rounding modes (:data:`ROUNDINGS`): ``nearest`` (ties to even), ``half_up``
+(``floor(r + 1/2)``), ``truncate`` (``floor(r)``) and ``stochastic``
+(``floor(r) + Bernoulli(r - floor(r))``, drawn in training mode only: in eval
+mode a stored model must give the same output every time, so it rounds to
+nearest). A value within :data:`GRID_TOLERANCE` of a grid point *is* that grid
+point whatever the mode: quantization is idempotent (``Q(Q(w)) == Q(w)`` bit
+for bit), which is what makes a reloaded checkpoint (``original = codes * scale``)
+compute exactly what was saved.
+
+:meth:`Quantizer.export` gives the integer codes and the scale; the checkpoint
+stores those (codes bit-packed at ``bits``), nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .masks import chain, original, owner
+
+ROUNDINGS = ("nearest", "half_up", "truncate", "stochastic")
+#: Fraction of a grid step within which a value counts as on the grid (float error of ``codes * scale / scale``).
+GRID_TOLERANCE = 1e-3
+MIN_BITS, MAX_BITS = 2, 32
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized tensor exactly; backward: the gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def round_codes(r: torch.Tensor, rounding: str, stochastic: bool) -> torch.Tensor:
+    """Integer-valued float tensor from grid positions ``r`` under ``rounding`` (see the module docstring)."""
+    nearest = torch.round(r)
+    if rounding == "nearest":
+        return nearest
+    if rounding == "half_up":
+        rounded = torch.floor(r + 0.5)
+    elif rounding == "truncate":
+        rounded = torch.floor(r)
+    elif rounding == "stochastic":
+        low = torch.floor(r)
+        rounded = low + torch.bernoulli(r - low) if stochastic else nearest
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
+    return torch.where((r - nearest).abs() <= GRID_TOLERANCE, nearest, rounded)
+
+
+class Quantizer(nn.Module):
+    """Base: a signed ``bits``-bit code with a ``scale`` buffer (float32, 0-dim); see the module docstring."""
+
+    kind = "quantizer"
+
+    def __init__(self, bits: int, rounding: str = "nearest"):
+        super().__init__()
+        if not MIN_BITS <= int(bits) <= MAX_BITS:
+            raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        self.bits, self.rounding = int(bits), rounding
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    @property
+    def q_max(self) -> int:
+        """Largest code magnitude."""
+        return 2 ** (self.bits - 1) - 1
+
+    def update_scale(self, w: torch.Tensor) -> None:
+        """Set ``scale`` from ``w`` where the scheme does (training mode and calibration)."""
+
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``w`` as a float tensor of ``w``'s shape, in ``[-q_max, q_max]``."""
+        r = w.detach().to(torch.float64) / self.scale.to(w.device, torch.float64)
+        return torch.clamp(round_codes(r, self.rounding, self.training), -self.q_max, self.q_max)
+
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``codes * scale`` in ``dtype`` (the same operation in the forward pass and on reload)."""
+        return codes.to(dtype) * self.scale.to(codes.device, dtype)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update_scale(w)
+        return _StraightThrough.apply(w, self.dequantize(self.codes(w), w.dtype))
+
+    def export(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scale)``: int32 codes of ``w``'s shape and the float32 0-dim scale."""
+        return self.codes(w).to(torch.int32).cpu(), self.scale.detach().to(torch.float32).cpu().clone()
+
+    def config(self) -> dict:
+        """JSON-able description from which :func:`quantizer_from_config` rebuilds this quantizer."""
+        return {"type": type(self).__name__, "bits": self.bits, "rounding": self.rounding}
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, rounding={self.rounding}, scale={float(self.scale):.4g}"
+
+
+class UniformQuantizer(Quantizer):
+    """Symmetric uniform per-tensor quantizer, ``scale = max|w| / q_max`` (1 for an all-zero tensor)."""
+
+    @torch.no_grad()
+    def update_scale(self, w: torch.Tensor) -> None:
+        peak = float(w.detach().abs().max()) if w.numel() else 0.0
+        self.scale.fill_(peak / self.q_max if peak > 0 else 1.0)
+
+
+class FixedPointQuantizer(Quantizer):
+    """Fixed-point Q(i.f): ``scale = 2^-frac_bits``, ``bits = 1 + int_bits + frac_bits``, saturating."""
+
+    def __init__(self, int_bits: int, frac_bits: int, rounding: str = "nearest"):
+        super().__init__(1 + int(int_bits) + int(frac_bits), rounding)
+        self.int_bits, self.frac_bits = int(int_bits), int(frac_bits)
+        self.scale.fill_(2.0 ** -self.frac_bits)
+
+    def config(self) -> dict:
+        return {"type": type(self).__name__, "int_bits": self.int_bits, "frac_bits": self.frac_bits,
+                "rounding": self.rounding}
+
+
+QUANTIZER_TYPES = {cls.__name__: cls for cls in (UniformQuantizer, FixedPointQuantizer)}
+
+
+def quantizer_from_config(config: dict) -> Quantizer:
+    """Rebuild a quantizer from :meth:`Quantizer.config` (the scale comes from the checkpoint)."""
+    options = dict(config)
+    cls = QUANTIZER_TYPES.get(options.pop("type", None))
+    if cls is None:
+        raise ValueError(f"unknown quantizer {config.get('type')!r}; known: {sorted(QUANTIZER_TYPES)}")
+    return cls(**options)
+
+
+# ----------------------------------------------------------------------------- attaching
+
+
+def attach_quantizer(model: nn.Module, name: str, quantizer: Quantizer, calibrate: bool = True) -> Quantizer:
+    """Attach ``quantizer`` to tensor ``name`` of ``model`` (after any mask); replaces an earlier one.
+
+    With ``calibrate`` the quantizer's scale is set from the tensor as the
+    forward pass sees it (masked); returns the attached quantizer.
+    """
+    remove_quantizer(model, name)
+    module, tensor = owner(model, name)
+    stored = original(module, tensor)
+    quantizer.to(stored.device)
+    if calibrate:
+        with torch.no_grad():
+            quantizer.update_scale(getattr(module, tensor) if chain(module, tensor) else stored)
+    parametrize.register_parametrization(module, tensor, quantizer, unsafe=True)
+    return quantizer
+
+
+def get_quantizer(model: nn.Module, name: str) -> Quantizer | None:
+    """The quantizer on tensor ``name``, or None."""
+    module, tensor = owner(model, name)
+    found = [p for p in chain(module, tensor) if isinstance(p, Quantizer)]
+    return found[0] if found else None
+
+
+def get_quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """``{name: quantizer}`` of every quantized tensor of ``model``, in module order."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for tensor, plist in getattr(module, "parametrizations", {}).items():
+            for p in plist:
+                if isinstance(p, Quantizer):
+                    found[f"{module_name}.{tensor}" if module_name else tensor] = p
+    return found
+
+
+def remove_quantizer(model: nn.Module, name: str, burn_in: bool = False) -> None:
+    """Drop the quantizer of ``name`` (if any); with ``burn_in`` the stored tensor becomes ``Q(original)``."""
+    module, tensor = owner(model, name)
+    plist = chain(module, tensor)
+    index = next((i for i, p in enumerate(plist) if isinstance(p, Quantizer)), None)
+    if index is None:
+        return
+    if burn_in:
+        with torch.no_grad():
+            stored = original(module, tensor)
+            stored.copy_(plist[index].dequantize(plist[index].codes(stored), stored.dtype))
+    if len(plist) == 1:
+        parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+    else:
+        del module.parametrizations[tensor][index]
+
+
+def weight_names(model: nn.Module) -> list[str]:
+    """Names of every conv / linear ``weight`` of ``model``, in module order."""
+    return [f"{name}.weight" if name else "weight" for name, m in model.named_modules()
+            if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)]
+
+
+def quantize_weights(model: nn.Module, bits: int, rounding: str = "nearest",
+                     names: list[str] | None = None) -> dict[str, Quantizer]:
+    """Attach a calibrated :class:`UniformQuantizer` of ``bits`` bits to every conv/linear weight (or ``names``)."""
+    return {name: attach_quantizer(model, name, UniformQuantizer(bits, rounding))
+            for name in (names if names is not None else weight_names(model))}

@@ -1,0 +1,81 @@
+"""What a compressed model stores: each tensor with the mask and quantizer attached to it.
+
+:func:`stored_tensors` is the one enumeration that the footprint
+(:mod:`snncompress.metrics.footprint`) costs and the checkpoint
+(:mod:`snncompress.checkpoint`) writes, so the two cannot disagree about what
+is stored. Buffers of the compression parts themselves (a mask's bits, a
+quantizer's scale) belong to the tensor they act on; integer bookkeeping
+(BatchNorm's ``num_batches_tracked``) is not needed at inference and is not stored.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .masks import WeightMask
+from .quantizers import Quantizer
+
+
+@dataclass
+class StoredTensor:
+    """One stored tensor: its plain name, values as stored, its owner module, mask and quantizer.
+
+    ``values`` is the tensor before quantization (the stored original times
+    the mask where one is set), shape of the tensor.
+    """
+
+    name: str
+    values: torch.Tensor
+    owner: nn.Module
+    mask: torch.Tensor | None = None
+    quantizer: Quantizer | None = None
+
+
+def stored_tensors(model: nn.Module) -> list[StoredTensor]:
+    """Every floating-point tensor ``model`` stores, in ``state_dict`` order, under its plain name."""
+    modules = dict(model.named_modules())
+    found = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if not torch.is_floating_point(tensor) or ".state_quantizer." in f".{key}":
+            continue  # bookkeeping; a LIF's state quantizer is described in the checkpoint's metadata
+        path, _, attr = key.rpartition(".")
+        parts = path.split(".")
+        if "parametrizations" in parts:
+            if attr != "original":
+                continue  # a mask's or quantizer's own buffer
+            at = parts.index("parametrizations")
+            found.append(_parametrized(modules, ".".join(parts[:at]), parts[at + 1]))
+        else:
+            found.append(StoredTensor(key, tensor.detach(), modules.get(path, model)))
+    return found
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` for inference: every mask and quantizer burned into plain tensors.
+
+    The copy computes exactly what ``model`` computes in eval mode (each tensor
+    becomes the value its parametrizations produce), without re-applying them at
+    every forward pass; it is what deployment and latency timing run.
+    """
+    copy_ = copy.deepcopy(model).eval()
+    for module in list(copy_.modules()):
+        for tensor in list(getattr(module, "parametrizations", {}).keys()):
+            parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+    return copy_
+
+
+def _parametrized(modules: dict[str, nn.Module], module_path: str, tensor: str) -> StoredTensor:
+    module = modules[module_path]
+    plist = module.parametrizations[tensor]
+    mask = next((p.mask for p in plist if isinstance(p, WeightMask)), None)
+    quantizer = next((p for p in plist if isinstance(p, Quantizer)), None)
+    values = plist.original.detach()
+    if mask is not None:
+        values = values * mask.to(values.dtype)
+    name = f"{module_path}.{tensor}" if module_path else tensor
+    return StoredTensor(name, values, module, mask, quantizer)

@@ -1,0 +1,159 @@
+"""The stage framework: options, context, result, registry, and the helpers every method's stages share.
+
+A stage is a function ``run(ctx, opts) -> StageResult`` registered under its
+``kind`` together with a strict options model (pydantic): it reads the
+previous stage's model from ``ctx``, returns a model and metrics, and touches
+files only inside its own folder ``ctx.stage_dir``. Stages choose on the
+validation split (``ctx.val_loader``) and report ``val_accuracy``; the
+pipeline adds every returned model's test accuracy.
+
+A method's stages register by living in this package: :func:`stage_kinds`
+imports every module of :mod:`snncompress.stages`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import UserError
+from ..models import SpikingNetwork, build_model
+from ..recipe import Recipe, Strict
+from ..training import Callback, TrainConfig, seed_everything, train
+
+
+class StageOptions(Strict):
+    """Options every stage has."""
+
+    kind: str
+    name: str | None = Field(None, description="folder and report name; default: the kind")
+
+
+@dataclass
+class StageContext:
+    """What a stage can see: the recipe, the data, the previous model, and its own folder."""
+
+    recipe: Recipe
+    run_dir: Path
+    stage_dir: Path
+    device: torch.device
+    train_loader: Any
+    val_loader: Any                            # held out of training; every selection reads it
+    test_loader: Any                           # read only to report (the pipeline and `evaluate`)
+    info: Any                                  # data.DatasetInfo
+    model: SpikingNetwork | None               # the previous stage's model (None for the first)
+    previous: list[dict] = field(default_factory=list)  # earlier stages' records (name, kind, metrics)
+    reference_ann: SpikingNetwork | None = None  # the run's trained ANN (its train_ann stage), if any
+
+    def new_model(self) -> SpikingNetwork:
+        """A fresh network as the recipe's ``model`` section describes it (initialised from the recipe's seed)."""
+        cfg = self.recipe.model
+        seed_everything(self.recipe.seed)
+        return build_model(cfg.arch, self.info.num_classes, self.info.in_shape, cfg.timesteps,
+                           encoding=cfg.encoding, neuron=cfg.neuron.model_dump(), **cfg.options)
+
+    def require_model(self, kind: str) -> SpikingNetwork:
+        if self.model is None:
+            raise UserError(f"stage {kind!r} needs a model from an earlier stage")
+        return self.model
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the run folder (reports never hold machine-specific prefixes)."""
+        try:
+            return Path(path).relative_to(self.run_dir).as_posix()
+        except ValueError:
+            return Path(path).name
+
+
+@dataclass
+class StageResult:
+    """A stage's output: the model (None = unchanged, no new checkpoint) and its metrics.
+
+    Masks and quantizers travel on the model. Metrics hold validation figures
+    (``val_accuracy``); the pipeline adds the model's test ``accuracy``.
+    """
+
+    model: SpikingNetwork | None
+    metrics: dict = field(default_factory=dict)
+    full_metrics: bool = False  # True when metrics already hold the complete SPEC §7 measurement
+
+
+@dataclass
+class StageDef:
+    kind: str
+    options: type[StageOptions]
+    run: Callable[[StageContext, StageOptions], StageResult]
+    module: str = ""
+
+
+STAGES: dict[str, StageDef] = {}
+
+
+def register_stage(kind: str, options: type[StageOptions]):
+    """Decorator: register ``run(ctx, opts)`` as the stage ``kind`` with its options model."""
+    def wrap(run):
+        STAGES[kind] = StageDef(kind, options, run, run.__module__.rsplit(".", 1)[-1])
+        return run
+    return wrap
+
+
+def stage_kinds() -> dict[str, StageDef]:
+    """All registered stages: every module of this package is imported (each registers its own)."""
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
+    return STAGES
+
+
+# ----------------------------------------------------------------------------- training options
+
+
+class TrainOptions(StageOptions):
+    """Options of every stage that trains (through :func:`snncompress.training.train`)."""
+
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="learning rate over the stage: cosine decay from lr to 0, or constant")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    max_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
+    lean_memory: bool = Field(False, description="keep spike tensors for backward as uint8 (exact)")
+    checkpoint_layers: bool = Field(False, description="recompute each spiking layer in backward")
+
+    def train_config(self, seed: int, **overrides) -> TrainConfig:
+        """The loop's config from these options (``overrides`` replace single fields, e.g. ``epochs``)."""
+        values = {name: getattr(self, name) for name in TrainConfig.__dataclass_fields__ if hasattr(self, name)}
+        return TrainConfig(**{**values, "seed": seed, **overrides})
+
+
+def fit(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name: str = "train_log.csv",
+        desc: str = "train", callbacks: list[Callback] = ()) -> list[dict]:
+    """Train ``model`` in its current mode on the training split, validating on ``ctx.val_loader``."""
+    return train(model, ctx.train_loader, ctx.val_loader, config, device=ctx.device,
+                 csv_path=ctx.stage_dir / log_name, desc=desc, callbacks=list(callbacks))
+
+
+def training_metrics(history: list[dict]) -> dict:
+    """A training stage's metrics: the last epoch's validation accuracy, epochs, seconds per epoch."""
+    return {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history),
+            "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history)}
+
+
+def calibration_images(loader, n: int) -> torch.Tensor:
+    """The first ``n`` images the training loader yields ``[n, C, H, W]``."""
+    batches, count = [], 0
+    for images, _ in loader:
+        batches.append(images)
+        count += images.shape[0]
+        if count >= n:
+            break
+    return torch.cat(batches)[:n]

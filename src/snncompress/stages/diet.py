@@ -1,0 +1,60 @@
+"""DIET-SNN stages (SPEC §1): ``train_ann``, ``convert`` (threshold calibration), ``train_snn`` (BPTT)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..convert import calibrate_thresholds
+from ..training import evaluate_accuracy
+from .base import (StageContext, StageOptions, StageResult, TrainOptions, calibration_images, fit,
+                   register_stage, training_metrics)
+
+
+class TrainANNOptions(TrainOptions):
+    kind: Literal["train_ann"] = "train_ann"
+
+
+@register_stage("train_ann", TrainANNOptions)
+def train_ann(ctx: StageContext, opts: TrainANNOptions) -> StageResult:
+    """Train the ANN twin (ReLU) of the recipe's model from scratch (or continue the previous one)."""
+    model = (ctx.model or ctx.new_model()).set_spiking(False)
+    return StageResult(model, training_metrics(fit(ctx, model, opts.train_config(ctx.recipe.seed), desc="ann")))
+
+
+class TrainSNNOptions(TrainOptions):
+    kind: Literal["train_snn"] = "train_snn"
+    lr: float = Field(1e-4, gt=0)
+    timesteps: int | None = Field(None, ge=1, description="train at this T (default: the model's)")
+
+
+@register_stage("train_snn", TrainSNNOptions)
+def train_snn(ctx: StageContext, opts: TrainSNNOptions) -> StageResult:
+    """BPTT training of the SNN: weights, leaks and thresholds (from the previous model, or scratch)."""
+    model = (ctx.model or ctx.new_model()).set_spiking(True)
+    if opts.timesteps is not None:
+        model.timesteps = opts.timesteps
+    return StageResult(model, training_metrics(fit(ctx, model, opts.train_config(ctx.recipe.seed), desc="snn")))
+
+
+class ConvertOptions(StageOptions):
+    kind: Literal["convert"] = "convert"
+    calib_images: int = Field(512, ge=1, description="training images used for calibration")
+    calib_timesteps: int = Field(100, ge=1, description="timesteps simulated during calibration")
+    percentile: float = Field(99.7, gt=0, le=100)
+    scale: float = Field(1.0, gt=0, description="factor on every calibrated threshold")
+    chunk: int = Field(64, ge=1, description="images per calibration forward pass (memory)")
+
+
+@register_stage("convert", ConvertOptions)
+def convert(ctx: StageContext, opts: ConvertOptions) -> StageResult:
+    """Copy the ANN's weights into the SNN and calibrate thresholds layer by layer."""
+    model = ctx.require_model("convert").set_spiking(True)
+    images = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
+    thresholds = calibrate_thresholds(model, images, calib_timesteps=opts.calib_timesteps,
+                                      percentile=opts.percentile, scale=opts.scale, chunk=opts.chunk)
+    accuracy = evaluate_accuracy(model, ctx.val_loader, ctx.device)
+    print(f"[convert] thresholds {', '.join(f'{v:.3g}' for v in thresholds.values())}; "
+          f"SNN validation accuracy at T={model.timesteps} before training: {accuracy:.4f}", flush=True)
+    return StageResult(model, {"val_accuracy": accuracy, "thresholds": thresholds})
