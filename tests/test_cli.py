@@ -130,3 +130,22 @@ def test_same_seed_gives_the_same_run(tiny_recipe, tmp_path, capsys):
     a = load(tmp_path / "a" / reports[0]["final"]["checkpoint"])
     b = load(tmp_path / "b" / reports[1]["final"]["checkpoint"])
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_stages_command_lists_options_with_defaults_and_descriptions(capsys):
+    assert main(["stages", "temporal"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("temporal  (stp)  Lower T along the schedule")
+    assert "    tolerance = 0.01  [Ge(ge=0), Le(le=1)]  accepted accuracy drop below the start" in out
+    assert "    lr_schedule = 'cosine'" in out and "lean_memory = False" in out
+    assert main(["stages"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line and not line.startswith(" ")]
+    assert sorted(listed) == ["convert", "evaluate", "prune_pca", "quant_sweep", "temporal", "train_ann", "train_snn"]
+    assert_user_error(capsys, ["stages", "prune_everything"], "unknown stage 'prune_everything'")
+
+
+def test_version_flag_prints_the_package_version():
+    import snncompress
+
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == f"snncompress {snncompress.__version__}"

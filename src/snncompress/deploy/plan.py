@@ -95,7 +95,7 @@ class InferencePlan(nn.Module):
                 else:
                     x = step[1](x)
             if has_time:
-                return x.view(self.timesteps, -1, *x.shape[1:]).sum(0)
+                return x if self.timesteps == 1 else x.view(self.timesteps, -1, *x.shape[1:]).sum(0)
             return x * self.timesteps
 
 
