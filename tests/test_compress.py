@@ -218,3 +218,23 @@ def test_state_quantizer_survives_a_checkpoint_and_is_not_a_stored_tensor(tmp_pa
     images = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_stochastic_rounding_is_drawn_once_and_the_quantized_model_is_fixed(tmp_path):
+    torch.manual_seed(2)
+    model = _convnet().eval()
+    quantize_weights(model, 3, "stochastic")
+    q = get_quantizers(model)["classifier.0.weight"]
+    stored = model.classifier[0].parametrizations.weight.original.detach()
+    assert torch.equal(q.dequantize(q.codes(stored, stochastic=False)), stored)   # already on the grid
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        first, second = model(images), model(images)
+    assert torch.equal(first, second)
+    path = tmp_path / "s.safetensors"
+    save_checkpoint(path, model)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path).model(images), first)
+    plain = _convnet().eval()
+    quantize_weights(plain, 3, "nearest")
+    assert not torch.equal(plain.classifier[0].weight, model.classifier[0].weight)  # draws differ from nearest

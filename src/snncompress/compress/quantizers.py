@@ -95,10 +95,14 @@ class Quantizer(nn.Module):
         """Set ``scale`` from ``w`` where the scheme does (training mode and calibration)."""
 
     @torch.no_grad()
-    def codes(self, w: torch.Tensor) -> torch.Tensor:
-        """Integer codes of ``w`` as a float tensor of ``w``'s shape, in ``[-q_max, q_max]``."""
+    def codes(self, w: torch.Tensor, stochastic: bool | None = None) -> torch.Tensor:
+        """Integer codes of ``w`` as a float tensor of ``w``'s shape, in ``[-q_max, q_max]``.
+
+        ``stochastic`` (default: in training mode) draws stochastic rounding; otherwise it rounds to nearest.
+        """
         r = w.detach().to(torch.float64) / self.scale.to(w.device, torch.float64)
-        return torch.clamp(round_codes(r, self.rounding, self.training), -self.q_max, self.q_max)
+        stochastic = self.training if stochastic is None else stochastic
+        return torch.clamp(round_codes(r, self.rounding, stochastic), -self.q_max, self.q_max)
 
     def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``codes * scale`` in ``dtype`` (the same operation in the forward pass and on reload)."""
@@ -110,8 +114,10 @@ class Quantizer(nn.Module):
         return _StraightThrough.apply(w, self.dequantize(self.codes(w), w.dtype))
 
     def export(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes, scale)``: int32 codes of ``w``'s shape and the float32 0-dim scale."""
-        return self.codes(w).to(torch.int32).cpu(), self.scale.detach().to(torch.float32).cpu().clone()
+        """``(codes, scale)``: int32 codes of ``w``'s shape (as the eval-mode forward computes them) and
+        the float32 0-dim scale."""
+        codes = self.codes(w, stochastic=False)
+        return codes.to(torch.int32).cpu(), self.scale.detach().to(torch.float32).cpu().clone()
 
     def config(self) -> dict:
         """JSON-able description from which :func:`quantizer_from_config` rebuilds this quantizer."""
@@ -216,8 +222,27 @@ def weight_names(model: nn.Module) -> list[str]:
             if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)]
 
 
+@torch.no_grad()
+def snap_to_grid_(model: nn.Module, stochastic: bool = True) -> None:
+    """Replace every quantized tensor's stored values by their quantized values (on the grid).
+
+    With ``stochastic`` a ``stochastic``-rounding quantizer draws its rounding here, once; afterwards
+    the forward pass finds the values on the grid and computes them exactly (tinySNN's "quantize
+    after every update" calls this after each optimizer step).
+    """
+    for name, quantizer in get_quantizers(model).items():
+        stored = original(*owner(model, name))
+        stored.copy_(quantizer.dequantize(quantizer.codes(stored, stochastic), stored.dtype))
+
+
 def quantize_weights(model: nn.Module, bits: int, rounding: str = "nearest",
                      names: list[str] | None = None) -> dict[str, Quantizer]:
-    """Attach a calibrated :class:`UniformQuantizer` of ``bits`` bits to every conv/linear weight (or ``names``)."""
-    return {name: attach_quantizer(model, name, UniformQuantizer(bits, rounding))
-            for name in (names if names is not None else weight_names(model))}
+    """Attach a calibrated :class:`UniformQuantizer` of ``bits`` bits to every conv/linear weight (or ``names``).
+
+    Stochastic rounding is drawn once here (:func:`snap_to_grid_`), so the quantized model is fixed.
+    """
+    quantizers = {name: attach_quantizer(model, name, UniformQuantizer(bits, rounding))
+                  for name in (names if names is not None else weight_names(model))}
+    if rounding == "stochastic":
+        snap_to_grid_(model)
+    return quantizers

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..compress.masks import enforce_masks_, original, owner
-from ..compress.quantizers import get_quantizers
+from ..compress.masks import enforce_masks_
+from ..compress.quantizers import snap_to_grid_
 from ..models import SpikingNetwork
 from .memory import checkpoint_layers, lean_memory
 
@@ -171,11 +171,8 @@ class EnforceMasks(Callback):
 class QuantizeAfterStep(Callback):
     """Move every quantized tensor's stored values onto its grid after each step (tinySNN's ITQ variant)."""
 
-    @torch.no_grad()
     def after_step(self, state: TrainState) -> None:
-        for name, quantizer in get_quantizers(state.model).items():
-            stored = original(*owner(state.model, name))
-            stored.copy_(quantizer.dequantize(quantizer.codes(stored), stored.dtype))
+        snap_to_grid_(state.model)
 
 
 class Distillation(Callback):
