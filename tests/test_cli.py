@@ -136,7 +136,7 @@ def test_stages_command_lists_options_with_defaults_and_descriptions(capsys):
     assert main(["stages", "temporal"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("temporal  (stp)  Lower T along the schedule")
-    assert "    tolerance = 0.01  [Ge(ge=0), Le(le=1)]  accepted accuracy drop below the start" in out
+    assert "    tolerance = 0.01  [Ge(ge=0), Le(le=1)]  accepted validation-accuracy drop below the start" in out
     assert "    lr_schedule = 'cosine'" in out and "lean_memory = False" in out
     assert main(["stages"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line and not line.startswith(" ")]

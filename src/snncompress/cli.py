@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"snncompress: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("snncompress: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

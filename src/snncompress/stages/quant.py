@@ -32,7 +32,7 @@ class QuantSweepOptions(StageOptions):
     kind: Literal["quant_sweep"] = "quant_sweep"
     bits: list[int] = Field(default_factory=lambda: list(DEFAULT_SWEEP_BITS),
                             description="bit widths to try, each in [2, 16]")
-    tolerance: float = Field(0.01, ge=0, le=1, description="accepted drop below float accuracy (0.01 = 1 point)")
+    tolerance: float = Field(0.01, ge=0, le=1, description="accepted drop below the float model's validation accuracy (0.01 = 1 point)")
     max_batches: int | None = Field(None, ge=1, description="validation batches per evaluation (default: all)")
     apply: bool = Field(True, description="quantize the output model at the chosen bit width")
     rounding: Literal["nearest", "half_up", "truncate", "stochastic"] = Field(
@@ -84,7 +84,7 @@ def plot_sweep(results: dict[int, float], reference: float, tolerance: float, ch
 
 @register_stage("quant_sweep", QuantSweepOptions)
 def quant_sweep(ctx: StageContext, opts: QuantSweepOptions) -> StageResult:
-    """Sweep bit widths, apply the smallest within tolerance; the checkpoint stores integers + scales."""
+    """Sweep weight bit widths on the validation split; apply the smallest within tolerance (stored as packed codes)."""
     model = ctx.require_model("quant_sweep")
     evaluate = lambda m: evaluate_accuracy(m, ctx.val_loader, ctx.device, opts.max_batches)  # noqa: E731
     reference = float(evaluate(model))

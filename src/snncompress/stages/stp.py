@@ -163,7 +163,7 @@ class TemporalOptions(TrainOptions):
 
     kind: Literal["temporal"] = "temporal"
     schedule: list[int] | None = Field(None, description="decreasing timesteps; default from the model's T")
-    tolerance: float = Field(0.01, ge=0, le=1, description="accepted accuracy drop below the start (0.01 = 1 point)")
+    tolerance: float = Field(0.01, ge=0, le=1, description="accepted validation-accuracy drop below the start (0.01 = 1 point)")
     lr: float = Field(1e-4, gt=0)
     step_epochs: list[int] | None = Field(None, description="fine-tuning epochs of each schedule entry "
                                                             "(default: `epochs` for every step)")
