@@ -92,3 +92,36 @@ def test_latency_reports_the_form_it_timed():
     with pytest.raises(ValueError, match="latency form"):
         measure_latency(model, images, repeats=1, form="fast")
     assert cpu.cext_available()
+
+
+def test_subnormal_values_are_flushed_for_deployment():
+    from snncompress.deploy.prepare import flush_subnormals_
+
+    model = _convnet(2)
+    with torch.no_grad():
+        model.classifier[0].weight[:, :5] = 1e-40                    # subnormal in float32
+        model.features[0].weight[0, 0, 0, 0] = -3e-39
+    images = torch.randn(3, 1, 12, 12)
+    with torch.inference_mode():
+        before = model(images)
+    assert flush_subnormals_(model) == 16 * 5 + 1
+    assert torch.all(model.classifier[0].weight[:, :5] == 0) and model.features[0].weight[0, 0, 0, 0] == 0
+    with torch.inference_mode():
+        assert torch.allclose(model(images), before, atol=1e-30)
+    assert flush_subnormals_(model) == 0
+
+
+@needs_cext
+def test_plan_runs_at_its_tuned_thread_count_and_restores_the_process_setting():
+    model = _convnet(1)
+    plan = build_inference_plan(model)
+    images = torch.randn(1, 1, 12, 12)
+    process = torch.get_num_threads()
+    timings = plan.tune_threads(images, repeats=3)
+    assert sorted(timings) == list(range(1, process + 1)) and plan.threads == min(timings, key=timings.get)
+    with torch.inference_mode():
+        assert torch.equal(plan(images), model(images))
+    assert torch.get_num_threads() == process
+    measured = measure_latency(model, images, repeats=2, warmup=1)
+    assert 1 <= measured["latency_threads"] <= measured["latency_threads_available"] == process
+    assert measured["latency_subnormals_flushed"] == 0

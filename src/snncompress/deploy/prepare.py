@@ -87,3 +87,23 @@ def tune_cpu_allocator(keep_freed_memory: bool = True) -> bool:
     else:
         ok = mallopt(M_MMAP_MAX, 65536) and mallopt(M_TRIM_THRESHOLD, 128 * 1024)
     return bool(ok)
+
+
+@torch.no_grad()
+def flush_subnormals_(model: nn.Module) -> int:
+    """Set every subnormal floating-point value of ``model``'s tensors to zero; returns how many there were.
+
+    Trained weights decay into the subnormal range (|w| < ``torch.finfo(dtype).tiny``, 1.2e-38 in
+    float32); x86 CPUs handle such operands in microcode, which made a trained Fashion-MNIST
+    convnet's CPU forward up to 2x slower than the same shapes with normal values. Their products
+    are below 1e-38, far under any accumulated current, so a deployed model drops them, as
+    flush-to-zero arithmetic would.
+    """
+    flushed = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tiny = (tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)
+            flushed += int(tiny.sum())
+            tensor.masked_fill_(tiny, 0.0)
+    return flushed
+

@@ -11,6 +11,11 @@ the lean :class:`~snncompress.deploy.plan.InferencePlan` (same
 outputs, no training-time layer plumbing) where it applies (spiking VGG/convnet
 on CPU) and the eager model elsewhere; ``"eager"`` always times the model's own
 forward. The form that was timed is reported with the figure.
+
+Both forms time a deployment copy: masks and quantizers burned in and
+subnormal values flushed to zero (trained weights decay into the subnormal
+range, which x86 CPUs handle slowly); the plan runs at the fastest thread
+count up to the process's (``latency_threads`` of ``latency_threads_available``).
 """
 
 from __future__ import annotations
@@ -71,16 +76,27 @@ def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20
         repeats: timed forward passes (>= 1); warmup: untimed passes before them.
         form: ``"plan"`` or ``"eager"`` (module docstring); the model must already be on ``device``.
 
+    What is timed is the deployed form: a copy of the model with masks and quantizers burned
+    in and subnormal values set to zero (:func:`~snncompress.deploy.prepare.flush_subnormals_`);
+    the plan runs at its fastest thread count up to the process's (:meth:`InferencePlan.tune_threads`).
+
     Returns:
-        ``{"latency_ms", "latency_batch", "latency_threads", "latency_device", "latency_repeats",
-        "latency_form"}``.
+        ``{"latency_ms", "latency_batch", "latency_threads" (threads the timed form used),
+        "latency_threads_available" (the process's intra-op threads), "latency_device",
+        "latency_repeats", "latency_form", "latency_subnormals_flushed"}``.
     """
+    from ..deploy.prepare import flush_subnormals_
+
     device = torch.device(device)
-    model = frozen(model)  # masks and quantizers burned in, as deployed
+    model = frozen(model)
+    flushed = flush_subnormals_(model)
     timed, form_used = inference_form(model, form) if device.type == "cpu" else (model, "eager")
     images = images.to(device)
+    available = int(torch.get_num_threads())
     times = []
     with torch.inference_mode():
+        if form_used == "plan":
+            timed.tune_threads(images)
         for i in range(warmup + max(int(repeats), 1)):
             _sync(device)
             start = time.perf_counter()
@@ -91,8 +107,10 @@ def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20
     return {
         "latency_ms": statistics.median(times) * 1000.0 / images.shape[0],
         "latency_batch": int(images.shape[0]),
-        "latency_threads": int(torch.get_num_threads()),
+        "latency_threads": int(getattr(timed, "threads", None) or available),
+        "latency_threads_available": available,
         "latency_device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "latency_repeats": len(times),
         "latency_form": form_used,
+        "latency_subnormals_flushed": flushed,
     }
