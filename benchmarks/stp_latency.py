@@ -1,9 +1,10 @@
 """Side-by-side CPU latency of a run's baseline and final models (the STP latency target).
 
-    OMP_NUM_THREADS=1 python benchmarks/stp_latency.py --run runs/stp-fmnist
+    python benchmarks/stp_latency.py --run runs/stp-fmnist          # the default threads (2 here)
 
 Loads the checkpoints that ``report.json`` names as baseline and final, and times
-both in both forms with the reports' own protocol (:func:`snncompress.metrics.latency.measure_latency`;
+both in both forms (each as deployed: subnormal values flushed, the plan at its
+fastest thread count up to the process's) with the reports' own protocol (:func:`snncompress.metrics.latency.measure_latency`;
 ``eager``: the model's own forward; ``plan``: the lean
 :class:`~snncompress.deploy.plan.InferencePlan`) on the same image,
 interleaving the four variants round by round so that machine-speed drift hits
@@ -50,14 +51,21 @@ def main() -> None:
     models = load_models(args.run)
     images = torch.randn(args.batch, *models["final"].spec["in_shape"], generator=torch.Generator().manual_seed(0))
     per_round: dict[str, list[float]] = {}
+    threads_used: dict[str, set[int]] = {}
+    flushed: dict[str, int] = {}
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.passes} passes x {args.rounds} rounds")
     for r in range(args.rounds):
         for role, model in models.items():
             for form in LATENCY_FORMS:
                 timed = measure_latency(model, images, repeats=args.passes, warmup=20 if r == 0 else 3, form=form)
-                per_round.setdefault(f"{role} {timed['latency_form']}", []).append(timed["latency_ms"])
+                key = f"{role} {timed['latency_form']}"
+                per_round.setdefault(key, []).append(timed["latency_ms"])
+                threads_used.setdefault(key, set()).add(timed["latency_threads"])
+                flushed[role] = timed["latency_subnormals_flushed"]
         print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.3f} ms" for k, v in per_round.items()), flush=True)
     med = {k: statistics.median(v) for k, v in per_round.items()}
+    print("threads used: " + ", ".join(f"{k} {sorted(v)}" for k, v in threads_used.items())
+          + "; subnormal values flushed: " + ", ".join(f"{k} {v}" for k, v in flushed.items()))
     for form in ("eager", "plan"):
         b, f = med.get(f"baseline {form}"), med.get(f"final {form}")
         if b and f:
