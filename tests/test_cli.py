@@ -88,7 +88,14 @@ def test_run_writes_report_and_rerun_skips_finished_stages(tiny_recipe, tmp_path
     assert main(["run", str(tiny_recipe), "--out", str(out)]) == 0
     second = capsys.readouterr().out
     assert second.count("finished earlier; skipped") == 3 and "running stage" not in second
+    assert "[report] measuring" not in second                       # the cached measurement is reused
     assert (out / "stages/02-train_snn/model.safetensors").stat().st_mtime_ns == stamp
+
+    # changed measurement options re-measure (no stage reruns) instead of reporting stale numbers
+    assert main(["run", str(tiny_recipe), "--out", str(out), "--set", "measure.noise_sigmas=[0.0, 0.2]"]) == 0
+    remeasured = capsys.readouterr().out
+    assert remeasured.count("finished earlier; skipped") == 3 and "[report] measuring train_snn" in remeasured
+    assert sorted(json.loads((out / "report.json").read_text())["final"]["robustness"]) == ["0.0", "0.2"]
     assert json.loads((out / "report.json").read_text())["final"]["accuracy"] == report["final"]["accuracy"]
 
     # changing the last stage's options reruns that stage only

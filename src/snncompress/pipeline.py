@@ -209,11 +209,19 @@ class Run:
         write_report(self.out, report)
         return report
 
+    def _measure_key(self) -> str:
+        """Hash of the recipe's ``measure:`` options; a report measurement taken with others is redone."""
+        return hashlib.sha256(json.dumps(self.measure_opts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def _ensure_measured(self, record: dict, records: list[dict]) -> None:
-        """Give ``record`` the full SPEC §6 metrics (cached in its metrics.json)."""
-        if record.get("full_metrics"):
+        """Give ``record`` the full SPEC §6 metrics (cached in its metrics.json with the measure options' key).
+
+        An ``evaluate`` stage's own measurement (its options are in its fingerprint) counts as is.
+        """
+        key = self._measure_key()
+        if record.get("full_metrics") and record.get("measured_with", key) == key:
             return
-        same_model = next((r for r in records if r.get("full_metrics")
+        same_model = next((r for r in records if r.get("full_metrics") and "measured_with" not in r
                            and r["metrics"].get("checkpoint") == record["metrics"]["checkpoint"]), None)
         if same_model is not None:  # an evaluate stage already measured this checkpoint
             record["metrics"] = {**record["metrics"], **same_model["metrics"]}
@@ -224,7 +232,7 @@ class Run:
         ctx = self.context(model, self.out, [r for r in records if r.get("baseline") or r["kind"] == "train_ann"])
         print(f"[report] measuring {record['name']}", flush=True)
         record["metrics"] = {**record["metrics"], **measure(ctx, model, self.measure_opts)}
-        record["full_metrics"] = True
+        record["full_metrics"], record["measured_with"] = True, key
         write_json(self.out / record["dir"] / "metrics.json", record)
 
 
