@@ -129,7 +129,6 @@ def test_quantizer_export_and_reload_are_bit_exact(tmp_path, rounding):
     for name, q in get_quantizers(model).items():
         reloaded = get_quantizers(loaded)[name]
         assert torch.equal(reloaded.scale, q.scale) and reloaded.config() == q.config()
-        stored = dict(loaded.named_parameters())  # noqa: F841
         codes, _ = q.export(q(getattr(*_owner(model, name))))
         again, _ = reloaded.export(getattr(*_owner(loaded, name)))
         assert torch.equal(codes, again)
