@@ -216,12 +216,13 @@ class Run:
     def _ensure_measured(self, record: dict, records: list[dict]) -> None:
         """Give ``record`` the full SPEC §6 metrics (cached in its metrics.json with the measure options' key).
 
-        An ``evaluate`` stage's own measurement (its options are in its fingerprint) counts as is.
+        An ``evaluate`` stage's own measurement (its options are in its fingerprint) counts as is; a
+        report measurement counts only with the same options (one without a key predates them).
         """
         key = self._measure_key()
-        if record.get("full_metrics") and record.get("measured_with", key) == key:
+        if record.get("full_metrics") and (record["kind"] == "evaluate" or record.get("measured_with") == key):
             return
-        same_model = next((r for r in records if r.get("full_metrics") and "measured_with" not in r
+        same_model = next((r for r in records if r.get("full_metrics") and r["kind"] == "evaluate"
                            and r["metrics"].get("checkpoint") == record["metrics"]["checkpoint"]), None)
         if same_model is not None:  # an evaluate stage already measured this checkpoint
             record["metrics"] = {**record["metrics"], **same_model["metrics"]}
