@@ -237,3 +237,27 @@ def test_stochastic_rounding_is_drawn_once_and_the_quantized_model_is_fixed(tmp_
     plain = _convnet().eval()
     quantize_weights(plain, 3, "nearest")
     assert not torch.equal(plain.classifier[0].weight, model.classifier[0].weight)  # draws differ from nearest
+
+
+def test_a_copy_and_its_original_do_not_share_parametrizations():
+    """torch keeps a parametrized module's class in a deep copy; changing the copy must not break the original."""
+    from snncompress.compress import remove_quantizer
+    from snncompress.compress.state import frozen
+
+    model = _convnet().eval()
+    set_mask(model, "classifier.0.weight", _half_mask(model.classifier[0].weight.shape))
+    quantize_weights(model, 4)
+    images = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(images)
+        copied = copy.deepcopy(model)
+        remove_masks(copied)
+        remove_quantizer(copied, "features.0.weight")
+        attach_quantizer(copied, "features.0.bias" if copied.features[0].bias is not None else "classifier.3.weight",
+                         UniformQuantizer(3))
+        plain = frozen(model)
+        assert torch.equal(plain(images), expected)            # burned in: same logits, no parametrizations
+        assert not any(hasattr(m, "parametrizations") for m in plain.modules())
+        assert torch.equal(model(images), expected)            # the original still computes what it did
+    assert sorted(get_quantizers(model)) == ["classifier.0.weight", "classifier.3.weight", "features.0.weight"]
+    assert list(get_masks(model)) == ["classifier.0.weight"]

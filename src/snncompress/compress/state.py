@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .masks import WeightMask
+from .masks import WeightMask, own_classes
 from .quantizers import Quantizer
 
 
@@ -62,7 +62,7 @@ def frozen(model: nn.Module) -> nn.Module:
     becomes the value its parametrizations produce), without re-applying them at
     every forward pass; it is what deployment and latency timing run.
     """
-    copy_ = copy.deepcopy(model).eval()
+    copy_ = own_classes(copy.deepcopy(model)).eval()
     for module in list(copy_.modules()):
         for tensor in list(getattr(module, "parametrizations", {}).keys()):
             parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)

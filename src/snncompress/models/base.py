@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compress.masks import own_classes
 from ..encoding import encode
 from ..neuron import LIF
 
@@ -108,6 +109,13 @@ class SpikingNetwork(nn.Module):
         self.spiking = bool(spiking)
         self.spec["spiking"] = self.spiking
         return self
+
+    def __deepcopy__(self, memo) -> "SpikingNetwork":
+        """A deep copy whose parametrized layers (masks, quantizers) have classes of their own."""
+        replica = self.__new__(type(self))
+        memo[id(self)] = replica
+        replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+        return own_classes(replica)
 
     def ann_twin(self) -> "SpikingNetwork":
         """A deep copy in ANN mode (ReLU), sharing no tensors with this model."""
