@@ -69,7 +69,10 @@ def main() -> None:
     for form in ("eager", "plan"):
         b, f = med.get(f"baseline {form}"), med.get(f"final {form}")
         if b and f:
-            print(f"{form}: baseline {b:.3f} ms/img, final {f:.3f} ms/img, speed-up x{b / f:.2f}")
+            per_round_ratio = [x / y for x, y in zip(per_round[f"baseline {form}"], per_round[f"final {form}"])]
+            print(f"{form}: baseline {b:.3f} ms/img, final {f:.3f} ms/img, speed-up x{b / f:.2f} "
+                  f"(per round x{min(per_round_ratio):.2f}..x{max(per_round_ratio):.2f}, "
+                  f"median x{statistics.median(per_round_ratio):.2f})")
     if med.get("baseline eager") and med.get("final plan"):
         print(f"final plan vs baseline eager: x{med['baseline eager'] / med['final plan']:.2f}")
 
