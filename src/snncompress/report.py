@@ -284,10 +284,15 @@ def _method_lines(final: dict) -> list[str]:
                  f"{'included' if final.get('footprint_include_state') else 'not included'}"
                  f" ({_kib(final.get('footprint_state_bytes'))} KiB).")
     if final.get("latency_ms") is not None:
+        threads = f"{final.get('latency_threads', '?')} thread(s)"
+        if final.get("latency_threads_available") is not None:
+            threads += f" of {final['latency_threads_available']} (the fastest count, tuned per model)"
+        flushed = final.get("latency_subnormals_flushed")
         lines.append(f"- Latency: median of {final.get('latency_repeats', '?')} runs after warm-up, batch "
-                     f"{final.get('latency_batch')}, {final.get('latency_threads', '?')} threads, device "
+                     f"{final.get('latency_batch')}, {threads}, device "
                      f"{final.get('latency_device', '?')}, torch.inference_mode, "
-                     f"{final.get('latency_form', 'eager')} form.")
+                     f"{final.get('latency_form', 'eager')} form; masks and quantizers burned in"
+                     + (f", {flushed} subnormal values flushed to zero." if flushed is not None else "."))
     return lines + [""]
 
 
