@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 
 from ..errors import UserError
+from ..io import save_figure
 from ..models import SpikingNetwork, build_model
 from ..recipe import Recipe, Strict
 from ..training import Callback, TrainConfig, seed_everything, train
@@ -146,6 +147,14 @@ def training_metrics(history: list[dict]) -> dict:
     """A training stage's metrics: the last epoch's validation accuracy, epochs, seconds per epoch."""
     return {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history),
             "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history)}
+
+
+def save_selection_plot(fig, ax, path: Path, xlabel: str, title: str) -> str:
+    """Finish a plot of validation accuracy against a knob that shrinks to the right (T, bits); save it as PNG."""
+    ax.invert_xaxis()
+    ax.set(xlabel=xlabel, ylabel="validation accuracy", title=title)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def calibration_images(loader, n: int) -> torch.Tensor:

@@ -18,10 +18,9 @@ from matplotlib.figure import Figure
 from pydantic import Field, field_validator
 
 from ..compress.quantizers import quantize_weights
-from ..io import save_figure
 from ..models import SpikingNetwork
 from ..training import evaluate_accuracy
-from .base import StageContext, StageOptions, StageResult, register_stage
+from .base import StageContext, StageOptions, StageResult, register_stage, save_selection_plot
 
 DEFAULT_SWEEP_BITS = list(range(16, 1, -1))
 
@@ -76,10 +75,7 @@ def plot_sweep(results: dict[int, float], reference: float, tolerance: float, ch
     ax.axhline(reference - tolerance, color="grey", ls="--", lw=1, label="float - tolerance")
     if chosen is not None:
         ax.plot([chosen], [results[chosen]], "s", color="#d62728", ms=9, label=f"chosen: {chosen} bits")
-    ax.invert_xaxis()
-    ax.set(xlabel="weight bits", ylabel="validation accuracy", title="post-training weight quantization")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return save_selection_plot(fig, ax, path, "weight bits", "post-training weight quantization")
 
 
 @register_stage("quant_sweep", QuantSweepOptions)

@@ -30,7 +30,8 @@ from ..errors import UserError
 from ..io import save_figure, write_json
 from ..models import SpikingNetwork
 from ..training import Distillation, evaluate_accuracy
-from .base import (StageContext, StageResult, TrainOptions, calibration_images, fit, register_stage)
+from .base import (StageContext, StageResult, TrainOptions, calibration_images, fit, register_stage,
+                   save_selection_plot)
 
 
 # ----------------------------------------------------------------------------- prune_pca
@@ -217,10 +218,7 @@ def plot_trials(start_timesteps: int, start_accuracy: float, rows: list[dict], t
             ax.plot([r["timesteps"]], [r["val_accuracy"]], "x", color="#d62728", ms=10, label="rejected")
     ax.axhline(start_accuracy - tolerance, color="grey", ls="--", lw=1, label="start - tolerance")
     ax.set_xticks(sorted(set(ts)))
-    ax.invert_xaxis()
-    ax.set(xlabel="timesteps T", ylabel="validation accuracy", title="temporal pruning")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return save_selection_plot(fig, ax, path, "timesteps T", "temporal pruning")
 
 
 @register_stage("temporal", TemporalOptions)
