@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UserError
 from .models import MODEL_NAMES
+from .neuron import RESETS, SURROGATES
 
 
 class Strict(BaseModel):
@@ -53,8 +54,8 @@ class DataConfig(Strict):
 class NeuronConfig(Strict):
     leak: float = Field(1.0, ge=0.0, le=1.0)
     threshold: float = Field(1.0, gt=0.0)
-    reset: Literal["soft", "hard"] = "soft"
-    surrogate: Literal["linear", "atan", "fast_sigmoid"] = "linear"
+    reset: Literal[RESETS] = "soft"
+    surrogate: Literal[SURROGATES] = "linear"
     learn_leak: bool = True
     learn_threshold: bool = True
     per_channel: bool = False
