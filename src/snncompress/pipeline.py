@@ -176,6 +176,9 @@ class Run:
                        "checkpoint": ckpt.relative_to(self.out).as_posix()}
             save_checkpoint(ckpt, model, info={"stage": opts.name, "kind": stage.kind, "dataset": self.info.name,
                                   "recipe": self.recipe.name, "accuracy": metrics.get("accuracy")})
+            # later stages start from what the checkpoint holds (a quantized tensor's stored values are
+            # its codes times scale), exactly as a resumed run does
+            model = load_checkpoint(ckpt, self.device).model
         else:
             previous = records[-1]["metrics"] if records else {}
             metrics = {"checkpoint": previous.get("checkpoint"), **metrics}
