@@ -509,3 +509,29 @@ def test_triton_kernel_logic_in_interpreter():
     if proc.returncode != 0 and "No module named" in proc.stderr:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_lean_memory_covers_masked_and_quantized_convolutions():
+    """Parametrized convs (a mask, a quantizer) take the lean path too, with the same gradients, and
+    get their own class back afterwards."""
+    from snncompress.compress import quantize_weights, set_mask
+
+    torch.manual_seed(0)
+    base = build_model("vgg5", 10, (3, 16, 16), 3, features=[8, "A", 16, 16, "A"], classifier=[32],
+                       neuron={"threshold": 0.3})
+    set_mask(base, "features.3.weight", torch.rand(16, 8, 3, 3) < 0.5)
+    quantize_weights(base, 6, names=["features.5.weight"])
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    ref = _train_step(copy.deepcopy(base), x, y)
+    model = copy.deepcopy(base)
+    classes = {name: type(m) for name, m in model.named_modules()}
+    lean_memory(model)
+    assert all(isinstance(model.features[i], torch.nn.Conv2d) and type(model.features[i]).__name__.startswith("Lean")
+               for i in (0, 3, 5))
+    got = _train_step(model, x, y)
+    assert torch.equal(ref[0], got[0])
+    for name in ref[1]:
+        assert torch.equal(ref[1][name], got[1][name]), name
+    assert torch.all(got[1]["features.3.parametrizations.weight.original"][~model.features[3].parametrizations.weight[0].mask] == 0)
+    lean_memory(model, False)
+    assert {name: type(m) for name, m in model.named_modules()} == classes

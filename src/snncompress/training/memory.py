@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils import parametrize
 
 from ..neuron import LIF
 from ..kernels.cpu import avg_pool_fast, pack_u8
@@ -213,15 +214,34 @@ def _swap_pools(model: nn.Module, enable: bool) -> None:
     _swap(model, enable, (nn.AvgPool2d,))
 
 
+def _lean_parametrized(cls: type, lean: type) -> type:
+    """The lean class of a parametrized module's class ``cls`` (masks, quantizers; see
+    :mod:`snncompress.compress`): the lean forward over ``cls``, whose tensor properties it keeps."""
+    made = _LEAN_PARAMETRIZED.get(cls)
+    if made is None:
+        made = type(f"Lean{cls.__name__}", (lean, cls), {"_snn_plain_class": cls})
+        _LEAN_PARAMETRIZED[cls] = made
+    return made
+
+
+_LEAN_PARAMETRIZED: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+
+
 def _swap(model: nn.Module, enable: bool, kinds) -> None:
-    """Switch modules of exactly the classes in ``kinds`` to their lean subclasses (or back)."""
+    """Switch modules of exactly the classes in ``kinds`` (or parametrized versions of them) to their
+    lean subclasses, or back."""
     for m in model.modules():
+        cls = type(m)
         for plain in kinds:
             lean = _LEAN_CLASSES[plain]
-            if enable and type(m) is plain:
+            if enable and cls is plain:
                 m.__class__ = lean
-            elif not enable and type(m) is lean:
+            elif enable and parametrize.is_parametrized(m) and cls.__bases__ == (plain,):
+                m.__class__ = _lean_parametrized(cls, lean)
+            elif not enable and cls is lean:
                 m.__class__ = plain
+            elif not enable and getattr(cls, "_snn_plain_class", None) is not None and lean in cls.__bases__:
+                m.__class__ = cls._snn_plain_class
 
 
 def lean_memory(model: nn.Module, enable: bool = True) -> nn.Module:
@@ -230,7 +250,8 @@ def lean_memory(model: nn.Module, enable: bool = True) -> nn.Module:
     Implemented with forward hooks around the model's own forward, and by switching its
     ``nn.AvgPool2d`` modules to :class:`LeanAvgPool2d` (a pool that keeps no input for
     backward) and ``nn.Conv2d`` to :class:`LeanConv2d` (uint8 spike input, batch-chunked
-    backward); the model class, its parameters and state_dict are untouched.
+    backward); a masked or quantized conv gets a lean subclass of its own parametrized class.
+    The model class, its parameters and state_dict are untouched.
     Deep copies (e.g. ``ann_twin()``) keep the setting (harmless in ANN mode: ReLU
     outputs are rarely k/16-valued, and the check rejects them at their first value).
     """
