@@ -25,7 +25,12 @@ except Exception as _exc:  # noqa: BLE001
     warnings.warn(f"snncompress.kernels unavailable, LIF uses the reference backend: {_exc!r}",
                   RuntimeWarning, stacklevel=2)
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml is its one source)
+    from importlib.metadata import version as _version
+
+    __version__ = _version("snncompress")
+except Exception:  # noqa: BLE001 - running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["LIF", "LIFState", "lif_step", "lif_multistep", "build_model", "build_from_spec", "load",
            "load_checkpoint", "save_checkpoint", "MODEL_NAMES", "UserError", "__version__"]
