@@ -44,6 +44,15 @@ def test_bad_recipe_values_exit_2_with_one_line_and_write_nothing(capsys, tiny_r
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["../escaped", "a/b", ".hidden", "", "x" * 65])
+def test_stage_name_that_is_not_a_plain_folder_name_exits_2_and_writes_nothing(capsys, tiny_recipe, tmp_path,
+                                                                               name):
+    out = tmp_path / "nested" / "run"
+    assert_user_error(capsys, ["run", tiny_recipe, "--out", out, "--set", f"stages.train_snn.name={name!r}"],
+                      "stages[2] (train_snn): name: String should")
+    assert not (tmp_path / "nested").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
 def test_missing_dataset_files_exit_2(capsys, tiny_recipe, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -33,7 +33,9 @@ class StageOptions(Strict):
     """Options every stage has."""
 
     kind: str
-    name: str | None = Field(None, description="folder and report name; default: the kind")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                             description="folder and report name (letters, digits, '_', '.', '-'; "
+                                         "no path); default: the kind")
 
 
 @dataclass
