@@ -75,7 +75,8 @@ def describe_stages(kinds: dict) -> str:
             if name == "kind":
                 continue
             default = field.default_factory() if field.default_factory is not None else field.default
-            limits = ", ".join(repr(m) for m in field.metadata)
+            limits = ", ".join(f"pattern {m.pattern}" if getattr(m, "pattern", None) else repr(m)
+                               for m in field.metadata)
             text = f"    {name} = {default!r}"
             text += f"  [{limits}]" if limits else ""
             text += f"  {field.description}" if field.description else ""
