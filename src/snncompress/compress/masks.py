@@ -75,6 +75,31 @@ def chain(module: nn.Module, tensor: str) -> list[nn.Module]:
     return list(module.parametrizations[tensor])
 
 
+def find(module: nn.Module, tensor: str, kind: type) -> nn.Module | None:
+    """The parametrization of type ``kind`` on ``module.<tensor>`` (a mask, a quantizer), or None."""
+    return next((p for p in chain(module, tensor) if isinstance(p, kind)), None)
+
+
+def attached(model: nn.Module, kind: type) -> dict[str, nn.Module]:
+    """``{tensor name: parametrization}`` of every parametrization of type ``kind`` in ``model``, in module order."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for tensor, plist in getattr(module, "parametrizations", {}).items():
+            for p in plist:
+                if isinstance(p, kind):
+                    found[f"{module_name}.{tensor}" if module_name else tensor] = p
+    return found
+
+
+def detach(module: nn.Module, tensor: str, part: nn.Module) -> None:
+    """Remove parametrization ``part`` from ``module.<tensor>``, keeping the stored values as they are."""
+    plist = module.parametrizations[tensor]
+    if len(plist) == 1:
+        parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+    else:
+        del plist[next(i for i, p in enumerate(plist) if p is part)]
+
+
 def original(module: nn.Module, tensor: str) -> torch.Tensor:
     """The stored (unparametrized) tensor behind ``module.<tensor>``."""
     if parametrize.is_parametrized(module, tensor):
@@ -88,9 +113,9 @@ def set_mask(model: nn.Module, name: str, mask: torch.Tensor) -> None:
     target = original(module, tensor)
     if tuple(mask.shape) != tuple(target.shape):
         raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the tensor {tuple(target.shape)}")
-    existing = [p for p in chain(module, tensor) if isinstance(p, WeightMask)]
-    if existing:
-        existing[0].mask.copy_(mask.to(existing[0].mask.device, torch.bool))
+    existing = find(module, tensor, WeightMask)
+    if existing is not None:
+        existing.mask.copy_(mask.to(existing.mask.device, torch.bool))
     else:
         parametrize.register_parametrization(module, tensor, WeightMask(mask.to(target.device)))
         plist = module.parametrizations[tensor]
@@ -107,33 +132,21 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 def get_mask(model: nn.Module, name: str) -> torch.Tensor | None:
     """The bool mask of tensor ``name`` (the buffer itself), or None."""
-    module, tensor = owner(model, name)
-    found = [p for p in chain(module, tensor) if isinstance(p, WeightMask)]
-    return found[0].mask if found else None
+    found = find(*owner(model, name), WeightMask)
+    return found.mask if found is not None else None
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{name: bool mask}`` of every masked tensor of ``model``, in module order."""
-    masks = {}
-    for module_name, module in model.named_modules():
-        for tensor, plist in getattr(module, "parametrizations", {}).items():
-            for p in plist:
-                if isinstance(p, WeightMask):
-                    masks[f"{module_name}.{tensor}" if module_name else tensor] = p.mask
-    return masks
+    return {name: p.mask for name, p in attached(model, WeightMask).items()}
 
 
 def remove_mask(model: nn.Module, name: str, burn_in: bool = True) -> None:
     """Drop the mask of tensor ``name``; with ``burn_in`` the masked positions stay zero in storage."""
     module, tensor = owner(model, name)
-    plist = module.parametrizations[tensor]
-    index = next(i for i, p in enumerate(plist) if isinstance(p, WeightMask))
     if burn_in:
         enforce_masks_(model, [name])
-    if len(plist) == 1:
-        parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
-    else:
-        del plist[index]
+    detach(module, tensor, find(module, tensor, WeightMask))
 
 
 def remove_masks(model: nn.Module, burn_in: bool = True) -> None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .masks import chain, original, owner
+from .masks import attached, chain, detach, find, original, owner
 
 ROUNDINGS = ("nearest", "half_up", "truncate", "stochastic")
 #: Fraction of a grid step within which a value counts as on the grid (float error of ``codes * scale / scale``).
@@ -108,10 +108,14 @@ class Quantizer(nn.Module):
         """``codes * scale`` in ``dtype`` (the same operation in the forward pass and on reload)."""
         return codes.to(dtype) * self.scale.to(codes.device, dtype)
 
+    def quantize(self, w: torch.Tensor, stochastic: bool | None = None) -> torch.Tensor:
+        """``Q(w)``: the codes of ``w`` times the scale, in ``w``'s dtype (no gradient)."""
+        return self.dequantize(self.codes(w, stochastic), w.dtype)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.update_scale(w)
-        return _StraightThrough.apply(w, self.dequantize(self.codes(w), w.dtype))
+        return _StraightThrough.apply(w, self.quantize(w))
 
     def export(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes, scale)``: int32 codes of ``w``'s shape (as the eval-mode forward computes them) and
@@ -183,37 +187,24 @@ def attach_quantizer(model: nn.Module, name: str, quantizer: Quantizer, calibrat
 
 def get_quantizer(model: nn.Module, name: str) -> Quantizer | None:
     """The quantizer on tensor ``name``, or None."""
-    module, tensor = owner(model, name)
-    found = [p for p in chain(module, tensor) if isinstance(p, Quantizer)]
-    return found[0] if found else None
+    return find(*owner(model, name), Quantizer)
 
 
 def get_quantizers(model: nn.Module) -> dict[str, Quantizer]:
     """``{name: quantizer}`` of every quantized tensor of ``model``, in module order."""
-    found = {}
-    for module_name, module in model.named_modules():
-        for tensor, plist in getattr(module, "parametrizations", {}).items():
-            for p in plist:
-                if isinstance(p, Quantizer):
-                    found[f"{module_name}.{tensor}" if module_name else tensor] = p
-    return found
+    return attached(model, Quantizer)
 
 
 def remove_quantizer(model: nn.Module, name: str, burn_in: bool = False) -> None:
     """Drop the quantizer of ``name`` (if any); with ``burn_in`` the stored tensor becomes ``Q(original)``."""
     module, tensor = owner(model, name)
-    plist = chain(module, tensor)
-    index = next((i for i, p in enumerate(plist) if isinstance(p, Quantizer)), None)
-    if index is None:
+    quantizer = find(module, tensor, Quantizer)
+    if quantizer is None:
         return
     if burn_in:
         with torch.no_grad():
-            stored = original(module, tensor)
-            stored.copy_(plist[index].dequantize(plist[index].codes(stored), stored.dtype))
-    if len(plist) == 1:
-        parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
-    else:
-        del module.parametrizations[tensor][index]
+            original(module, tensor).copy_(quantizer.quantize(original(module, tensor)))
+    detach(module, tensor, quantizer)
 
 
 def weight_names(model: nn.Module) -> list[str]:
@@ -232,7 +223,7 @@ def snap_to_grid_(model: nn.Module, stochastic: bool = True) -> None:
     """
     for name, quantizer in get_quantizers(model).items():
         stored = original(*owner(model, name))
-        stored.copy_(quantizer.dequantize(quantizer.codes(stored, stochastic), stored.dtype))
+        stored.copy_(quantizer.quantize(stored, stochastic))
 
 
 def quantize_weights(model: nn.Module, bits: int, rounding: str = "nearest",
