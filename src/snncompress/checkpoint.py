@@ -49,7 +49,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from .compress.masks import get_masks, set_masks
 from .compress.quantizers import (Quantizer, UniformQuantizer, attach_quantizer, get_quantizers,
                                   quantizer_from_config)
-from .compress.state import StoredTensor, stored_tensors
+from .compress.state import StoredTensor, bookkeeping, stored_tensors
 from .errors import UserError
 from .io import atomic_write
 from .metrics.footprint import index_bits, tensor_cost
@@ -141,23 +141,30 @@ def _encode(t: StoredTensor, out: dict) -> dict:
     return entry
 
 
-def _decode_values(name: str, entry: dict, count: int, tensors: dict) -> torch.Tensor:
+def _stored_quantizer(name: str, entry: dict, tensors: dict) -> Quantizer | None:
+    """The quantizer of stored tensor ``name`` with its stored scale, or None."""
+    if entry["quantizer"] is None:
+        return None
+    quantizer = quantizer_from_config(entry["quantizer"])
+    quantizer.scale.copy_(tensors[f"{name}@scale"].reshape(quantizer.scale.shape))
+    return quantizer
+
+
+def _decode_values(name: str, entry: dict, count: int, tensors: dict, quantizer: Quantizer | None) -> torch.Tensor:
     """The ``count`` stored values of ``name`` as floats (codes times scale for a quantized tensor)."""
     dtype = getattr(torch, entry["dtype"])
-    if entry["quantizer"] is None:
+    if quantizer is None:
         return tensors[f"{name}@values"].to(dtype).reshape(-1)
-    quantizer = quantizer_from_config(entry["quantizer"])
-    codes = unpack_signed(tensors[f"{name}@codes"], quantizer.bits, count)
-    quantizer.scale = tensors[f"{name}@scale"].to(torch.float32)
-    return quantizer.dequantize(codes, dtype)
+    return quantizer.dequantize(unpack_signed(tensors[f"{name}@codes"], quantizer.bits, count), dtype)
 
 
-def _decode(name: str, entry: dict, tensors: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _decode(name: str, entry: dict, tensors: dict,
+            quantizer: Quantizer | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dense values, mask or None)`` of stored tensor ``name``."""
     shape, numel = entry["shape"], math.prod(entry["shape"])
     if not entry["masked"] or entry["format"] == "dense":
-        values = tensors[name] if entry["quantizer"] is None and name in tensors else \
-            _decode_values(name, entry, numel, tensors)
+        values = tensors[name] if quantizer is None and name in tensors else \
+            _decode_values(name, entry, numel, tensors, quantizer)
         values = values.reshape(shape)
         return values, (values != 0) if entry["masked"] else None
     kept = entry["kept"]
@@ -172,7 +179,7 @@ def _decode(name: str, entry: dict, tensors: dict) -> tuple[torch.Tensor, torch.
         mask = torch.zeros(numel, dtype=torch.bool)
         mask[row_of * cols + columns] = True
     values = torch.zeros(numel, dtype=getattr(torch, entry["dtype"]))
-    values[mask] = _decode_values(name, entry, kept, tensors)
+    values[mask] = _decode_values(name, entry, kept, tensors, quantizer)
     return values.reshape(shape), mask.reshape(shape)
 
 
@@ -245,12 +252,12 @@ def _format1_state(meta: dict, tensors: dict) -> tuple[dict, dict, dict]:
 def _format2_state(meta: dict, tensors: dict) -> tuple[dict, dict, dict]:
     state, masks, quantizers = {}, {}, {}
     for name, entry in meta["tensors"].items():
-        state[name], mask = _decode(name, entry, tensors)
+        quantizer = _stored_quantizer(name, entry, tensors)
+        state[name], mask = _decode(name, entry, tensors, quantizer)
         if mask is not None:
             masks[name] = mask
-        if entry["quantizer"] is not None:
-            quantizers[name] = quantizer_from_config(entry["quantizer"])
-            quantizers[name].scale.copy_(tensors[f"{name}@scale"].reshape(quantizers[name].scale.shape))
+        if quantizer is not None:
+            quantizers[name] = quantizer
     return state, masks, quantizers
 
 
@@ -265,9 +272,8 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> Checkpoint:
     except (KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"checkpoint {path} is damaged or not from this tool: {type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-    bookkeeping = {k: v for k, v in model.state_dict().items() if not torch.is_floating_point(v)}  # plain model
     try:
-        model.load_state_dict({**bookkeeping, **state}, strict=True)
+        model.load_state_dict({**bookkeeping(model), **state}, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise UserError(f"checkpoint {path} does not match its architecture: "

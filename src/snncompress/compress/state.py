@@ -55,6 +55,13 @@ def stored_tensors(model: nn.Module) -> list[StoredTensor]:
     return found
 
 
+def bookkeeping(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The non-float buffers :func:`stored_tensors` leaves out (BatchNorm's ``num_batches_tracked``),
+    by ``state_dict`` name, outside any parametrization (a mask's bits are the mask's)."""
+    return {k: v for k, v in model.state_dict().items()
+            if not torch.is_floating_point(v) and "parametrizations" not in k.split(".")}
+
+
 def frozen(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` for inference: every mask and quantizer burned into plain tensors.
 

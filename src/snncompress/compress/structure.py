@@ -40,7 +40,7 @@ from torch import nn
 from ..models import SpikingNetwork, build_from_spec
 from .masks import set_masks
 from .quantizers import attach_quantizer, quantizer_from_config
-from .state import stored_tensors
+from .state import bookkeeping, stored_tensors
 from ..neuron import LIF
 
 
@@ -256,7 +256,7 @@ def narrow_model(model: SpikingNetwork, keep: dict[str, torch.Tensor],
     param = next(model.parameters())
     narrow.to(param.device, param.dtype)
     stored = stored_tensors(model)
-    narrow.load_state_dict(narrow_state({**_bookkeeping(model), **{t.name: t.values for t in stored}}, groups, keep),
+    narrow.load_state_dict(narrow_state({**bookkeeping(model), **{t.name: t.values for t in stored}}, groups, keep),
                            strict=True)
     masks = {t.name: t.mask for t in stored if t.mask is not None}
     set_masks(narrow, narrow_state(masks, groups, keep))
@@ -264,12 +264,6 @@ def narrow_model(model: SpikingNetwork, keep: dict[str, torch.Tensor],
         if t.quantizer is not None:
             attach_quantizer(narrow, t.name, quantizer_from_config(t.quantizer.config()))
     return narrow.train(model.training)
-
-
-def _bookkeeping(model: nn.Module) -> dict:
-    """Non-float buffers of ``model`` (BatchNorm's ``num_batches_tracked``) under their state_dict names."""
-    return {k: v for k, v in model.state_dict().items()
-            if not torch.is_floating_point(v) and "parametrizations" not in k.split(".")}
 
 
 def narrow_fresh(model: SpikingNetwork, widths: dict[str, int],

@@ -72,12 +72,6 @@ def _tensor_kind(owner: nn.Module | None) -> str:
     return "other"
 
 
-def choose_format(shape: tuple[int, ...], kept: int, value_bits: int) -> str:
-    """The cheapest of :data:`SPARSE_FORMATS` for a masked tensor (ties keep the simpler format)."""
-    options = sparse_format_bits(shape, kept, value_bits)
-    return min(SPARSE_FORMATS, key=lambda f: options[f])
-
-
 def tensor_cost(stored: StoredTensor) -> dict:
     """Cost of one stored tensor: ``{"kind", "numel", "stored", "value_bits", "format", "bits"}``."""
     q = stored.quantizer
@@ -87,8 +81,9 @@ def tensor_cost(stored: StoredTensor) -> dict:
     fmt, kept, bits = "dense", numel, numel * value_bits
     if stored.mask is not None and numel > 0:
         kept = int(stored.mask.sum())
-        fmt = choose_format(tuple(stored.values.shape), kept, value_bits)
-        bits = sparse_format_bits(tuple(stored.values.shape), kept, value_bits)[fmt]
+        options = sparse_format_bits(tuple(stored.values.shape), kept, value_bits)
+        fmt = min(SPARSE_FORMATS, key=lambda f: options[f])  # ties keep the simpler format
+        bits = options[fmt]
     return {"kind": _tensor_kind(stored.owner), "numel": numel, "stored": kept, "value_bits": value_bits,
             "format": fmt, "bits": bits + scale_bits}
 
