@@ -78,13 +78,7 @@ class InferencePlan(nn.Module):
         self.threads, timings = None, {}
         for threads in range(1, torch.get_num_threads() + 1):
             self.threads = threads
-            times = []
-            for i in range(repeats + 3):
-                start = time.perf_counter()
-                self(images)
-                if i >= 3:
-                    times.append(time.perf_counter() - start)
-            timings[threads] = statistics.median(times) * 1000.0
+            timings[threads] = median_ms(lambda: self(images), repeats, warmup=3)
         self.threads = min(timings, key=timings.get)
         return timings
 
@@ -132,6 +126,22 @@ class InferencePlan(nn.Module):
             if has_time:
                 return x if self.timesteps == 1 else x.view(self.timesteps, -1, *x.shape[1:]).sum(0)
             return x * self.timesteps
+
+
+def median_ms(call, repeats: int, warmup: int, sync=None) -> float:
+    """Median wall-clock milliseconds of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones;
+    ``sync()`` (e.g. a CUDA synchronize) runs before each clock read."""
+    times = []
+    for i in range(warmup + max(int(repeats), 1)):
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        call()
+        if sync is not None:
+            sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
 
 
 def _pool_size(m: nn.AvgPool2d) -> int | None:

@@ -20,13 +20,12 @@ count up to the process's (``latency_threads`` of ``latency_threads_available``)
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from torch import nn
 
 from ..compress.state import frozen
+from ..deploy.plan import build_inference_plan, median_ms
+from ..deploy.prepare import flush_subnormals_
 
 
 def latency_images(loader, batch: int) -> torch.Tensor:
@@ -59,8 +58,6 @@ def inference_form(model: nn.Module, form: str = "plan") -> tuple[nn.Module, str
     if form not in LATENCY_FORMS:
         raise ValueError(f"latency form must be 'plan' or 'eager', got {form!r}")
     if form == "plan":
-        from ..deploy.plan import build_inference_plan
-
         plan = build_inference_plan(model)
         if plan is not None:
             return plan, "plan"
@@ -85,32 +82,24 @@ def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20
         "latency_threads_available" (the process's intra-op threads), "latency_device",
         "latency_repeats", "latency_form", "latency_subnormals_flushed"}``.
     """
-    from ..deploy.prepare import flush_subnormals_
-
     device = torch.device(device)
     model = frozen(model)
     flushed = flush_subnormals_(model)
     timed, form_used = inference_form(model, form) if device.type == "cpu" else (model, "eager")
     images = images.to(device)
     available = int(torch.get_num_threads())
-    times = []
+    repeats = max(int(repeats), 1)
     with torch.inference_mode():
         if form_used == "plan":
             timed.tune_threads(images)
-        for i in range(warmup + max(int(repeats), 1)):
-            _sync(device)
-            start = time.perf_counter()
-            timed(images)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        batch_ms = median_ms(lambda: timed(images), repeats, warmup, sync=lambda: _sync(device))
     return {
-        "latency_ms": statistics.median(times) * 1000.0 / images.shape[0],
+        "latency_ms": batch_ms / images.shape[0],
         "latency_batch": int(images.shape[0]),
         "latency_threads": int(getattr(timed, "threads", None) or available),
         "latency_threads_available": available,
         "latency_device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "latency_repeats": len(times),
+        "latency_repeats": repeats,
         "latency_form": form_used,
         "latency_subnormals_flushed": flushed,
     }
