@@ -24,8 +24,6 @@ import torch
 from torch import nn
 
 from ..compress.state import frozen
-from ..deploy.plan import build_inference_plan, median_ms
-from ..deploy.prepare import flush_subnormals_
 
 
 def latency_images(loader, batch: int) -> torch.Tensor:
@@ -58,6 +56,8 @@ def inference_form(model: nn.Module, form: str = "plan") -> tuple[nn.Module, str
     if form not in LATENCY_FORMS:
         raise ValueError(f"latency form must be 'plan' or 'eager', got {form!r}")
     if form == "plan":
+        from ..deploy.plan import build_inference_plan  # deploy loads the C kernels: not at package import
+
         plan = build_inference_plan(model)
         if plan is not None:
             return plan, "plan"
@@ -82,6 +82,9 @@ def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20
         "latency_threads_available" (the process's intra-op threads), "latency_device",
         "latency_repeats", "latency_form", "latency_subnormals_flushed"}``.
     """
+    from ..deploy.plan import median_ms  # deploy loads the C kernels: not at package import
+    from ..deploy.prepare import flush_subnormals_
+
     device = torch.device(device)
     model = frozen(model)
     flushed = flush_subnormals_(model)
