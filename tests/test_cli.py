@@ -34,7 +34,7 @@ def assert_user_error(capsys, args, fragment):
     ("stages.convert.percentile=150", "percentile: Input should be less than or equal to 100"),
     ("stages.0.kind=train_everything", "unknown stage 'train_everything'"),
     ("data.dataset=mnist", "mnist"),
-    ("model.options={depth: 3}", "bad option for model 'convnet'"),
+    ("model.options={depth: 3}", "model.options.depth: unknown option"),
 ])
 def test_bad_recipe_values_exit_2_with_one_line_and_write_nothing(capsys, tiny_recipe, tmp_path, override, fragment,
                                                                    monkeypatch):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,11 @@ from .models import SpikingNetwork, build_from_spec
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
 META_KEY = "snncompress"
+#: What decoding a damaged or foreign file can raise; each becomes one UserError line.
+DAMAGED = (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError, RuntimeError,
+           SafetensorError)
+#: First bytes of files that are pickles (never unpickled here): pickle protocol 2+ and torch.save's zip.
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 
 
 @dataclass
@@ -218,23 +224,63 @@ def stored_bytes(path) -> int:
 def read_metadata(path) -> dict:
     """The checkpoint's JSON metadata (spec, tensors, info), without loading tensors."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path} is not a snncompress checkpoint (safetensors): {exc}") from None
+        if _is_pickle(path):
+            raise UserError(f"{path} is a pickle / torch.save file, not a snncompress checkpoint (safetensors); "
+                            f"pickles are never loaded") from None
+        raise UserError(f"{path} is not a snncompress checkpoint (safetensors): {str(exc).strip()}") from None
     if raw is None:
         raise UserError(f"{path} is a safetensors file without snncompress metadata")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise UserError(f"{path} has damaged snncompress metadata (not JSON)") from None
     if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise UserError(f"{path} has checkpoint format {found}, this version reads {READABLE_FORMATS}")
     return meta
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts like a pickle or a ``torch.save`` archive (only its first bytes are read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4).startswith(PICKLE_MAGIC)
+    except OSError:
+        return False
+
+
+@contextmanager
+def _decoding(path):
+    """Turn what a damaged or foreign file raises while it is decoded into one UserError line."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(f"checkpoint {path}: {exc}") from None
+    except DAMAGED as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"checkpoint {path} is damaged or not from this tool: {type(exc).__name__}: {reason}") from None
+
+
+def _check_shapes(spec: dict, state: dict) -> None:
+    """The spec's tensors against the stored ones, on the meta device: a spec that does not fit its
+    tensors (or asks for a huge network) fails before any memory is allocated for it."""
+    with torch.device("meta"):
+        fresh = build_from_spec(spec)
+    skip = bookkeeping(fresh)  # e.g. BatchNorm's step counter: a format 1 file stores it, format 2 does not
+    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items() if k not in skip}
+    stored = {k: tuple(v.shape) for k, v in state.items() if k not in skip}
+    if expected != stored:
+        name = next(k for k in sorted(set(expected) | set(stored)) if expected.get(k) != stored.get(k))
+        raise UserError(f"does not match its architecture: {name} is {stored.get(name, 'missing')} in the "
+                        f"file and {expected.get(name, 'absent')} in the spec")
 
 
 def _format1_state(meta: dict, tensors: dict) -> tuple[dict, dict, dict]:
@@ -264,25 +310,21 @@ def _format2_state(meta: dict, tensors: dict) -> tuple[dict, dict, dict]:
 def load_checkpoint(path, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model stored at ``path`` with its masks and quantizers, in eval mode."""
     meta = read_metadata(path)
-    try:
+    with _decoding(path):
         tensors = load_file(str(path), device="cpu")
         read = _format2_state if meta["format"] == 2 else _format1_state
         state, masks, quantizers = read(meta, tensors)
+        _check_shapes(meta["spec"], state)
         model = build_from_spec(meta["spec"])
-    except (KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"checkpoint {path} is damaged or not from this tool: {type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-    try:
         model.load_state_dict({**bookkeeping(model), **state}, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise UserError(f"checkpoint {path} does not match its architecture: "
-                        f"{' '.join(line.strip() for line in first[:3])}") from None
-    set_masks(model, masks)
-    _attach_state_quantizers(model, meta.get("state_quantizers", {}))
-    for name, quantizer in quantizers.items():
-        attach_quantizer(model, name, quantizer, calibrate=False)
-    return Checkpoint(model=model.to(device).eval(), info=meta.get("info", {}))
+        set_masks(model, masks)
+        _attach_state_quantizers(model, meta.get("state_quantizers", {}))
+        for name, quantizer in quantizers.items():
+            attach_quantizer(model, name, quantizer, calibrate=False)
+        info = meta.get("info", {})
+        if not isinstance(info, dict):
+            raise TypeError(f"info is a {type(info).__name__}, not a mapping")
+    return Checkpoint(model=model.to(device).eval(), info=info)
 
 
 def load(path, device: str | torch.device = "cpu") -> SpikingNetwork:

@@ -124,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out(out: str) -> None:
+    """``--out`` must be a folder or creatable as one; anything in the way is a UserError before any work."""
+    path = Path(out)
+    try:
+        folder = next(p for p in (path, *path.parents) if p.exists())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--out {out}: {exc}") from None
+    if not folder.is_dir():
+        raise UserError(f"--out {out}: {folder} exists and is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {folder} is not writable")
+
+
 def summarize(report: dict | None) -> None:
     if not report:
         return
@@ -135,9 +148,11 @@ def summarize(report: dict | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out", None) is not None:
+            check_out(args.out)
         summarize(args.func(args))
     except UserError as exc:
-        print(f"snncompress: error: {exc}", file=sys.stderr)
+        print(f"snncompress: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")

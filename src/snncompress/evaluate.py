@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from .checkpoint import load_checkpoint
 from .data import load_data
 from .errors import UserError
-from .recipe import apply_overrides, format_validation_error
+from .recipe import apply_overrides
 from .stages.evaluate import EvaluateOptions
 
 
@@ -24,14 +22,10 @@ def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: 
     from .metrics import measure_model
     from .report import write_report
 
-    raw = apply_overrides({"kind": "evaluate"}, overrides or [])
-    try:
-        opts = EvaluateOptions.model_validate(raw).measure_options()
-    except ValidationError as exc:
-        raise UserError(format_validation_error(exc, "evaluate --set")) from None
+    opts = EvaluateOptions.from_measure(apply_overrides({}, overrides or []), "evaluate --set")
     loaded = load_checkpoint(path)
     name = dataset or loaded.info.get("dataset")
-    if not name:
+    if not name or not isinstance(name, str):
         raise UserError(f"checkpoint {path} does not record its dataset; pass --dataset")
     _, test_loader, info = load_data(name, data_dir, batch_size, augment=False)
     expected = (tuple(loaded.model.spec["in_shape"]), loaded.model.spec["num_classes"])

@@ -10,7 +10,13 @@ Run folder layout::
 
 A stage is skipped when its ``metrics.json`` exists with the same fingerprint
 (hash of the data and model sections, the seed, its own options and the
-previous stage's fingerprint), so a killed run resumes where it stopped.
+previous stage's fingerprint), so a killed run resumes where it stopped. A
+stage that was cut short keeps its folder (``stage.json`` holds its
+fingerprint) and its training snapshots (``*.resume.safetensors``), so its
+training resumes mid-stage; the snapshots are removed when it finishes. A
+live run holds ``OUT/.lock``; a second run on the same folder is refused.
+Under ``torchrun`` every rank runs the stages and rank 0 writes
+(:mod:`snncompress.distributed`).
 """
 
 from __future__ import annotations
@@ -25,17 +31,20 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from . import __version__, distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import hold_out_validation, load_data
 from .errors import UserError
-from .io import atomic_write, write_json
+from .io import atomic_write, folder_lock, write_json
 from .metrics import count_params, footprint
 from .recipe import Recipe, format_validation_error, load_recipe
 from .stages import StageContext, StageDef, stage_kinds
+from .stages.base import SNAPSHOT_SUFFIX
 from .stages.evaluate import EvaluateOptions, measure
 from .training import evaluate_accuracy
 
 CHECKPOINT_NAME = "model.safetensors"
+STAGE_MARKER = "stage.json"  # written when a stage starts: its fingerprint, so a rerun can resume it
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,13 +57,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate_stages(recipe: Recipe, where: str) -> list[tuple[StageDef, object]]:
-    """Each raw stage dict -> (its definition, its validated options); names made unique."""
+    """Each raw stage dict -> (its definition, its validated options); names made unique.
+
+    The order is checked too: each stage gets what it ``needs`` from the ones before it
+    (:meth:`~snncompress.stages.base.StageOptions.follow`), e.g. ``convert`` an ANN.
+    """
+    from .errors import short_repr
+    from .stages.base import Chain
+
     kinds, stages, names = stage_kinds(), [], set()
+    chain = Chain(timesteps=recipe.model.timesteps)
     for i, raw in enumerate(recipe.stages):
         kind = raw.get("kind")
-        if kind not in kinds:
-            raise UserError(f"{where}: stages[{i}].kind: unknown stage {kind!r}; "
-                            f"choose one of {', '.join(sorted(kinds))}")
+        if not isinstance(kind, str) or kind not in kinds:
+            problem = "missing" if kind is None else f"unknown stage {short_repr(kind)}"
+            raise UserError(f"{where}: stages[{i}].kind: {problem}; choose one of {', '.join(sorted(kinds))}")
         try:
             opts = kinds[kind].options.model_validate(raw)
         except ValidationError as exc:
@@ -64,15 +81,29 @@ def validate_stages(recipe: Recipe, where: str) -> list[tuple[StageDef, object]]
         if opts.name in names:
             raise UserError(f"{where}: stages[{i}].name: duplicate stage name {opts.name!r}")
         names.add(opts.name)
+        try:
+            chain = opts.follow(chain)
+        except ValueError as exc:
+            raise UserError(f"{where}: stages[{i}] ({kind}): {exc}") from None
         stages.append((kinds[kind], opts))
     return stages
 
 
+#: options that change how a stage runs but not what it outputs (a change keeps its results and snapshots)
+NOT_IN_FINGERPRINT = {"snapshot_every_steps"}
+
+
 def fingerprint(recipe: Recipe, opts, previous: str) -> str:
-    """Hash of what determines a stage's output (the data folder's location excluded)."""
-    payload = {"data": recipe.data.model_dump(exclude={"data_dir", "num_workers", "test_batch_size"}),
+    """Hash of what determines a stage's output: the package version, the recipe's data (not the
+    folder's location) and model sections, the seed, the stage's options and the previous stage's hash.
+
+    Not included: the device and the number of processes, so a run moved from one machine to
+    another keeps its finished stages.
+    """
+    payload = {"version": __version__,
+               "data": recipe.data.model_dump(exclude={"data_dir", "num_workers", "test_batch_size"}),
                "model": recipe.model.model_dump(), "seed": recipe.seed,
-               "stage": opts.model_dump(), "previous": previous}
+               "stage": opts.model_dump(exclude=NOT_IN_FINGERPRINT), "previous": previous}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -90,14 +121,12 @@ class Run:
         self.recipe, _ = load_recipe(recipe_path, overrides)
         where = f"recipe {Path(recipe_path).name}"
         self.stages = validate_stages(self.recipe, where)
-        try:
-            self.measure_opts = EvaluateOptions(kind="evaluate", **self.recipe.measure).measure_options()
-        except ValidationError as exc:
-            raise UserError(format_validation_error(exc, f"{where}: measure")) from None
+        self.measure_opts = EvaluateOptions.from_measure(self.recipe.measure, where, "measure")
         self.recipe_label = recipe_label or str(recipe_path)
         self._ann_cache: tuple[str | None, object] = (None, None)
         self.out = Path(out_dir)
         self.device = resolve_device(self.recipe.device)
+        self.device = distributed.init_from_env() or self.device  # under torchrun: this rank's device
         d = self.recipe.data
         self.train_loader, self.test_loader, self.info = load_data(
             d.dataset, d.data_dir, d.batch_size, train_subset=d.train_subset, test_subset=d.test_subset,
@@ -105,7 +134,11 @@ class Run:
             test_batch_size=d.test_batch_size)
         self.train_loader, self.val_loader = hold_out_validation(
             self.train_loader, d.val_fraction, self.recipe.seed, d.test_batch_size)
-        self.context(None, Path(".")).new_model()  # model options are checked before anything is written
+        for split, loader in (("training", self.train_loader), ("validation", self.val_loader)):
+            if loader is not None and len(loader) == 0:
+                raise UserError(f"{where}: data.val_fraction: {d.val_fraction} of the {d.train_subset or 'all'} "
+                                f"training images leaves the {split} split empty")
+        self.recipe.check_model(self.info.in_shape, self.info.num_classes, where)  # before anything is written
 
     def context(self, model, stage_dir: Path, previous=None) -> StageContext:
         previous = previous or []
@@ -128,7 +161,12 @@ class Run:
         """Run (or skip) every stage, then write and return the report."""
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} exists and is not a folder")
-        self.out.mkdir(parents=True, exist_ok=True)
+        if distributed.is_writer():
+            self.out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(self.out):
+            return self._execute()
+
+    def _execute(self) -> dict:
         atomic_write(self.out / "recipe.yaml",
                      lambda tmp: Path(tmp).write_text(yaml.safe_dump(self.recipe.model_dump(), sort_keys=False)))
         model, records, prev_fp, rerun = None, [], "", False
@@ -147,6 +185,8 @@ class Run:
                 record, model = self._run_stage(stage, opts, stage_dir, fp, model, records)
             records.append(record)
             prev_fp = fp
+        if not distributed.is_writer():  # rank 0 measures alone, so its latency figures are not shared
+            return {}
         return self._report(records)
 
     def _finished(self, stage_dir: Path, fp: str) -> dict | None:
@@ -159,13 +199,33 @@ class Run:
             return None
         return record
 
+    def _open_stage_dir(self, stage_dir: Path, fp: str) -> bool:
+        """Keep the folder a cut-short run of this very stage left (to resume it); else start it empty.
+
+        Returns whether the stage resumes.
+        """
+        marker = stage_dir / STAGE_MARKER
+        try:
+            resumes = json.loads(marker.read_text()).get("fingerprint") == fp
+        except (OSError, ValueError, AttributeError):
+            resumes = False
+        distributed.barrier()  # every rank has decided before rank 0 changes the folder
+        if distributed.is_writer() and not resumes:
+            if stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            stage_dir.mkdir(parents=True)
+            write_json(marker, {"fingerprint": fp})
+        distributed.barrier()
+        return resumes
+
     def _run_stage(self, stage: StageDef, opts, stage_dir: Path, fp: str, model, records):
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)
-        stage_dir.mkdir(parents=True)
-        print(f"[{opts.name}] running stage {stage.kind}", flush=True)
+        resumes = self._open_stage_dir(stage_dir, fp)
+        print(f"[{opts.name}] {'resuming' if resumes else 'running'} stage {stage.kind}", flush=True)
         start = time.perf_counter()
-        result = stage.run(self.context(model, stage_dir, records), opts)
+        try:
+            result = stage.run(self.context(model, stage_dir, records), opts)
+        except UserError as exc:
+            raise UserError(f"stage {opts.name}: {exc}") from None
         seconds = time.perf_counter() - start
         metrics = dict(result.metrics)
         if result.model is not None:
@@ -176,6 +236,7 @@ class Run:
                        "checkpoint": ckpt.relative_to(self.out).as_posix()}
             save_checkpoint(ckpt, model, info={"stage": opts.name, "kind": stage.kind, "dataset": self.info.name,
                                   "recipe": self.recipe.name, "accuracy": metrics.get("accuracy")})
+            distributed.barrier()  # the other ranks read what rank 0 wrote
             # later stages start from what the checkpoint holds (a quantized tensor's stored values are
             # its codes times scale), exactly as a resumed run does
             model = load_checkpoint(ckpt, self.device).model
@@ -187,6 +248,9 @@ class Run:
                   "dir": stage_dir.relative_to(self.out).as_posix(),
                   "loader_epoch": int(self.train_loader.epoch)}
         write_json(stage_dir / "metrics.json", record)
+        if distributed.is_writer():
+            for snapshot in stage_dir.glob(f"*{SNAPSHOT_SUFFIX}"):
+                snapshot.unlink()
         return record, model
 
     def _report(self, records: list[dict]) -> dict:
@@ -242,4 +306,7 @@ class Run:
 
 def run_recipe(recipe_path, out_dir, overrides: list[str] | None = None, recipe_label: str | None = None) -> dict:
     """Validate, run and report a recipe into ``out_dir``; returns the report dict."""
-    return Run(recipe_path, out_dir, overrides, recipe_label).execute()
+    try:
+        return Run(recipe_path, out_dir, overrides, recipe_label).execute()
+    finally:
+        distributed.shutdown()

@@ -101,9 +101,13 @@ def read_report(run_dir) -> dict:
     if not path.is_file():
         raise UserError(f"{run_dir} has no report.json (not a finished snncompress run folder?)")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("final", {}), dict) \
+            or not isinstance(report.get("stages", []), list):
+        raise UserError(f"{path} is not a snncompress report (a mapping with 'final' and 'stages')")
+    return report
 
 
 # --------------------------------------------------------------------------- number formatting

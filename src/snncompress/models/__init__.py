@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from ..encoding import ENCODINGS
-from ..errors import UserError
-from .base import NEURON_DEFAULTS, SpikingNetwork
-from .resnet import RESNET_LAYOUTS, SpikingResNet, resnet_spec
-from .vgg import VGG_FEATURES, SpikingVGG, vgg_spec
+from ..errors import UserError, format_validation_error
+from .base import NEURON_DEFAULTS, FamilyOptions, SpikingNetwork
+from .resnet import RESNET_LAYOUTS, ResNetOptions, SpikingResNet, resnet_spec
+from .vgg import VGG_FEATURES, SpikingVGG, VGGOptions, vgg_spec
 
 MODEL_NAMES = tuple(VGG_FEATURES) + tuple(RESNET_LAYOUTS)
 FAMILIES = {"vgg": SpikingVGG, "resnet": SpikingResNet}
+
+
+def family_options(name: str) -> type[FamilyOptions]:
+    """The options model of the named network's family (what ``model.options`` may hold)."""
+    return ResNetOptions if name in RESNET_LAYOUTS else VGGOptions
 
 
 def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
@@ -36,8 +43,8 @@ def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     try:
         family = resnet_spec(name, **options) if name in RESNET_LAYOUTS else vgg_spec(name, **options)
-    except TypeError as exc:
-        raise UserError(f"bad option for model {name!r}: {exc}") from None
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, f"bad option for model {name!r}")) from None
     unknown = set(neuron or {}) - set(NEURON_DEFAULTS)
     if unknown:
         raise UserError(f"unknown neuron option(s) {sorted(unknown)}; allowed: {sorted(NEURON_DEFAULTS)}")
@@ -63,4 +70,4 @@ def build_from_spec(spec: dict) -> SpikingNetwork:
         raise UserError(f"model spec is not valid: {exc}") from None
 
 
-__all__ = ["MODEL_NAMES", "SpikingNetwork", "build_model", "build_from_spec"]
+__all__ = ["MODEL_NAMES", "SpikingNetwork", "build_model", "build_from_spec", "family_options"]

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..compress.masks import own_classes
@@ -35,6 +36,12 @@ NEURON_DEFAULTS = {
     "leak": 1.0, "threshold": 1.0, "reset": "soft", "surrogate": "linear",
     "learn_leak": True, "learn_threshold": True, "per_channel": False, "backend": "auto",
 }
+
+
+class FamilyOptions(BaseModel):
+    """Base of a model family's options (a recipe's ``model.options``): unknown names and NaN/inf are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def make_lif(neuron: dict, channels: int) -> LIF:

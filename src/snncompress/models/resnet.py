@@ -20,10 +20,11 @@ keys.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..neuron import LIF
-from .base import SpikingNetwork, TimeDropout, init_weights, make_lif
+from .base import FamilyOptions, SpikingNetwork, TimeDropout, init_weights, make_lif
 
 #: (stem widths, stem pool, stages as (width, blocks, stride), classifier hidden widths)
 RESNET_LAYOUTS = {
@@ -110,11 +111,20 @@ class SpikingResNet(SpikingNetwork):
         return self._run_seq(self.classifier, x, has_time)
 
 
-def resnet_spec(name: str, batchnorm: bool | None = None, dropout: float = 0.2,
-                width_mult: float = 1.0) -> dict:
-    """The family-specific part of a ResNet spec, every block listed explicitly."""
+class ResNetOptions(FamilyOptions):
+    """``model.options`` of a ResNet."""
+
+    batchnorm: bool | None = Field(None, description="BatchNorm after every conv (default: resnet19 only)")
+    dropout: float = Field(0.2, ge=0, lt=1, description="classifier dropout probability")
+    width_mult: float = Field(1.0, gt=0, description="factor on every width (at least 1 channel)")
+
+
+def resnet_spec(name: str, **options) -> dict:
+    """The family-specific part of a ResNet spec, every block listed explicitly; ``options`` as in
+    :class:`ResNetOptions`."""
+    opts = ResNetOptions.model_validate(options)
     stem, stem_pool, stages, classifier = RESNET_LAYOUTS[name]
-    scale = lambda w: max(1, int(round(w * width_mult)))  # noqa: E731
+    scale = lambda w: max(1, int(round(w * opts.width_mult)))  # noqa: E731
     stem = [scale(w) for w in stem]
     blocks, cin = [], stem[-1]
     for width, count, stride in stages:
@@ -125,6 +135,6 @@ def resnet_spec(name: str, batchnorm: bool | None = None, dropout: float = 0.2,
     return {
         "family": "resnet", "stem": stem, "stem_pool": stem_pool, "blocks": blocks,
         "classifier": list(classifier),
-        "batchnorm": (name == "resnet19") if batchnorm is None else bool(batchnorm),
-        "dropout": float(dropout),
+        "batchnorm": (name == "resnet19") if opts.batchnorm is None else opts.batchnorm,
+        "dropout": opts.dropout,
     }

@@ -14,11 +14,15 @@ Spec keys: ``features`` (list of int | "A"), ``classifier`` (hidden widths),
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
+from ..errors import short_repr
 from ..neuron import LIF
-from .base import SpikingNetwork, TimeDropout, init_weights, make_lif
+from .base import FamilyOptions, SpikingNetwork, TimeDropout, init_weights, make_lif
 
 #: Feature configurations; "A" = 2x2 average pooling.
 VGG_FEATURES = {
@@ -87,12 +91,38 @@ class SpikingVGG(SpikingNetwork):
         return self._run(self.classifier, x, has_time)
 
 
-def vgg_spec(name: str, features: list | None = None, classifier: list | None = None,
-             batchnorm: bool = False, dropout: float = 0.2, conv_dropout: float = 0.0) -> dict:
-    """The family-specific part of a VGG/convnet spec with the named defaults."""
+#: A layer width: a whole number of channels (``true`` or ``4.0`` are not widths).
+Width = Annotated[int, Field(ge=1, strict=True)]
+
+
+class VGGOptions(FamilyOptions):
+    """``model.options`` of a VGG / convnet; a list left out is the named network's own."""
+
+    features: list[Width | Literal["A"]] | None = Field(
+        None, description="3x3 conv widths, 'A' = 2x2 average pooling")
+    classifier: list[Width] | None = Field(None, description="hidden widths of the classifier")
+    batchnorm: bool = False
+    dropout: float = Field(0.2, ge=0, lt=1, description="classifier dropout probability")
+    conv_dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each conv neuron")
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def widths_or_pool(cls, value):
+        """One readable message for an entry that is neither a width nor 'A' (instead of one per union member)."""
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if item != "A" and (type(item) is not int or item < 1):
+                    raise ValueError(f"entry {i} ({short_repr(item)}) is neither a channel count >= 1 nor 'A' "
+                                     f"(2x2 pooling)")
+        return value
+
+
+def vgg_spec(name: str, **options) -> dict:
+    """The family-specific part of a VGG/convnet spec; ``options`` as in :class:`VGGOptions`."""
+    opts = VGGOptions.model_validate(options)
     return {
         "family": "vgg",
-        "features": list(features if features is not None else VGG_FEATURES[name]),
-        "classifier": list(classifier if classifier is not None else VGG_CLASSIFIER[name]),
-        "batchnorm": bool(batchnorm), "dropout": float(dropout), "conv_dropout": float(conv_dropout),
+        "features": list(opts.features if opts.features is not None else VGG_FEATURES[name]),
+        "classifier": list(opts.classifier if opts.classifier is not None else VGG_CLASSIFIER[name]),
+        "batchnorm": opts.batchnorm, "dropout": opts.dropout, "conv_dropout": opts.conv_dropout,
     }

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -29,13 +29,52 @@ from ..recipe import Recipe, Strict
 from ..training import Callback, TrainConfig, seed_everything, train
 
 
+SNAPSHOT_SUFFIX = ".resume.safetensors"  # training snapshots in a stage folder, removed when the stage ends
+
+
+#: What a stage's ``needs`` asks of the model the stages before it leave, and how a model is named.
+NEEDS = {"model": "a model", "ann": "an ANN (train_ann)", "snn": "a spiking model (convert or train_snn)"}
+MODES = {"ann": "an ANN", "snn": "a spiking model"}
+
+
+@dataclass(frozen=True)
+class Chain:
+    """What the stages so far leave for the next one, as far as it is known before anything runs."""
+
+    mode: str | None = None       # the model's mode: None (no model yet), "ann" or "snn"
+    timesteps: int | None = None  # its T; None once a stage chose T at run time
+    source: str | None = None     # the name of the stage that made it
+
+
 class StageOptions(Strict):
-    """Options every stage has."""
+    """Options every stage has, and what the stage needs from the stages before it."""
+
+    #: what the stage needs from earlier stages: None (nothing), "model" (any), "ann" or "snn"
+    needs: ClassVar[str | None] = None
+    #: the mode of the model it returns: "ann", "snn", or None (the model it got, unchanged)
+    produces: ClassVar[str | None] = None
 
     kind: str
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                              description="folder and report name (letters, digits, '_', '.', '-'; "
                                          "no path); default: the kind")
+
+    def check(self, chain: Chain) -> None:
+        """Rules between these options and what the stages before leave; raises ValueError("option: ...")."""
+
+    def leaves(self, chain: Chain) -> Chain:
+        """What this stage leaves for the next one."""
+        return chain if self.produces is None else replace(chain, mode=self.produces, source=self.name)
+
+    def follow(self, chain: Chain) -> Chain:
+        """Check this stage after ``chain`` (ValueError saying what is wrong); returns what it leaves."""
+        if self.needs is not None and chain.mode is None:
+            raise ValueError(f"needs {NEEDS[self.needs]} from an earlier stage; put one before it")
+        if self.needs in MODES and chain.mode != self.needs:
+            raise ValueError(f"needs {NEEDS[self.needs]}, but stage {chain.source!r} before it leaves "
+                             f"{MODES[chain.mode]}")
+        self.check(chain)
+        return self.leaves(chain)
 
 
 @dataclass
@@ -131,6 +170,14 @@ class TrainOptions(StageOptions):
     max_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
     lean_memory: bool = Field(False, description="keep spike tensors for backward as uint8 (exact)")
     checkpoint_layers: bool = Field(False, description="recompute each spiking layer in backward")
+    snapshot_every_steps: int | None = Field(
+        None, ge=1, description="also write a resumable training snapshot every N steps (always after each epoch)")
+
+    def check(self, chain: Chain) -> None:
+        if self.optimizer == "sgd" and self.momentum == 0:
+            raise ValueError("momentum: optimizer sgd (Nesterov) needs momentum > 0")
+        if self.optimizer == "adam" and "momentum" in self.model_fields_set:
+            raise ValueError("momentum: only used with optimizer: sgd")
 
     def train_config(self, seed: int, **overrides) -> TrainConfig:
         """The loop's config from these options (``overrides`` replace single fields, e.g. ``epochs``)."""
@@ -140,9 +187,14 @@ class TrainOptions(StageOptions):
 
 def fit(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name: str = "train_log.csv",
         desc: str = "train", callbacks: list[Callback] = ()) -> list[dict]:
-    """Train ``model`` in its current mode on the training split, validating on ``ctx.val_loader``."""
+    """Train ``model`` in its current mode on the training split, validating on ``ctx.val_loader``.
+
+    Resumable: the snapshot ``<log stem>.resume.safetensors`` in the stage folder is
+    continued when a killed or interrupted run of the same stage is rerun.
+    """
     return train(model, ctx.train_loader, ctx.val_loader, config, device=ctx.device,
-                 csv_path=ctx.stage_dir / log_name, desc=desc, callbacks=list(callbacks))
+                 csv_path=ctx.stage_dir / log_name, desc=desc, callbacks=list(callbacks),
+                 snapshot_path=ctx.stage_dir / f"{Path(log_name).stem}{SNAPSHOT_SUFFIX}")
 
 
 def training_metrics(history: list[dict]) -> dict:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
 
 from ..convert import calibrate_thresholds
 from ..training import evaluate_accuracy
-from .base import (StageContext, StageOptions, StageResult, TrainOptions, calibration_images, fit,
+from .base import (Chain, StageContext, StageOptions, StageResult, TrainOptions, calibration_images, fit,
                    register_stage, training_metrics)
 
 
 class TrainANNOptions(TrainOptions):
+    produces = "ann"
+
     kind: Literal["train_ann"] = "train_ann"
 
 
@@ -24,9 +27,14 @@ def train_ann(ctx: StageContext, opts: TrainANNOptions) -> StageResult:
 
 
 class TrainSNNOptions(TrainOptions):
+    produces = "snn"
+
     kind: Literal["train_snn"] = "train_snn"
     lr: float = Field(1e-4, gt=0)
     timesteps: int | None = Field(None, ge=1, description="train at this T (default: the model's)")
+
+    def leaves(self, chain: Chain) -> Chain:
+        return replace(super().leaves(chain), timesteps=self.timesteps or chain.timesteps)
 
 
 @register_stage("train_snn", TrainSNNOptions)
@@ -39,6 +47,8 @@ def train_snn(ctx: StageContext, opts: TrainSNNOptions) -> StageResult:
 
 
 class ConvertOptions(StageOptions):
+    needs, produces = "ann", "snn"
+
     kind: Literal["convert"] = "convert"
     calib_images: int = Field(512, ge=1, description="training images used for calibration")
     calib_timesteps: int = Field(100, ge=1, description="timesteps simulated during calibration")

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
+from ..errors import UserError, format_validation_error
 from ..models import SpikingNetwork
 from .base import StageContext, StageOptions, StageResult, register_stage
 
 
 class EvaluateOptions(StageOptions):
+    needs = "model"
+
     kind: Literal["evaluate"] = "evaluate"
     energy_preset: Literal["fp32", "int32", "int8"] = Field("fp32", description="pJ per MAC / AC (Horowitz 45 nm)")
     conv1_per_timestep: bool = Field(False, description="count direct-input conv1 T times instead of once")
     pooled_spikes: Literal["mac", "ac"] = Field(
         "mac", description="average-pooled spikes: MACs (NeuroBench) or ACs on the raw spikes (DIET/STP)")
-    noise_sigmas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3],
-                                      description="Gaussian noise levels on the normalised input")
+    noise_sigmas: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3], min_length=1,
+        description="Gaussian noise levels on the normalised input")
     robustness_images: int | None = Field(2000, ge=1, description="first N test images for robustness")
     ops_images: int | None = Field(512, ge=1, description="first N test images for synaptic operations")
     latency_batch: int = Field(1, ge=1, description="images per timed forward pass")
@@ -28,6 +32,19 @@ class EvaluateOptions(StageOptions):
 
     def measure_options(self) -> dict:
         return self.model_dump(exclude={"kind", "name"})
+
+    @classmethod
+    def from_measure(cls, raw: dict, where: str, prefix: str = "") -> dict:
+        """The measurement options in ``raw`` (a recipe's ``measure:``, ``evaluate --set``): this stage's
+        options but ``kind`` and ``name``; a mistake is a UserError naming ``prefix.<option>``."""
+        for key in ("kind", "name"):
+            if key in raw:
+                raise UserError(f"{where}: {'.'.join(filter(None, [prefix, key]))}: unknown option "
+                                f"(only the evaluate stage's measurement options go here)")
+        try:
+            return cls.model_validate({**raw, "kind": "evaluate"}).measure_options()
+        except ValidationError as exc:
+            raise UserError(format_validation_error(exc, where, prefix)) from None
 
 
 @register_stage("evaluate", EvaluateOptions)

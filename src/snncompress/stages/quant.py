@@ -28,6 +28,8 @@ DEFAULT_SWEEP_BITS = list(range(16, 1, -1))
 class QuantSweepOptions(StageOptions):
     """Post-training weight quantization sweep (uniform, symmetric, per layer, round to nearest)."""
 
+    needs = "model"
+
     kind: Literal["quant_sweep"] = "quant_sweep"
     bits: list[int] = Field(default_factory=lambda: list(DEFAULT_SWEEP_BITS),
                             description="bit widths to try, each in [2, 16]")

@@ -15,8 +15,9 @@ Both choose on the validation split; each writes a PNG plot and a JSON file of i
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from matplotlib.figure import Figure
 from pydantic import Field, field_validator, model_validator
@@ -30,7 +31,7 @@ from ..errors import UserError
 from ..io import save_figure, write_json
 from ..models import SpikingNetwork
 from ..training import Distillation, evaluate_accuracy
-from .base import (StageContext, StageResult, TrainOptions, calibration_images, fit, register_stage,
+from .base import (Chain, StageContext, StageResult, TrainOptions, calibration_images, fit, register_stage,
                    save_selection_plot)
 
 
@@ -39,6 +40,11 @@ from .base import (StageContext, StageResult, TrainOptions, calibration_images, 
 
 class PrunePCAOptions(TrainOptions):
     """PCA channel pruning; ``epochs``/``lr``/... train the narrow SNN (finetune: fine-tuning, scratch: BPTT)."""
+
+    needs, produces = "snn", "snn"
+    #: options each mode leaves unused (calibration: also finetune without recalibrate)
+    SCRATCH_ONLY: ClassVar[set[str]] = {"ann_epochs", "ann_lr", "ann_weight_decay"}
+    CALIBRATION: ClassVar[set[str]] = {"calib_images", "calib_timesteps", "calib_percentile", "calib_scale"}
 
     kind: Literal["prune_pca"] = "prune_pca"
     theta: float = Field(0.99, gt=0, le=1, description="cumulative explained variance kept per layer")
@@ -59,6 +65,18 @@ class PrunePCAOptions(TrainOptions):
     calib_scale: float = Field(1.0, gt=0, description="scratch: factor on every calibrated threshold")
     recalibrate: bool = Field(False, description="finetune: recalibrate every threshold of the narrow model "
                                                  "(calib_* options) before fine-tuning")
+
+    def check(self, chain: Chain) -> None:
+        """An option the chosen mode does not use is an error (it would be silently ignored)."""
+        super().check(chain)
+        if self.mode == "scratch":
+            unused = {"recalibrate"}
+        else:
+            unused = self.SCRATCH_ONLY | (set() if self.recalibrate else self.CALIBRATION)
+        given = sorted(self.model_fields_set & unused)
+        if given:
+            hint = " without recalibrate: true" if given[0] in self.CALIBRATION else ""
+            raise ValueError(f"{given[0]}: not used with mode: {self.mode}{hint}")
 
 
 def layer_targets(model: SpikingNetwork, pca: dict[str, LayerPCA], opts: PrunePCAOptions) -> dict[str, int]:
@@ -162,6 +180,8 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
 class TemporalOptions(TrainOptions):
     """Temporal pruning; ``epochs``/``lr``/... are the fine-tuning at each step of the schedule."""
 
+    needs, produces = "snn", "snn"
+
     kind: Literal["temporal"] = "temporal"
     schedule: list[int] | None = Field(None, description="decreasing timesteps; default from the model's T")
     tolerance: float = Field(0.01, ge=0, le=1, description="accepted validation-accuracy drop below the start (0.01 = 1 point)")
@@ -194,6 +214,30 @@ class TemporalOptions(TrainOptions):
             raise ValueError(f"step_epochs needs one entry per schedule entry ({len(self.schedule)}), "
                              f"got {len(self.step_epochs)}")
         return self
+
+    def check(self, chain: Chain) -> None:
+        """Options that would be ignored, and the schedule against the T the stage will start from."""
+        super().check(chain)
+        if "epochs" in self.model_fields_set and self.step_epochs is not None:
+            raise ValueError("epochs: not used when step_epochs is given")
+        if "distill_temperature" in self.model_fields_set and self.distill == 0:
+            raise ValueError("distill_temperature: only used with distill > 0")
+        start = chain.timesteps
+        if start is None:  # an earlier stage chooses T at run time
+            if self.schedule is None and self.step_epochs is not None:
+                raise ValueError(f"step_epochs: give a schedule too (the T that stage {chain.source!r} "
+                                 f"leaves is chosen at run time)")
+            return
+        schedule = self.schedule if self.schedule is not None else default_schedule(start)
+        if not check_schedule(schedule, start):
+            raise ValueError(f"schedule: no timestep below the model's T={start}, so nothing would be "
+                             f"pruned (schedule {schedule})")
+        if self.step_epochs is not None and len(self.step_epochs) != len(schedule):
+            raise ValueError(f"step_epochs: has {len(self.step_epochs)} entries but the default schedule "
+                             f"from T={start}, {schedule}, has {len(schedule)}")
+
+    def leaves(self, chain: Chain) -> Chain:
+        return replace(super().leaves(chain), timesteps=None)
 
     def epochs_by_timesteps(self, schedule: list[int]) -> dict[int, int]:
         """Fine-tuning epochs for each T of ``schedule``."""

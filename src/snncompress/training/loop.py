@@ -21,9 +21,13 @@ in every stage that trains.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +36,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..compress.masks import enforce_masks_
 from ..compress.quantizers import snap_to_grid_
+from ..errors import UserError
+from ..io import write_bytes
 from ..models import SpikingNetwork
 from .memory import checkpoint_layers, lean_memory
+from .resume import Progress, load_snapshot, run_key, save_snapshot
 
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -60,6 +68,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     lean_memory: bool = False         # spike tensors saved for backward as uint8 (exact)
     checkpoint_layers: bool = False   # recompute each spiking layer in backward (exact)
+    snapshot_every_steps: int | None = None  # resumable snapshot every N steps (always after each epoch)
 
 
 def seed_everything(seed: int) -> None:
@@ -150,6 +159,13 @@ class Callback:
     def on_epoch_end(self, state: TrainState, row: dict) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this callback (tensors and JSON values); default none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class ClampNeurons(Callback):
     """Project every LIF's leak into [0, 1] and its threshold above its floor after each step."""
@@ -213,15 +229,25 @@ class Distillation(Callback):
 # ----------------------------------------------------------------------------- the loop
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; training stopped (the last snapshot is kept)."""
+
+
 def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
           device="cpu", csv_path: Path | None = None, desc: str = "train",
-          callbacks: list[Callback] = ()) -> list[dict]:
+          callbacks: list[Callback] = (), snapshot_path: Path | None = None) -> list[dict]:
     """Train ``model`` in its current mode; returns one metrics dict per epoch.
 
     ``callbacks`` run after the built-in :class:`ClampNeurons` and :class:`EnforceMasks`.
     Each epoch row: ``epoch``, ``train_loss``, ``train_accuracy``, ``val_accuracy``
     (0-1, on the validation split), ``lr``, ``seconds``, for SNNs the mean leak and
-    threshold, and what callbacks add. Rows are appended to ``csv_path`` as they finish.
+    threshold, and what callbacks add; ``csv_path`` is rewritten with all rows after
+    each epoch. With ``snapshot_path`` the run is resumable (:mod:`.resume`): a
+    snapshot is written after every epoch, every ``cfg.snapshot_every_steps`` steps
+    and on Ctrl-C / SIGTERM (then ``KeyboardInterrupt`` is raised), and a matching
+    snapshot found at the start is resumed. A non-finite loss raises
+    :class:`TrainingDiverged`. Under ``torchrun`` the steps are data parallel
+    (:mod:`snncompress.distributed`).
     """
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
@@ -230,68 +256,171 @@ def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
     lean_memory(model, cfg.lean_memory)
     checkpoint_layers(model, cfg.checkpoint_layers)
     try:
-        return _run_epochs(model, train_loader, val_loader, cfg, device, csv_path, desc,
-                           [ClampNeurons(), EnforceMasks(), *callbacks])
+        with interrupt_flag() as interrupted:
+            run = _Run(model, train_loader, val_loader, cfg, device, csv_path, desc,
+                       [ClampNeurons(), EnforceMasks(), *callbacks], snapshot_path, interrupted)
+            return run.epochs()
     finally:  # later users get the plain model back
         lean_memory(model, False)
         checkpoint_layers(model, False)
 
 
-def _run_epochs(model, train_loader, val_loader, cfg: TrainConfig, device, csv_path, desc, callbacks) -> list[dict]:
-    per_epoch = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches, len(train_loader))
-    state = TrainState(model, make_optimizer(model, cfg), cfg, device, total_steps=cfg.epochs * per_epoch)
-    for cb in callbacks:
-        cb.on_train_begin(state)
-    history = []
-    for epoch in range(cfg.epochs):
-        state.epoch = epoch
-        start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        bar = tqdm(total=per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-        for i, (images, labels) in enumerate(train_loader):
-            if i >= per_epoch:
+@contextmanager
+def interrupt_flag():
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM into a flag the loop checks between steps.
+
+    Yields a zero-argument callable that tells whether one arrived. A second
+    Ctrl-C interrupts at once. Outside the main thread nothing is installed.
+    """
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(seen)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _Run:
+    """One call of :func:`train`: the epochs, the steps, the snapshots."""
+
+    def __init__(self, model, train_loader, val_loader, cfg, device, csv_path, desc, callbacks,
+                 snapshot_path, interrupted):
+        self.model, self.val_loader, self.cfg, self.device = model, val_loader, cfg, device
+        self.train_loader, self.csv_path, self.desc, self.callbacks = train_loader, csv_path, desc, callbacks
+        self.snapshot_path, self.interrupted = snapshot_path, interrupted
+        per_epoch = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches, len(train_loader))
+        self.per_epoch = per_epoch
+        self.key = run_key(cfg, model, per_epoch) if snapshot_path is not None else ""
+        self.state = TrainState(model, make_optimizer(model, cfg), cfg, device, total_steps=cfg.epochs * per_epoch)
+        self.net = distributed.wrap_model(model, device)
+        self.batches = distributed.ShardedLoader(train_loader, distributed.rank(), distributed.world_size())
+
+    def epochs(self) -> list[dict]:
+        for cb in self.callbacks:
+            cb.on_train_begin(self.state)
+        progress = self._resume() or Progress(loader_epoch=getattr(self.train_loader, "epoch", 0))
+        while progress.epoch < self.cfg.epochs:
+            self._epoch(progress)
+        _set_loader_epoch(self.train_loader, progress.loader_epoch)
+        return progress.history
+
+    def _resume(self) -> Progress | None:
+        if self.snapshot_path is None:
+            return None
+        progress = load_snapshot(self.snapshot_path, self.key, self.model, self.state.optimizer, self.callbacks)
+        if progress is not None:
+            self.state.step = progress.step
+            print(f"[{self.desc}] resuming at epoch {progress.epoch + 1}, batch {progress.batch} "
+                  f"(step {progress.step}) from {Path(self.snapshot_path).name}", flush=True)
+        return progress
+
+    def snapshot(self, progress: Progress) -> None:
+        if self.snapshot_path is not None:
+            save_snapshot(self.snapshot_path, self.key, self.model, self.state.optimizer, progress, self.callbacks)
+
+    def _epoch(self, progress: Progress) -> None:
+        cfg, state = self.cfg, self.state
+        state.epoch = progress.epoch
+        _set_loader_epoch(self.train_loader, progress.loader_epoch)
+        start = time.perf_counter() - progress.seconds
+        bar = tqdm(total=self.per_epoch, initial=progress.batch, desc=f"{self.desc} {progress.epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=None)
+        for i, (images, labels, global_count) in enumerate(self.batches):
+            if i >= self.per_epoch:
                 break
-            lr = cosine_lr(state.step, state.total_steps, cfg.lr) if cfg.lr_schedule == "cosine" else cfg.lr
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            for cb in callbacks:
-                loss = cb.loss(state, images, labels, logits, loss)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for cb in callbacks:
-                cb.after_backward(state)
-            state.optimizer.step()
-            for cb in callbacks:
-                cb.after_step(state)
-            state.step += 1
-            loss_sum += loss.item() * labels.numel()
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += labels.numel()
+            if i < progress.batch:  # trained before the snapshot; the loader still draws its augmentation
+                continue
+            self._step(images, labels, global_count, progress)
+            progress.batch, progress.seconds = i + 1, time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(loss=f"{progress.sums[0] / max(progress.sums[2], 1):.3f}")
+            self._maybe_pause(progress)
         bar.close()
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+        self._finish_epoch(progress, time.perf_counter() - start)
+
+    def _step(self, images, labels, global_count: int, progress: Progress) -> None:
+        cfg, state = self.cfg, self.state
+        lr = cosine_lr(state.step, state.total_steps, cfg.lr) if cfg.lr_schedule == "cosine" else cfg.lr
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = images.to(self.device), labels.to(self.device)
+        logits = self.net(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        for cb in self.callbacks:
+            loss = cb.loss(state, images, labels, logits, loss)
+        value = loss.item()
+        if distributed.any_rank(not math.isfinite(value), self.device):
+            self._diverged(value, progress)
+        state.optimizer.zero_grad(set_to_none=True)
+        # each rank's mean over its share, weighted so DDP's gradient average is the global batch's mean
+        (loss * (labels.numel() * distributed.world_size() / global_count)).backward()
+        for cb in self.callbacks:
+            cb.after_backward(state)
+        state.optimizer.step()
+        for cb in self.callbacks:
+            cb.after_step(state)
+        state.step += 1
+        progress.step, progress.lr = state.step, lr
+        sums = (value * labels.numel(), (logits.argmax(1) == labels).sum().item(), labels.numel())
+        progress.sums = [a + b for a, b in zip(progress.sums, sums)]
+
+    def _maybe_pause(self, progress: Progress) -> None:
+        """Snapshot every ``snapshot_every_steps`` steps; on an interrupt, snapshot and stop."""
+        if distributed.any_rank(self.interrupted(), self.device):
+            self.snapshot(progress)
+            where = f"; resumable from {Path(self.snapshot_path).name}" if self.snapshot_path else ""
+            print(f"[{self.desc}] interrupted at epoch {progress.epoch + 1}, batch {progress.batch}{where}",
+                  flush=True)
+            raise KeyboardInterrupt
+        every = self.cfg.snapshot_every_steps
+        if every and progress.step % every == 0 and progress.batch < self.per_epoch:
+            self.snapshot(progress)
+
+    def _diverged(self, value: float, progress: Progress) -> None:
+        kept = (f"the last good state is kept in {Path(self.snapshot_path).name}"
+                if self.snapshot_path is not None and Path(self.snapshot_path).exists() else "nothing was saved")
+        raise TrainingDiverged(f"{self.desc}: the loss became {value} at epoch {progress.epoch + 1}, "
+                               f"batch {progress.batch + 1}; training stopped (try a lower lr); {kept}")
+
+    def _finish_epoch(self, progress: Progress, seconds: float) -> None:
+        cfg, model = self.cfg, self.model
+        loss_sum, correct, seen = distributed.all_reduce_sum(progress.sums, self.device)
+        row = {"epoch": progress.epoch + 1, "train_loss": loss_sum / max(seen, 1),
                "train_accuracy": correct / max(seen, 1),
-               "val_accuracy": evaluate_accuracy(model, val_loader, device),
-               "lr": lr, "seconds": time.perf_counter() - start, **_neuron_summary(model)}
-        for cb in callbacks:
-            cb.on_epoch_end(state, row)
-        history.append(row)
-        print(f"[{desc}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f} "
+               "val_accuracy": evaluate_accuracy(model, self.val_loader, self.device),
+               "lr": progress.lr, "seconds": seconds, **_neuron_summary(model)}
+        for cb in self.callbacks:
+            cb.on_epoch_end(self.state, row)
+        progress.history.append(row)
+        progress.epoch, progress.batch, progress.seconds = progress.epoch + 1, 0, 0.0
+        progress.sums, progress.loader_epoch = [0.0, 0.0, 0.0], progress.loader_epoch + 1
+        print(f"[{self.desc}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f} "
               f"train {row['train_accuracy']:.4f} val {row['val_accuracy']:.4f} ({row['seconds']:.1f} s)",
               flush=True)
-        if csv_path is not None:
-            _append_csv(csv_path, row)
-    return history
+        if self.csv_path is not None:
+            _write_csv(self.csv_path, progress.history)
+        self.snapshot(progress)
 
 
-def _append_csv(path: Path, row: dict) -> None:
-    path = Path(path)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def _set_loader_epoch(loader, epoch: int) -> None:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """All epoch rows as CSV, written atomically (a resumed run rewrites it whole)."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(Path(path), text.getvalue().encode())
