@@ -55,9 +55,13 @@ class Progress:
 
 
 def run_key(config, model: torch.nn.Module, batches_per_epoch: int) -> str:
-    """Hash of the config, the batches per epoch and the starting weights: a snapshot resumes only its own run."""
+    """Hash of the config, the batches per epoch, the number of ranks and the starting weights.
+
+    A snapshot resumes only its own run.
+    """
     settings = {k: v for k, v in asdict(config).items() if k != "snapshot_every_steps"}  # how often, not what
-    digest = hashlib.sha256(json.dumps([settings, batches_per_epoch], sort_keys=True, default=str).encode())
+    shape = [settings, batches_per_epoch, distributed.world_size()]  # one RNG row per rank
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
