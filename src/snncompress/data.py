@@ -216,16 +216,19 @@ def random_crop_flip(pixels: torch.Tensor, padding: int, generator: torch.Genera
 
     ``pixels``: uint8 ``[B, C, H, W]``, 0..255. ``padding``: pixels of zeros
     added on every side before cropping back to ``H x W``; each image is
-    flipped with probability 1/2. Returns uint8 ``[B, C, H, W]``.
+    flipped with probability 1/2. Returns uint8 ``[B, C, H, W]`` on ``pixels``'s device.
+    The random draws come from the CPU ``generator`` whatever the device, so a GPU
+    run sees the same crops and flips as a CPU run.
     """
     batch, channels, height, width = pixels.shape
+    device = pixels.device
     padded = F.pad(pixels, (padding, padding, padding, padding))
-    top = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator)
-    left = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator)
-    flip = torch.rand(batch, 1, generator=generator) < 0.5
-    columns = torch.arange(width).expand(batch, width)
+    top = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator).to(device, non_blocking=True)
+    left = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator).to(device, non_blocking=True)
+    flip = (torch.rand(batch, 1, generator=generator) < 0.5).to(device, non_blocking=True)
+    columns = torch.arange(width, device=device).expand(batch, width)
     columns = torch.where(flip, width - 1 - columns, columns) + left  # [B, W]
-    rows = torch.arange(height) + top  # [B, H]
+    rows = torch.arange(height, device=device) + top  # [B, H]
     row_index = rows[:, None, :, None].expand(batch, channels, height, padded.shape[3])
     picked_rows = torch.gather(padded, 2, row_index)  # [B, C, H, W + 2p]
     column_index = columns[:, None, None, :].expand(batch, channels, height, width)
@@ -241,7 +244,9 @@ class TensorBatchLoader:
     smaller. With ``shuffle`` the order (and the crop/flip augmentation when
     ``augment``) comes from a generator seeded by ``(seed, epoch)``; the epoch
     counter starts at 0 and advances at every ``iter()``; :meth:`set_epoch`
-    moves it (e.g. when resuming).
+    moves it (e.g. when resuming). :meth:`to` moves the uint8 images onto a GPU:
+    batches are then cut, augmented and normalised there (the random draws stay
+    on the CPU generator, so the batches equal the CPU loader's).
     """
 
     def __init__(
@@ -278,6 +283,12 @@ class TensorBatchLoader:
         """Make the next iteration produce epoch ``epoch``'s order and augmentation."""
         self.epoch = epoch
 
+    def to(self, device) -> "TensorBatchLoader":
+        """Hold the images (uint8), labels and normalisation on ``device``; returns self."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self._scale, self._shift = self._scale.to(device), self._shift.to(device)
+        return self
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map uint8 ``[B, C, H, W]`` pixels to float32 ``(pixel/255 - mean)/std``."""
         return pixels.to(torch.float32).mul_(self._scale).add_(self._shift)
@@ -291,6 +302,8 @@ class TensorBatchLoader:
         self.epoch += 1
         count = len(self.labels)
         order = torch.randperm(count, generator=generator) if self.shuffle else None
+        if order is not None:
+            order = order.to(self.images.device, non_blocking=True)
         for start in range(0, count, self.batch_size):
             stop = min(start + self.batch_size, count)
             index = order[start:stop] if order is not None else slice(start, stop)

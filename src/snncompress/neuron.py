@@ -309,7 +309,13 @@ class LIF(nn.Module):
         return p.view(-1, *([1] * (ndim - 2)))
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
-        """Input currents ``[T, B, C, ...]`` -> spikes ``[T, B, C, ...]``."""
+        """Input currents ``[T, B, C, ...]`` -> spikes ``[T, B, C, ...]``.
+
+        A half-precision current (bf16 autocast) is integrated in float32: membrane,
+        threshold and leak never lose precision, and the 0/1 spikes are exact in any type.
+        """
+        if current.dtype in (torch.bfloat16, torch.float16):
+            current = current.float()
         leak = self._broadcast(self.leak, current.dim() - 1)
         thr = self._broadcast(self.threshold, current.dim() - 1)
         if self.state_quantizer is None:

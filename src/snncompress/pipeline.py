@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from . import __version__, distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import hold_out_validation, load_data
+from .data import TensorBatchLoader, hold_out_validation, load_data
 from .errors import UserError
 from .io import atomic_write, folder_lock, write_json
 from .metrics import count_params, footprint
@@ -91,6 +91,7 @@ def validate_stages(recipe: Recipe, where: str) -> list[tuple[StageDef, object]]
 
 #: options that change how a stage runs but not what it outputs (a change keeps its results and snapshots)
 NOT_IN_FINGERPRINT = {"snapshot_every_steps"}
+DATA_NOT_IN_FINGERPRINT = {"data_dir", "num_workers", "test_batch_size", "on_device"}
 
 
 def fingerprint(recipe: Recipe, opts, previous: str) -> str:
@@ -101,9 +102,10 @@ def fingerprint(recipe: Recipe, opts, previous: str) -> str:
     another keeps its finished stages.
     """
     payload = {"version": __version__,
-               "data": recipe.data.model_dump(exclude={"data_dir", "num_workers", "test_batch_size"}),
+               "data": recipe.data.model_dump(exclude=DATA_NOT_IN_FINGERPRINT),
                "model": recipe.model.model_dump(), "seed": recipe.seed,
-               "stage": opts.model_dump(exclude=NOT_IN_FINGERPRINT), "previous": previous}
+               "stage": opts.model_dump(exclude=NOT_IN_FINGERPRINT), "inputs": opts.input_digest(),
+               "previous": previous}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -134,6 +136,11 @@ class Run:
             test_batch_size=d.test_batch_size)
         self.train_loader, self.val_loader = hold_out_validation(
             self.train_loader, d.val_fraction, self.recipe.seed, d.test_batch_size)
+        on_device = d.on_device if d.on_device is not None else self.device.type == "cuda"
+        if on_device:
+            for loader in (self.train_loader, self.val_loader, self.test_loader):
+                if isinstance(loader, TensorBatchLoader):
+                    loader.to(self.device)
         for split, loader in (("training", self.train_loader), ("validation", self.val_loader)):
             if loader is not None and len(loader) == 0:
                 raise UserError(f"{where}: data.val_fraction: {d.val_fraction} of the {d.train_subset or 'all'} "

@@ -61,6 +61,9 @@ class DataConfig(Strict):
         "seeded, class-stratified slice of the training split held out for every selection "
         "(timesteps, bit widths, schedules); the test split is only reported"))
     num_workers: int = Field(0, ge=0)
+    on_device: bool | None = Field(None, description=(
+        "hold in-memory datasets on the run's device (uint8) and cut, augment and normalise batches there; "
+        "default: on a GPU"))
 
 
 class NeuronConfig(Strict):

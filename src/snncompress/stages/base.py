@@ -62,6 +62,10 @@ class StageOptions(Strict):
     def check(self, chain: Chain) -> None:
         """Rules between these options and what the stages before leave; raises ValueError("option: ...")."""
 
+    def input_digest(self) -> str:
+        """Hash of what the stage reads besides the run (e.g. a checkpoint file); part of its fingerprint."""
+        return ""
+
     def leaves(self, chain: Chain) -> Chain:
         """What this stage leaves for the next one."""
         return chain if self.produces is None else replace(chain, mode=self.produces, source=self.name)
@@ -172,6 +176,13 @@ class TrainOptions(StageOptions):
     checkpoint_layers: bool = Field(False, description="recompute each spiking layer in backward")
     snapshot_every_steps: int | None = Field(
         None, ge=1, description="also write a resumable training snapshot every N steps (always after each epoch)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast convolutions and linear layers (LIF state stays float32)")
+    channels_last: bool = Field(False, description="NHWC weights and batches (faster convolutions on GPUs)")
+    compile: bool = Field(False, description="torch.compile the forward pass (eager fallback if it fails)")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop training cleanly after this many seconds; after the first epoch the "
+                                "cosine schedule is shortened to the epochs that fit")
 
     def check(self, chain: Chain) -> None:
         if self.optimizer == "sgd" and self.momentum == 0:

@@ -37,13 +37,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..compress.masks import enforce_masks_
-from ..compress.quantizers import snap_to_grid_
 from ..errors import UserError
 from ..io import write_bytes
 from ..models import SpikingNetwork
+from .callbacks import Callback, ClampNeurons, EnforceMasks, TrainState
 from .memory import checkpoint_layers, lean_memory
 from .resume import Progress, load_snapshot, run_key, save_snapshot
+from .speed import PRECISIONS, CompiledForward, autocast, batch_layout, to_memory_format
+
+#: steps between two host reads of the loss sums on a GPU (a CPU reads after every step: it costs nothing)
+GPU_CHECK_EVERY = 50
 
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -69,6 +72,10 @@ class TrainConfig:
     lean_memory: bool = False         # spike tensors saved for backward as uint8 (exact)
     checkpoint_layers: bool = False   # recompute each spiking layer in backward (exact)
     snapshot_every_steps: int | None = None  # resumable snapshot every N steps (always after each epoch)
+    precision: str = "fp32"           # "fp32" or "bf16" (autocast; LIF state stays float32), see .speed
+    channels_last: bool = False       # NHWC weights and batches
+    compile: bool = False             # torch.compile the forward, eager fallback
+    time_budget_s: float | None = None  # stop cleanly (and shorten the schedule) to fit this many seconds
 
 
 def seed_everything(seed: int) -> None:
@@ -104,15 +111,15 @@ def evaluate_accuracy(model: SpikingNetwork, loader, device="cpu", max_batches: 
     """Top-1 accuracy in [0, 1] of ``model`` over ``loader`` (eval mode)."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
     for i, (images, labels) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        logits = model(images.to(device))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        logits = model(images.to(device, non_blocking=True))
+        correct += (logits.argmax(1) == labels.to(logits.device)).sum()
         total += labels.numel()
     model.train(was_training)
-    return correct / max(total, 1)
+    return correct.item() / max(total, 1)
 
 
 def _neuron_summary(model: SpikingNetwork) -> dict:
@@ -121,109 +128,6 @@ def _neuron_summary(model: SpikingNetwork) -> dict:
         return {}
     return {"mean_leak": float(np.mean([lif.leak.mean().item() for _, lif in layers])),
             "mean_threshold": float(np.mean([lif.threshold.mean().item() for _, lif in layers]))}
-
-
-# ----------------------------------------------------------------------------- callbacks
-
-
-@dataclass
-class TrainState:
-    """What callbacks see: the model, its optimizer, the config and where the loop is (steps count from 0)."""
-
-    model: SpikingNetwork
-    optimizer: torch.optim.Optimizer
-    config: TrainConfig
-    device: torch.device | str
-    epoch: int = 0
-    step: int = 0
-    total_steps: int = 0
-
-
-class Callback:
-    """A hook set of the training loop (see the module docstring); every hook is optional."""
-
-    def on_train_begin(self, state: TrainState) -> None:
-        pass
-
-    def loss(self, state: TrainState, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
-             loss: torch.Tensor) -> torch.Tensor:
-        """The step's loss (scalar); ``logits`` ``[B, K]``, ``labels`` ``[B]``. Default: unchanged."""
-        return loss
-
-    def after_backward(self, state: TrainState) -> None:
-        pass
-
-    def after_step(self, state: TrainState) -> None:
-        pass
-
-    def on_epoch_end(self, state: TrainState, row: dict) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        """What a resumed run needs to continue this callback (tensors and JSON values); default none."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class ClampNeurons(Callback):
-    """Project every LIF's leak into [0, 1] and its threshold above its floor after each step."""
-
-    def after_step(self, state: TrainState) -> None:
-        state.model.clamp_neurons()
-
-
-class EnforceMasks(Callback):
-    """Zero the stored values under every pruning mask at the start and after each step."""
-
-    def on_train_begin(self, state: TrainState) -> None:
-        enforce_masks_(state.model)
-
-    def after_step(self, state: TrainState) -> None:
-        enforce_masks_(state.model)
-
-
-class QuantizeAfterStep(Callback):
-    """Move every quantized tensor's stored values onto its grid after each step (tinySNN's ITQ variant)."""
-
-    def after_step(self, state: TrainState) -> None:
-        snap_to_grid_(state.model)
-
-
-class Distillation(Callback):
-    """Blend the loss with knowledge distillation from a frozen ``teacher`` (Hinton et al. 2015).
-
-    With weight ``w`` and temperature ``tau``: ``(1 - w) * loss + w * tau^2 * KL(softmax(teacher / tau) ||
-    softmax(logits / tau))``. SNN logits are sums over t, so a T = 4 teacher's are about 4x a T = 1
-    student's: both are compared per timestep (teacher logits x T_student / T_teacher).
-    """
-
-    def __init__(self, teacher: torch.nn.Module, weight: float, temperature: float = 2.0):
-        if not 0 <= weight <= 1 or temperature <= 0:
-            raise ValueError(f"distillation needs 0 <= weight <= 1 and temperature > 0, got {weight}, {temperature}")
-        self.teacher, self.weight, self.temperature = teacher, float(weight), float(temperature)
-
-    def on_train_begin(self, state: TrainState) -> None:
-        self.teacher.to(state.device).eval().requires_grad_(False)
-
-    def teacher_logits(self, student: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits on ``images``, ``[B, K]``, rescaled to the student's timesteps."""
-        with torch.no_grad():
-            out = self.teacher(images)
-        t_teacher, t_student = getattr(self.teacher, "timesteps", 1), getattr(student, "timesteps", 1)
-        if getattr(self.teacher, "spiking", False) and getattr(student, "spiking", False) and t_teacher != t_student:
-            out = out * (t_student / t_teacher)
-        return out
-
-    def loss(self, state, images, labels, logits, loss):
-        if self.weight == 0:
-            return loss
-        tau = self.temperature
-        teacher = self.teacher_logits(state.model, images)
-        kd = F.kl_div(F.log_softmax(logits / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
-                      reduction="batchmean", log_target=True) * tau ** 2
-        return (1.0 - self.weight) * loss + self.weight * kd
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -246,15 +150,21 @@ def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
     snapshot is written after every epoch, every ``cfg.snapshot_every_steps`` steps
     and on Ctrl-C / SIGTERM (then ``KeyboardInterrupt`` is raised), and a matching
     snapshot found at the start is resumed. A non-finite loss raises
-    :class:`TrainingDiverged`. Under ``torchrun`` the steps are data parallel
+    :class:`TrainingDiverged`. ``cfg.time_budget_s`` ends training cleanly when the
+    time is spent (after the first epoch the cosine schedule is shortened to the
+    epochs that fit), and the last row says ``stopped``. Speed switches:
+    :mod:`.speed`. Under ``torchrun`` the steps are data parallel
     (:mod:`snncompress.distributed`).
     """
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     seed_everything(cfg.seed)
     model.to(device).train()
     lean_memory(model, cfg.lean_memory)
     checkpoint_layers(model, cfg.checkpoint_layers)
+    to_memory_format(model, cfg.channels_last)
     try:
         with interrupt_flag() as interrupted:
             run = _Run(model, train_loader, val_loader, cfg, device, csv_path, desc,
@@ -263,6 +173,7 @@ def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
     finally:  # later users get the plain model back
         lean_memory(model, False)
         checkpoint_layers(model, False)
+        to_memory_format(model, False)
 
 
 @contextmanager
@@ -290,11 +201,21 @@ def interrupt_flag():
 
 
 class _Run:
-    """One call of :func:`train`: the epochs, the steps, the snapshots."""
+    """One call of :func:`train`: the epochs, the steps, the snapshots, the checks.
+
+    The step never waits for the device: loss, correct count and a finite flag
+    accumulate on it, and the host reads them at check points only (every
+    step on a CPU, every :data:`GPU_CHECK_EVERY` steps on a GPU, and before
+    every snapshot and epoch end). Interrupts, the time budget and a
+    non-finite loss are acted on at those points, so every snapshot holds a
+    state whose losses were all finite.
+    """
+
+    clock = staticmethod(time.perf_counter)  # seconds; tests replace it to play out a time budget
 
     def __init__(self, model, train_loader, val_loader, cfg, device, csv_path, desc, callbacks,
                  snapshot_path, interrupted):
-        self.model, self.val_loader, self.cfg, self.device = model, val_loader, cfg, device
+        self.model, self.val_loader, self.cfg, self.device = model, val_loader, cfg, torch.device(device)
         self.train_loader, self.csv_path, self.desc, self.callbacks = train_loader, csv_path, desc, callbacks
         self.snapshot_path, self.interrupted = snapshot_path, interrupted
         per_epoch = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches, len(train_loader))
@@ -302,13 +223,23 @@ class _Run:
         self.key = run_key(cfg, model, per_epoch) if snapshot_path is not None else ""
         self.state = TrainState(model, make_optimizer(model, cfg), cfg, device, total_steps=cfg.epochs * per_epoch)
         self.net = distributed.wrap_model(model, device)
+        if cfg.compile:
+            self.net = CompiledForward(self.net, desc)
         self.batches = distributed.ShardedLoader(train_loader, distributed.rank(), distributed.world_size())
+        self.check_every = 1 if self.device.type == "cpu" else GPU_CHECK_EVERY
+        self.started = self.clock()
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, seen
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.stop_reason: str | None = None
 
     def epochs(self) -> list[dict]:
         for cb in self.callbacks:
             cb.on_train_begin(self.state)
-        progress = self._resume() or Progress(loader_epoch=getattr(self.train_loader, "epoch", 0))
-        while progress.epoch < self.cfg.epochs:
+        progress = self._resume() or Progress(loader_epoch=getattr(self.train_loader, "epoch", 0),
+                                              epochs=self.cfg.epochs)
+        progress.epochs = progress.epochs or self.cfg.epochs
+        self.state.total_steps = progress.epochs * self.per_epoch
+        while progress.epoch < progress.epochs and self.stop_reason is None:
             self._epoch(progress)
         _set_loader_epoch(self.train_loader, progress.loader_epoch)
         return progress.history
@@ -328,38 +259,41 @@ class _Run:
             save_snapshot(self.snapshot_path, self.key, self.model, self.state.optimizer, progress, self.callbacks)
 
     def _epoch(self, progress: Progress) -> None:
-        cfg, state = self.cfg, self.state
+        state = self.state
         state.epoch = progress.epoch
         _set_loader_epoch(self.train_loader, progress.loader_epoch)
-        start = time.perf_counter() - progress.seconds
-        bar = tqdm(total=self.per_epoch, initial=progress.batch, desc=f"{self.desc} {progress.epoch + 1}/{cfg.epochs}",
-                   leave=False, disable=None)
+        self.sums.copy_(torch.tensor(progress.sums, dtype=torch.float64))
+        start = self.clock() - progress.seconds
+        bar = tqdm(total=self.per_epoch, initial=progress.batch,
+                   desc=f"{self.desc} {progress.epoch + 1}/{progress.epochs}", leave=False, disable=None)
         for i, (images, labels, global_count) in enumerate(self.batches):
             if i >= self.per_epoch:
                 break
             if i < progress.batch:  # trained before the snapshot; the loader still draws its augmentation
                 continue
             self._step(images, labels, global_count, progress)
-            progress.batch, progress.seconds = i + 1, time.perf_counter() - start
+            progress.batch, progress.seconds = i + 1, self.clock() - start
             bar.update(1)
-            bar.set_postfix(loss=f"{progress.sums[0] / max(progress.sums[2], 1):.3f}")
-            self._maybe_pause(progress)
+            if self._at_check_point(progress):
+                bar.set_postfix(loss=f"{progress.sums[0] / max(progress.sums[2], 1):.3f}")
+                if self.stop_reason is not None:
+                    break
         bar.close()
-        self._finish_epoch(progress, time.perf_counter() - start)
+        self._check(progress)
+        self._finish_epoch(progress, self.clock() - start)
 
     def _step(self, images, labels, global_count: int, progress: Progress) -> None:
         cfg, state = self.cfg, self.state
         lr = cosine_lr(state.step, state.total_steps, cfg.lr) if cfg.lr_schedule == "cosine" else cfg.lr
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        images, labels = images.to(self.device), labels.to(self.device)
-        logits = self.net(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-        for cb in self.callbacks:
-            loss = cb.loss(state, images, labels, logits, loss)
-        value = loss.item()
-        if distributed.any_rank(not math.isfinite(value), self.device):
-            self._diverged(value, progress)
+        images = batch_layout(images.to(self.device, non_blocking=True), cfg.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        with autocast(self.device, cfg.precision):
+            logits = self.net(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            for cb in self.callbacks:
+                loss = cb.loss(state, images, labels, logits, loss)
         state.optimizer.zero_grad(set_to_none=True)
         # each rank's mean over its share, weighted so DDP's gradient average is the global batch's mean
         (loss * (labels.numel() * distributed.world_size() / global_count)).backward()
@@ -370,45 +304,94 @@ class _Run:
             cb.after_step(state)
         state.step += 1
         progress.step, progress.lr = state.step, lr
-        sums = (value * labels.numel(), (logits.argmax(1) == labels).sum().item(), labels.numel())
-        progress.sums = [a + b for a, b in zip(progress.sums, sums)]
+        loss = loss.detach()
+        self.finite &= torch.isfinite(loss)
+        self.sums += torch.stack([loss.double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
+                                  torch.tensor(float(labels.numel()), dtype=torch.float64, device=self.device)])
 
-    def _maybe_pause(self, progress: Progress) -> None:
-        """Snapshot every ``snapshot_every_steps`` steps; on an interrupt, snapshot and stop."""
+    def _at_check_point(self, progress: Progress) -> bool:
+        """At a check point: read the device's sums, then act on interrupts, snapshots and the budget."""
+        every = self.cfg.snapshot_every_steps
+        snapshot_due = bool(every) and progress.step % every == 0 and progress.batch < self.per_epoch
+        # every rank must reach the same check points (they all-reduce): a rank-local Ctrl-C waits for one
+        local_interrupt = self.interrupted() and not distributed.active()
+        if not (snapshot_due or local_interrupt or progress.step % self.check_every == 0):
+            return False
+        self._check(progress)
         if distributed.any_rank(self.interrupted(), self.device):
             self.snapshot(progress)
             where = f"; resumable from {Path(self.snapshot_path).name}" if self.snapshot_path else ""
             print(f"[{self.desc}] interrupted at epoch {progress.epoch + 1}, batch {progress.batch}{where}",
                   flush=True)
             raise KeyboardInterrupt
-        every = self.cfg.snapshot_every_steps
-        if every and progress.step % every == 0 and progress.batch < self.per_epoch:
+        if snapshot_due:
             self.snapshot(progress)
+        self._check_budget(progress)
+        return True
 
-    def _diverged(self, value: float, progress: Progress) -> None:
-        kept = (f"the last good state is kept in {Path(self.snapshot_path).name}"
-                if self.snapshot_path is not None and Path(self.snapshot_path).exists() else "nothing was saved")
-        raise TrainingDiverged(f"{self.desc}: the loss became {value} at epoch {progress.epoch + 1}, "
-                               f"batch {progress.batch + 1}; training stopped (try a lower lr); {kept}")
+    def _check(self, progress: Progress) -> None:
+        """Copy the device's running sums into ``progress``; stop if a loss since the last check was not finite."""
+        flags = distributed.all_reduce_sum([float(not bool(self.finite))], self.device)
+        if flags[0] > 0:
+            last = self.sums[0].item()
+            kept = (f"the last good state is kept in {Path(self.snapshot_path).name}"
+                    if self.snapshot_path is not None and Path(self.snapshot_path).exists() else "nothing was saved")
+            raise TrainingDiverged(f"{self.desc}: the loss became {_non_finite(last)} at epoch {progress.epoch + 1}, "
+                                   f"batch {progress.batch}; training stopped (try a lower lr); {kept}")
+        progress.sums = self.sums.tolist()
+
+    def _check_budget(self, progress: Progress) -> None:
+        """Past ``time_budget_s``: stop after this batch (every rank agrees); the epoch is closed as usual."""
+        budget = self.cfg.time_budget_s
+        over = budget is not None and self.clock() - self.started > budget
+        if distributed.any_rank(over, self.device) and self.stop_reason is None:
+            self.stop_reason = (f"time budget of {budget:g} s reached at epoch {progress.epoch + 1}, "
+                                f"batch {progress.batch}")
+            print(f"[{self.desc}] {self.stop_reason}: training stops here", flush=True)
+
+    def _replan(self, progress: Progress, seconds: float) -> None:
+        """After the first epoch: if all epochs would overrun ``time_budget_s``, end the schedule earlier.
+
+        The cosine schedule then decays to 0 at the last epoch that fits rather than
+        being cut off at a high learning rate.
+        """
+        budget = self.cfg.time_budget_s
+        if budget is None or self.stop_reason or progress.epoch != 1 or progress.epochs * seconds <= budget:
+            return
+        fits = max(1, int(distributed.all_reduce_sum([budget / seconds], self.device)[0]
+                          / distributed.world_size()))
+        if fits < progress.epochs:
+            print(f"[{self.desc}] time budget of {budget:g} s fits {fits} of {progress.epochs} epochs "
+                  f"({seconds:.1f} s each): the schedule now ends after epoch {fits}", flush=True)
+            progress.epochs = fits
+            self.state.total_steps = fits * self.per_epoch
 
     def _finish_epoch(self, progress: Progress, seconds: float) -> None:
-        cfg, model = self.cfg, self.model
+        model = self.model
         loss_sum, correct, seen = distributed.all_reduce_sum(progress.sums, self.device)
         row = {"epoch": progress.epoch + 1, "train_loss": loss_sum / max(seen, 1),
                "train_accuracy": correct / max(seen, 1),
                "val_accuracy": evaluate_accuracy(model, self.val_loader, self.device),
                "lr": progress.lr, "seconds": seconds, **_neuron_summary(model)}
+        if self.stop_reason is not None:
+            row["stopped"] = self.stop_reason
         for cb in self.callbacks:
             cb.on_epoch_end(self.state, row)
         progress.history.append(row)
         progress.epoch, progress.batch, progress.seconds = progress.epoch + 1, 0, 0.0
         progress.sums, progress.loader_epoch = [0.0, 0.0, 0.0], progress.loader_epoch + 1
-        print(f"[{self.desc}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f} "
+        print(f"[{self.desc}] epoch {row['epoch']}/{progress.epochs}: loss {row['train_loss']:.4f} "
               f"train {row['train_accuracy']:.4f} val {row['val_accuracy']:.4f} ({row['seconds']:.1f} s)",
               flush=True)
         if self.csv_path is not None:
             _write_csv(self.csv_path, progress.history)
+        self._replan(progress, seconds)
         self.snapshot(progress)
+
+
+def _non_finite(value: float) -> str:
+    """How a loss sum that is no longer finite reads: ``nan``, ``inf`` or ``-inf``."""
+    return str(value) if not math.isfinite(value) else "nan"
 
 
 def _set_loader_epoch(loader, epoch: int) -> None:

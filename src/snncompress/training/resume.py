@@ -51,6 +51,7 @@ class Progress:
     sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch so far: loss sum, correct, seen
     seconds: float = 0.0        # this epoch's training time before the snapshot
     lr: float = 0.0             # the last step's learning rate
+    epochs: int = 0             # the epochs the schedule spans (fewer than asked when a time budget cuts it)
     history: list = field(default_factory=list)  # the finished epochs' rows
 
 

@@ -1,0 +1,125 @@
+"""Callbacks of the training loop: what methods add to training, at fixed points of every step.
+
+The loop (:mod:`.loop`) calls, for every registered callback::
+
+    logits = model(images)
+    loss   = CE(logits, labels)             then  cb.loss(state, images, labels, logits, loss)
+    loss.backward()                         then  cb.after_backward(state)   (gradient edits)
+    optimizer.step()                        then  cb.after_step(state)       (projections)
+    end of epoch                            then  cb.on_epoch_end(state, row)
+
+A callback with state across steps (schedules, momentum buffers) returns it from
+``state_dict`` so a resumed run continues it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..compress.masks import enforce_masks_
+from ..compress.quantizers import snap_to_grid_
+from ..models import SpikingNetwork
+
+
+@dataclass
+class TrainState:
+    """What callbacks see: the model, its optimizer, the config and where the loop is (steps count from 0)."""
+
+    model: SpikingNetwork
+    optimizer: torch.optim.Optimizer
+    config: Any  # the run's training.loop.TrainConfig
+    device: torch.device | str
+    epoch: int = 0
+    step: int = 0
+    total_steps: int = 0
+
+
+class Callback:
+    """A hook set of the training loop (see the module docstring); every hook is optional."""
+
+    def on_train_begin(self, state: TrainState) -> None:
+        pass
+
+    def loss(self, state: TrainState, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+             loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss (scalar); ``logits`` ``[B, K]``, ``labels`` ``[B]``. Default: unchanged."""
+        return loss
+
+    def after_backward(self, state: TrainState) -> None:
+        pass
+
+    def after_step(self, state: TrainState) -> None:
+        pass
+
+    def on_epoch_end(self, state: TrainState, row: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this callback (tensors and JSON values); default none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ClampNeurons(Callback):
+    """Project every LIF's leak into [0, 1] and its threshold above its floor after each step."""
+
+    def after_step(self, state: TrainState) -> None:
+        state.model.clamp_neurons()
+
+
+class EnforceMasks(Callback):
+    """Zero the stored values under every pruning mask at the start and after each step."""
+
+    def on_train_begin(self, state: TrainState) -> None:
+        enforce_masks_(state.model)
+
+    def after_step(self, state: TrainState) -> None:
+        enforce_masks_(state.model)
+
+
+class QuantizeAfterStep(Callback):
+    """Move every quantized tensor's stored values onto its grid after each step (tinySNN's ITQ variant)."""
+
+    def after_step(self, state: TrainState) -> None:
+        snap_to_grid_(state.model)
+
+
+class Distillation(Callback):
+    """Blend the loss with knowledge distillation from a frozen ``teacher`` (Hinton et al. 2015).
+
+    With weight ``w`` and temperature ``tau``: ``(1 - w) * loss + w * tau^2 * KL(softmax(teacher / tau) ||
+    softmax(logits / tau))``. SNN logits are sums over t, so a T = 4 teacher's are about 4x a T = 1
+    student's: both are compared per timestep (teacher logits x T_student / T_teacher).
+    """
+
+    def __init__(self, teacher: torch.nn.Module, weight: float, temperature: float = 2.0):
+        if not 0 <= weight <= 1 or temperature <= 0:
+            raise ValueError(f"distillation needs 0 <= weight <= 1 and temperature > 0, got {weight}, {temperature}")
+        self.teacher, self.weight, self.temperature = teacher, float(weight), float(temperature)
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.teacher.to(state.device).eval().requires_grad_(False)
+
+    def teacher_logits(self, student: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on ``images``, ``[B, K]``, rescaled to the student's timesteps."""
+        with torch.no_grad():
+            out = self.teacher(images)
+        t_teacher, t_student = getattr(self.teacher, "timesteps", 1), getattr(student, "timesteps", 1)
+        if getattr(self.teacher, "spiking", False) and getattr(student, "spiking", False) and t_teacher != t_student:
+            out = out * (t_student / t_teacher)
+        return out
+
+    def loss(self, state, images, labels, logits, loss):
+        if self.weight == 0:
+            return loss
+        tau = self.temperature
+        teacher = self.teacher_logits(state.model, images)
+        kd = F.kl_div(F.log_softmax(logits / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+                      reduction="batchmean", log_target=True) * tau ** 2
+        return (1.0 - self.weight) * loss + self.weight * kd
