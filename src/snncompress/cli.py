@@ -1,4 +1,4 @@
-"""Command line: ``snncompress run | demo | evaluate | report | stages``.
+"""Command line: ``snncompress run | demo | evaluate | report | export | stages``.
 
 User mistakes (bad recipe, missing data, incompatible checkpoint) end with one
 line on stderr and exit code 2; nothing is half-written.
@@ -50,6 +50,13 @@ def cmd_report(args) -> None:
 
     compare_runs([Path(d) for d in args.runs], Path(args.out))
     print(f"comparison written to {Path(args.out) / 'report.md'}")
+
+
+def cmd_export(args) -> None:
+    from .deploy.nir import export_command
+
+    export_command(args.source, args.format, args.out_file, dt=args.dt, soft_reset=args.soft_reset,
+                   leak_one=args.leak_one)
 
 
 def cmd_stages(args) -> None:
@@ -117,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run folders holding report.json")
     rep.add_argument("--out", required=True, help="folder for the comparison")
     rep.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser("export", help="write a checkpoint as a NIR graph, or a NIR file back as a checkpoint")
+    ex.add_argument("source", help="model.safetensors, or a .nir file written by this command (import back)")
+    ex.add_argument("--format", choices=["nir", "safetensors"], default="nir", help="what to write (default: nir)")
+    ex.add_argument("--out", dest="out_file", required=True, metavar="FILE", help="the file to write")
+    ex.add_argument("--dt", type=float, default=1e-4, help="simulation step of the NIR neurons (default: 1e-4)")
+    ex.add_argument("--soft-reset", choices=["annotate", "refuse"], default="annotate",
+                    help="soft reset: keep as node metadata (default) or refuse")
+    ex.add_argument("--leak-one", choices=["if", "lif"], default="if",
+                    help="neurons with leak 1: IF nodes (default) or LIF nodes with tau = 1e8 dt (snnTorch)")
+    ex.set_defaults(func=cmd_export)
 
     stages = sub.add_parser("stages", help="list the recipe stages with their options, defaults and descriptions")
     stages.add_argument("kind", nargs="?", help="one stage kind (default: all)")
