@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from snncompress.checkpoint import load
+from snncompress import load
 from snncompress.data import load_data
 from snncompress.deploy.nir import export_nir, layer_spike_counts, load_nir, snntorch_spike_counts, write_nir
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from snncompress.checkpoint import load
+from snncompress import load
 from snncompress.metrics.latency import LATENCY_FORMS, measure_latency
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-nir = pytest.importorskip("nir")
+import nir  # a test dependency (pyproject's test extra)
 
 from snncompress import build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from snncompress.cli import main  # noqa: E402
@@ -379,3 +379,13 @@ def test_export_stage_writes_model_nir_and_checks_its_round_trip(tmp_path):
     assert ExportOptions(kind="export").follow(Chain(mode="snn")) == Chain(mode="snn")
     with pytest.raises(ValueError, match="needs a spiking model"):
         ExportOptions(kind="export").follow(Chain(mode="ann", source="train_ann"))
+
+
+def test_snncompress_load_opens_an_exported_nir_file_like_a_checkpoint(tmp_path):
+    from snncompress import load
+
+    model = _convnet(reset="hard")
+    write_nir(model, tmp_path / "m.nir")
+    images = _images(model.spec["in_shape"])
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m.nir")(images), model.eval()(images))

@@ -5,14 +5,15 @@ Public entry points::
     snncompress.LIF            the DIET-SNN neuron (trainable leak and threshold)
     snncompress.lif_step       one timestep of the LIF equations (typed state LIFState)
     snncompress.build_model    a named network (SNN, with its ANN twin)
-    snncompress.load           the model stored in a checkpoint
+    snncompress.load           the model stored in a checkpoint or an exported NIR file
 
 Importing the package registers the fast LIF backends of :mod:`snncompress.kernels`
 in :data:`snncompress.neuron.LIF_BACKENDS`; if that module fails to import, LIF
 layers run the reference backend and a ``RuntimeWarning`` says why.
 """
 
-from .checkpoint import load, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .loading import load
 from .errors import UserError
 from .models import MODEL_NAMES, build_from_spec, build_model
 from .neuron import LIF, LIFState, lif_multistep, lif_step

@@ -326,7 +326,3 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> Checkpoint:
             raise TypeError(f"info is a {type(info).__name__}, not a mapping")
     return Checkpoint(model=model.to(device).eval(), info=info)
 
-
-def load(path, device: str | torch.device = "cpu") -> SpikingNetwork:
-    """The model stored in a snncompress checkpoint, in eval mode, ready to run."""
-    return load_checkpoint(path, device).model
