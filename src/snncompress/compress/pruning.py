@@ -1,0 +1,315 @@
+"""Unstructured pruning: the cubic schedule, global magnitude pruning, criticality-guided regeneration (CRIT,
+SPEC §4), and iterative magnitude pruning with weight rewinding (the lottery-ticket baseline).
+
+Every pruned tensor carries a core mask (:mod:`.masks`); a weight is *live* where its
+mask is True. With ``N`` prunable weights (every conv / linear weight unless excluded):
+
+* **cubic schedule**: ``K = steps // dt`` pruning events at steps ``k * dt`` (k = 1..K;
+  a step = one optimizer step), target sparsity ``s_k = s_f (1 - (1 - k/K)^3)``, so
+  ``s_K = s_f``; after event k exactly ``kept(s_k) = N - round(s_k N)`` weights are live.
+* **global magnitude pruning**: the ``kept`` weights of largest ``|w|`` over all prunable
+  tensors (ties: the earlier tensor, then the lower flat index).
+* **regeneration** (ratio ``r``): magnitude keeps ``kept - round(r kept)``; the other
+  ``round(r kept)`` are regrown among the weights magnitude left out, by the criticality
+  of the neuron/channel they feed (:func:`.criticality.weight_units`); ties (all weights
+  of one unit) go to the larger ``|w|`` before the event, then the lower index; weights
+  of the output layer (no neuron) come last. Regrown weights restart at zero, and so do
+  their optimizer moments.
+* **IMP** (:func:`imp_sparsities`): each round prunes a fraction ``rate`` of the live
+  weights by global magnitude (the last round stops at ``s_f``), rewinds the live weights
+  to the rewind point and retrains.
+
+:class:`PruneRegrow` runs the schedule inside the training loop (``after_step``), scoring
+criticality over the last ``score_steps`` training steps before each event from the
+forward passes the loop makes anyway; :class:`StepCost` counts optimizer steps and
+images. Both are resumable (``state_dict``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..training.callbacks import Callback, TrainState
+from .criticality import CriticalityMeter, weight_units
+from .masks import get_mask, original, owner, set_mask, set_masks
+
+
+# ----------------------------------------------------------------------------- schedule and counts
+
+
+def cubic_sparsity(k: int, events: int, final: float) -> float:
+    """Target sparsity after event ``k`` of ``events``: ``final * (1 - (1 - k/events)^3)`` (0 at k = 0)."""
+    if events < 1 or not 0 <= k <= events:
+        raise ValueError(f"event {k} of {events}: need 1 <= events and 0 <= k <= events")
+    return final * (1.0 - (1.0 - k / events) ** 3)
+
+
+def cubic_schedule(final: float, dt: int, steps: int) -> list[tuple[int, float]]:
+    """``[(step, sparsity)]`` of every event: ``K = steps // dt`` events, event k after step ``k * dt``."""
+    if dt < 1:
+        raise ValueError(f"dt must be >= 1, got {dt}")
+    events = steps // dt
+    return [(k * dt, cubic_sparsity(k, events, final)) for k in range(1, events + 1)]
+
+
+def kept_count(total: int, sparsity: float) -> int:
+    """Live weights at ``sparsity``: ``total - round(sparsity * total)`` (halves round up)."""
+    return total - int(sparsity * total + 0.5)
+
+
+def imp_sparsities(final: float, rate: float) -> list[float]:
+    """Sparsity after each IMP round: each round prunes ``rate`` of the live weights, the last stops at ``final``.
+
+    ``1 - (1 - rate)^j`` for j = 1, 2, ... while below ``final``, then ``final``.
+    """
+    if not 0 < rate < 1 or not 0 < final < 1:
+        raise ValueError(f"need 0 < rate < 1 and 0 < final < 1, got rate {rate}, final {final}")
+    out, density = [], 1.0
+    while True:
+        density *= 1.0 - rate
+        if 1.0 - density >= final - 1e-12:
+            return out + [final]
+        out.append(1.0 - density)
+
+
+# ----------------------------------------------------------------------------- masks on a model
+
+
+def prunable_weights(model: nn.Module, exclude=()) -> list[str]:
+    """Names of every conv / linear weight of ``model`` (module order), minus ``exclude``."""
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    unknown = set(exclude) - set(names)
+    if unknown:
+        raise ValueError(f"exclude: no conv/linear weight named {sorted(unknown)}; weights: {names}")
+    return [n for n in names if n not in set(exclude)]
+
+
+def attach_masks(model: nn.Module, names: list[str]) -> None:
+    """Give every tensor in ``names`` an all-True mask unless it has one (before the optimizer is made)."""
+    for name in names:
+        if get_mask(model, name) is None:
+            set_mask(model, name, torch.ones_like(original(*owner(model, name)), dtype=torch.bool))
+
+
+def effective_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight as the forward pass sees it before quantization: stored values times mask (detached)."""
+    values = original(*owner(model, name)).detach()
+    mask = get_mask(model, name)
+    return values if mask is None else values * mask.to(values.dtype)
+
+
+def live_count(model: nn.Module, names: list[str]) -> int:
+    """Weights under a True mask (a tensor without a mask counts whole)."""
+    total = 0
+    for name in names:
+        mask = get_mask(model, name)
+        total += int(mask.sum()) if mask is not None else original(*owner(model, name)).numel()
+    return total
+
+
+def _split(flat: torch.Tensor, shapes: list[torch.Size], names: list[str]) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for name, shape in zip(names, shapes):
+        n = shape.numel()
+        out[name] = flat[start:start + n].reshape(shape)
+        start += n
+    return out
+
+
+def global_magnitude(model: nn.Module, names: list[str], keep: int) -> dict[str, torch.Tensor]:
+    """Bool masks keeping the ``keep`` weights of largest ``|w|`` over ``names`` (ties: earlier tensor, lower index)."""
+    values = [effective_weight(model, n) for n in names]
+    flat = torch.cat([v.abs().flatten().cpu() for v in values])
+    order = torch.argsort(flat, descending=True, stable=True)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[order[:keep]] = True
+    return _split(chosen, [v.shape for v in values], names)
+
+
+def weight_scores(model: nn.Module, names: list[str], unit_scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each weight's regrowth score: the criticality of the unit its output channel feeds, ``-inf`` without one.
+
+    ``unit_scores``: ``{LIF name: [C] channel criticality}`` (:class:`.criticality.CriticalityMeter`).
+    """
+    units = weight_units(model)
+    out = {}
+    for name in names:
+        w = original(*owner(model, name))
+        lif = units.get(name)
+        if lif is None or lif not in unit_scores:
+            out[name] = torch.full(w.shape, float("-inf"), dtype=torch.float64)
+            continue
+        per_channel = unit_scores[lif].to(torch.float64).cpu().reshape(-1)
+        if per_channel.numel() != w.shape[0]:
+            raise ValueError(f"{name}: {w.shape[0]} output channels but {lif} has {per_channel.numel()} scores")
+        out[name] = per_channel.reshape(-1, *([1] * (w.dim() - 1))).expand(w.shape)
+    return out
+
+
+def regrowth(model: nn.Module, names: list[str], kept: dict[str, torch.Tensor], count: int,
+             scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bool masks of the ``count`` weights to regrow among those ``kept`` leaves out.
+
+    Order: higher ``scores`` (unit criticality) first, then larger ``|w|`` (as stored
+    before this event), then the earlier tensor and lower index.
+    """
+    shapes = [kept[n].shape for n in names]
+    pruned = torch.cat([~kept[n].flatten().cpu() for n in names])
+    score = torch.cat([scores[n].flatten() for n in names])
+    magnitude = torch.cat([effective_weight(model, n).abs().flatten().cpu().to(torch.float64) for n in names])
+    candidates = torch.nonzero(pruned).flatten()
+    by_magnitude = candidates[torch.argsort(magnitude[candidates], descending=True, stable=True)]
+    ranked = by_magnitude[torch.argsort(score[by_magnitude], descending=True, stable=True)]
+    chosen = torch.zeros(pruned.numel(), dtype=torch.bool)
+    chosen[ranked[:count]] = True
+    return _split(chosen, shapes, names)
+
+
+@torch.no_grad()
+def reset_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor) -> None:
+    """Zero every per-element optimizer state of ``param`` (Adam moments, SGD momentum) at ``where`` (bool)."""
+    if optimizer is None:
+        return
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.masked_fill_(where.to(value.device), 0)
+
+
+@torch.no_grad()
+def prune_and_regrow_(model: nn.Module, names: list[str], sparsity: float, regrow_ratio: float = 0.0,
+                      unit_scores: dict[str, torch.Tensor] | None = None,
+                      optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """One pruning event: masks with exactly ``kept_count(N, sparsity)`` live weights over ``names``.
+
+    Magnitude keeps ``kept - round(regrow_ratio * kept)``; the rest is regrown by unit
+    criticality (:func:`regrowth`) and set to zero, with its optimizer state. Returns
+    ``{"sparsity", "live", "regrown", "regrown_by_layer"}``.
+    """
+    total = sum(original(*owner(model, n)).numel() for n in names)
+    keep = kept_count(total, sparsity)
+    regrow = int(regrow_ratio * keep + 0.5) if regrow_ratio > 0 else 0
+    masks = global_magnitude(model, names, keep - regrow)
+    grown = {n: torch.zeros_like(m) for n, m in masks.items()}
+    if regrow:
+        scores = weight_scores(model, names, unit_scores or {})
+        grown = regrowth(model, names, masks, regrow, scores)
+    for name in names:
+        module, tensor = owner(model, name)
+        stored = original(module, tensor)
+        where = grown[name].to(stored.device)
+        stored.masked_fill_(where, 0.0)  # regrown weights restart at zero
+        reset_optimizer_state_(optimizer, stored, where)
+    set_masks(model, {n: masks[n] | grown[n] for n in names})
+    return {"sparsity": sparsity, "live": keep, "regrown": regrow,
+            "regrown_by_layer": {n: int(g.sum()) for n, g in grown.items() if g.any()}}
+
+
+def rewind_(model: nn.Module, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    """Load the rewind point ``state`` (a ``state_dict``) into ``model``, then apply ``masks`` (pruned values zeroed)."""
+    model.load_state_dict(state)
+    set_masks(model, masks)
+
+
+# ----------------------------------------------------------------------------- training callbacks
+
+
+class StepCost(Callback):
+    """Counts optimizer steps and training images (summed over the ranks) of one training run."""
+
+    def __init__(self):
+        self.steps, self.images = 0, 0
+
+    def loss(self, state, images, labels, logits, loss):
+        self.images += int(labels.numel())
+        return loss
+
+    def after_step(self, state: TrainState) -> None:
+        self.steps += 1
+
+    def totals(self, device="cpu") -> dict:
+        images = distributed.all_reduce_sum([float(self.images)], device)[0]
+        return {"iterations": self.steps, "images": int(images)}
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "images": self.images}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.images = int(state.get("steps", 0)), int(state.get("images", 0))
+
+
+class PruneRegrow(Callback):
+    """Gradual pruning with criticality regeneration inside the training loop (see the module docstring).
+
+    Events at steps ``k * dt`` of this training run (``K = total_steps // dt``); criticality
+    is the mean over the last ``score_steps`` training forward passes before each event
+    (all ``dt`` when None). ``regrow_ratio = 0`` is plain gradual magnitude pruning (no
+    scoring at all). Call :meth:`close` after training (removes the hooks). ``events``
+    lists what each event did.
+    """
+
+    def __init__(self, names: list[str], final_sparsity: float, dt: int, regrow_ratio: float = 0.2,
+                 score: str = "derivative", alpha: float = 2.0, normalized: bool = False,
+                 score_steps: int | None = None):
+        if not 0 <= regrow_ratio < 1:
+            raise ValueError(f"regrow_ratio must be in [0, 1), got {regrow_ratio}")
+        self.names, self.final, self.dt, self.regrow_ratio = list(names), float(final_sparsity), int(dt), regrow_ratio
+        self.score_opts = {"score": score, "alpha": alpha, "normalized": normalized}
+        self.window = min(self.dt, score_steps or self.dt)
+        self.events: list[dict] = []
+        self.schedule: list[tuple[int, float]] = []
+        self.meter: CriticalityMeter | None = None
+        self.state: TrainState | None = None
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.state = state
+        self.schedule = cubic_schedule(self.final, self.dt, state.total_steps)
+        if not self.schedule:
+            raise ValueError(f"dt: {self.dt} steps is longer than the pruning phase ({state.total_steps} steps); "
+                             f"no pruning event would happen")
+        self._at, self._planned = dict(self.schedule), state.total_steps
+        if self.regrow_ratio > 0 and self.meter is None:
+            self.meter = CriticalityMeter(state.model, **self.score_opts, when=self._scoring,
+                                          step=lambda: self.state.step).attach()
+
+    def _scoring(self) -> bool:
+        """True while the loop runs a training step in the window before an event."""
+        step = self.state.step
+        return (self.state.model.training and step < self.schedule[-1][0]
+                and step % self.dt >= self.dt - self.window)
+
+    def after_step(self, state: TrainState) -> None:
+        if state.total_steps != self._planned:  # the loop shortened its schedule (a time budget): so does this
+            self.schedule = cubic_schedule(self.final, self.dt, state.total_steps) or self.schedule[:1]
+            self._at, self._planned = dict(self.schedule), state.total_steps
+        done = state.step + 1
+        if done not in self._at:
+            return
+        start = time.perf_counter()
+        scores = self.meter.scores() if self.meter is not None else {}
+        stats = prune_and_regrow_(state.model, self.names, self._at[done], self.regrow_ratio, scores, state.optimizer)
+        if self.meter is not None:
+            self.meter.reset()
+        self.events.append({"step": done, **stats, "seconds": time.perf_counter() - start})
+
+    def on_epoch_end(self, state: TrainState, row: dict) -> None:
+        row["live_weights"] = live_count(state.model, self.names)
+
+    def close(self) -> None:
+        if self.meter is not None:
+            self.meter.detach()
+            self.meter = None
+
+    def state_dict(self) -> dict:
+        state = {"events": self.events}
+        if self.meter is not None:
+            state.update({f"meter.{k}": v for k, v in self.meter.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.events = list(state.get("events", []))
+        if self.meter is not None:
+            self.meter.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("meter.")})
