@@ -372,6 +372,8 @@ def test_the_three_methods_side_by_side_record_their_costs(tmp_path):
     ("{kind: prune_criticality, mode: structured, dt: 10}", "dt: not used with mode: structured"),
     ("{kind: prune_imp, finetune_epochs: 0, finetune_lr: 0.1}", "finetune_lr: not used with finetune_epochs: 0"),
     ("{kind: prune_criticality, epochs: 0}", "epochs: mode unstructured prunes while training"),
+    ("{kind: prune_imp, from_stage: nope}", r"from_stage: no earlier stage named 'nope' \(earlier: train_snn\)"),
+    ("{kind: prune_imp, from_stage: prune_imp}", "from_stage: a stage cannot start from its own model"),
 ])
 def test_options_a_mode_does_not_use_are_errors(tmp_path, stage, message):
     from snncompress.pipeline import Run
@@ -387,8 +389,7 @@ def test_runtime_mistakes_end_with_one_line(tmp_path):
 
     head = CRIT_RECIPE.split("stages:")[0].replace("batchnorm: true", "batchnorm: false")
     cases = [("{kind: prune_criticality, dt: 100, max_batches: 2}", "dt: 100 steps is longer than the pruning phase"),
-             ("{kind: prune_criticality, mode: structured, epochs: 0}", "has no BatchNorm"),
-             ("{kind: prune_imp, from_stage: nope}", "from_stage: no earlier stage named 'nope'")]
+             ("{kind: prune_criticality, mode: structured, epochs: 0}", "has no BatchNorm")]
     for i, (stage, message) in enumerate(cases):
         recipe = tmp_path / f"r{i}.yaml"
         recipe.write_text(head + f"stages:\n  - {{kind: train_snn, max_batches: 1}}\n  - {stage}\n")

@@ -270,9 +270,9 @@ def test_sensible_orders_pass(tiny_recipe, tmp_path, stages):
 def test_chain_follows_mode_and_timesteps():
     start = Chain(timesteps=4)
     after_snn = TrainSNNOptions(timesteps=3, name="snn").follow(start)
-    assert after_snn == Chain(mode="snn", timesteps=3, source="snn")
-    assert TemporalOptions(schedule=[2, 1], name="t").follow(after_snn) == Chain(mode="snn", timesteps=None,
-                                                                                 source="t")
+    assert after_snn == Chain(mode="snn", timesteps=3, source="snn", earlier=(("snn", "snn"),))
+    assert TemporalOptions(schedule=[2, 1], name="t").follow(after_snn) == Chain(
+        mode="snn", timesteps=None, source="t", earlier=(("snn", "snn"), ("t", "snn")))
 
 
 BUILTIN_RECIPES = sorted(p.stem for p in builtin_recipe("demo").parent.glob("*.yaml"))

@@ -44,6 +44,7 @@ class Chain:
     mode: str | None = None       # the model's mode: None (no model yet), "ann" or "snn"
     timesteps: int | None = None  # its T; None once a stage chose T at run time
     source: str | None = None     # the name of the stage that made it
+    earlier: tuple = ()           # (name, mode) of every earlier stage, for options that name one
 
 
 class StageOptions(Strict):
@@ -78,7 +79,8 @@ class StageOptions(Strict):
             raise ValueError(f"needs {NEEDS[self.needs]}, but stage {chain.source!r} before it leaves "
                              f"{MODES[chain.mode]}")
         self.check(chain)
-        return self.leaves(chain)
+        left = self.leaves(chain)
+        return replace(left, earlier=(*chain.earlier, (self.name, left.mode)))
 
 
 @dataclass

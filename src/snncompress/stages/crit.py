@@ -65,6 +65,13 @@ class _PruneOptions(TrainOptions):
         super().check(chain)
         if self.from_stage is not None and self.from_stage == self.name:
             raise ValueError("from_stage: a stage cannot start from its own model")
+        if self.from_stage is not None:
+            modes = dict(chain.earlier)
+            if self.from_stage not in modes:
+                raise ValueError(f"from_stage: no earlier stage named {self.from_stage!r} "
+                                 f"(earlier: {', '.join(modes) or 'none'})")
+            if modes[self.from_stage] != "snn":
+                raise ValueError(f"from_stage: stage {self.from_stage!r} leaves no spiking model")
         given = sorted(self.model_fields_set & {"finetune_lr", "finetune_max_batches"})
         if given and self.finetune_epochs == 0:
             raise ValueError(f"{given[0]}: not used with finetune_epochs: 0")
