@@ -1,4 +1,4 @@
-"""Command line: ``snncompress run | demo | evaluate | report | export | stages``.
+"""Command line: ``snncompress run | demo | evaluate | quantize | report | export | stages``.
 
 User mistakes (bad recipe, missing data, incompatible checkpoint) end with one
 line on stderr and exit code 2; nothing is half-written.
@@ -43,6 +43,17 @@ def cmd_evaluate(args) -> dict:
 
     return evaluate_checkpoint(args.checkpoint, args.out, dataset=args.dataset, data_dir=args.data_dir,
                                overrides=args.set or [])
+
+
+def cmd_quantize(args) -> dict:
+    from .stages.tiny import quantize_command
+
+    if not 0 <= args.max_accuracy_drop <= 100:
+        raise UserError(f"--max-accuracy-drop is in points, 0 to 100, got {args.max_accuracy_drop:g}")
+    return quantize_command(args.checkpoint, args.out, max_memory_kb=args.max_memory_kb,
+                            max_accuracy_drop=args.max_accuracy_drop / 100, dataset=args.dataset, data_dir=args.data_dir,
+                            val_fraction=args.val_fraction, seed=args.seed, overrides=args.set or [],
+                            test_weight_bits=args.test_weight_bits)
 
 
 def cmd_report(args) -> None:
@@ -119,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="measurement option, e.g. --set energy_preset=int8")
     ev.set_defaults(func=cmd_evaluate)
+
+    qu = sub.add_parser("quantize", help="tinySNN exploration: scheme x bits per group x rounding; keep the "
+                                         "smallest model within a memory and an accuracy-drop limit")
+    qu.add_argument("checkpoint", help="model.safetensors of a spiking model written by a stage")
+    qu.add_argument("--max-memory-kb", type=float, help="memory limit in KiB (default: none)")
+    qu.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                    help="accepted validation accuracy drop in points (default: 1)")
+    qu.add_argument("--out", default="runs/quantize", help="folder for model.safetensors, report.json/.md, pareto.png")
+    qu.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
+    qu.add_argument("--data-dir", help="offline data folder (default: env SNNCOMPRESS_DATA)")
+    qu.add_argument("--val-fraction", type=float, default=0.1,
+                    help="validation slice of the training split, as the training run held it out (default 0.1)")
+    qu.add_argument("--seed", type=int, default=0, help="the training run's seed (draws the same validation slice)")
+    qu.add_argument("--test-weight-bits", type=int, action="append", metavar="B",
+                    help="also report the test accuracy of weights-only B-bit models (each rounding)")
+    qu.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="exploration option of the quantize stage, e.g. --set bits.weights=[6,5,4]")
+    qu.set_defaults(func=cmd_quantize)
 
     rep = sub.add_parser("report", help="put several runs side by side in one table and Pareto plot")
     rep.add_argument("runs", nargs="+", help="run folders holding report.json")

@@ -55,8 +55,10 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def round_codes(r: torch.Tensor, rounding: str, stochastic: bool) -> torch.Tensor:
-    """Integer-valued float tensor from grid positions ``r`` under ``rounding`` (see the module docstring)."""
+def round_codes(r: torch.Tensor, rounding: str, stochastic: bool,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer-valued float tensor from grid positions ``r`` under ``rounding`` (see the module docstring);
+    ``generator`` seeds the stochastic draws (default: torch's global generator)."""
     nearest = torch.round(r)
     if rounding == "nearest":
         return nearest
@@ -66,25 +68,43 @@ def round_codes(r: torch.Tensor, rounding: str, stochastic: bool) -> torch.Tenso
         rounded = torch.floor(r)
     elif rounding == "stochastic":
         low = torch.floor(r)
-        rounded = low + torch.bernoulli(r - low) if stochastic else nearest
+        rounded = low + torch.bernoulli(r - low, generator=generator) if stochastic else nearest
     else:
         raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
     return torch.where((r - nearest).abs() <= GRID_TOLERANCE, nearest, rounded)
 
 
 class Quantizer(nn.Module):
-    """Base: a signed ``bits``-bit code with a ``scale`` buffer (float32, 0-dim); see the module docstring."""
+    """Base: a signed ``bits``-bit code with a ``scale`` buffer (float32, 0-dim; ``[channels]`` per channel,
+    channel = dimension 0 of the tensor); see the module docstring."""
 
     kind = "quantizer"
 
-    def __init__(self, bits: int, rounding: str = "nearest"):
+    def __init__(self, bits: int, rounding: str = "nearest", channels: int | None = None):
         super().__init__()
         if not MIN_BITS <= int(bits) <= MAX_BITS:
             raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if channels is not None and int(channels) < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         self.bits, self.rounding = int(bits), rounding
-        self.register_buffer("scale", torch.tensor(1.0))
+        self.channels = None if channels is None else int(channels)
+        self.register_buffer("scale", torch.ones(()) if channels is None else torch.ones(int(channels)))
+        self.generator: torch.Generator | None = None  # seeds stochastic rounding when set
+
+    def scale_for(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The scale broadcast against ``w``: per channel ``[C, 1, ...]`` for a tensor ``[C, ...]``, or
+        repeated per value for the same tensor flattened row-major (as the checkpoint stores it)."""
+        scale = self.scale.to(w.device, dtype or w.dtype)
+        if self.channels is None:
+            return scale
+        if w.dim() >= 1 and w.shape[0] == self.channels:
+            return scale.view(-1, *([1] * (w.dim() - 1)))
+        if w.dim() == 1 and w.numel() % self.channels == 0:
+            return scale.repeat_interleave(w.numel() // self.channels)
+        raise ValueError(f"a per-channel scale of {self.channels} channels does not fit a tensor of shape "
+                         f"{tuple(w.shape)}")
 
     @property
     def q_max(self) -> int:
@@ -100,13 +120,13 @@ class Quantizer(nn.Module):
 
         ``stochastic`` (default: in training mode) draws stochastic rounding; otherwise it rounds to nearest.
         """
-        r = w.detach().to(torch.float64) / self.scale.to(w.device, torch.float64)
+        r = w.detach().to(torch.float64) / self.scale_for(w, torch.float64)
         stochastic = self.training if stochastic is None else stochastic
-        return torch.clamp(round_codes(r, self.rounding, stochastic), -self.q_max, self.q_max)
+        return torch.clamp(round_codes(r, self.rounding, stochastic, self.generator), -self.q_max, self.q_max)
 
     def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``codes * scale`` in ``dtype`` (the same operation in the forward pass and on reload)."""
-        return codes.to(dtype) * self.scale.to(codes.device, dtype)
+        return codes.to(dtype) * self.scale_for(codes, dtype)
 
     def quantize(self, w: torch.Tensor, stochastic: bool | None = None) -> torch.Tensor:
         """``Q(w)``: the codes of ``w`` times the scale, in ``w``'s dtype (no gradient)."""
@@ -125,19 +145,29 @@ class Quantizer(nn.Module):
 
     def config(self) -> dict:
         """JSON-able description from which :func:`quantizer_from_config` rebuilds this quantizer."""
-        return {"type": type(self).__name__, "bits": self.bits, "rounding": self.rounding}
+        config = {"type": type(self).__name__, "bits": self.bits, "rounding": self.rounding}
+        return config if self.channels is None else {**config, "channels": self.channels}
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, rounding={self.rounding}, scale={float(self.scale):.4g}"
+        scale = f"{float(self.scale):.4g}" if self.channels is None else f"[{self.channels} channels]"
+        return f"bits={self.bits}, rounding={self.rounding}, scale={scale}"
+
+
+def _peak(w: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """max|w| (0-dim), or per channel ``[C]`` over every dimension but the first."""
+    w = w.detach().abs()
+    if channels is None:
+        return w.max() if w.numel() else torch.zeros((), device=w.device)
+    return w.reshape(channels, -1).amax(1)
 
 
 class UniformQuantizer(Quantizer):
-    """Symmetric uniform per-tensor quantizer, ``scale = max|w| / q_max`` (1 for an all-zero tensor)."""
+    """Symmetric uniform quantizer, ``scale = max|w| / q_max`` per tensor or per channel (1 where all zero)."""
 
     @torch.no_grad()
     def update_scale(self, w: torch.Tensor) -> None:
-        peak = float(w.detach().abs().max()) if w.numel() else 0.0
-        self.scale.fill_(peak / self.q_max if peak > 0 else 1.0)
+        peak = _peak(w, self.channels).to(self.scale.device, torch.float64)
+        self.scale.copy_(torch.where(peak > 0, peak / self.q_max, torch.ones_like(peak)))
 
 
 class FixedPointQuantizer(Quantizer):
@@ -153,7 +183,26 @@ class FixedPointQuantizer(Quantizer):
                 "rounding": self.rounding}
 
 
-QUANTIZER_TYPES = {cls.__name__: cls for cls in (UniformQuantizer, FixedPointQuantizer)}
+class PowerOfTwoQuantizer(Quantizer):
+    """Fixed-point Q(i.f) whose split follows the range, per tensor or per channel (tinySNN's fixed point with
+    the integer bits a group needs): ``scale = 2^-f``, the finest power of two with ``max|w| <= q_max * scale``
+    (``i = bits - 1 - f``, may be negative), saturating; set at calibration and, in training mode, from the
+    current ``w`` (like :class:`UniformQuantizer`, whose scale it rounds up to a power of two)."""
+
+    @torch.no_grad()
+    def update_scale(self, w: torch.Tensor) -> None:
+        peak = _peak(w, self.channels).to(self.scale.device, torch.float64)
+        exponent = torch.ceil(torch.log2(torch.where(peak > 0, peak / self.q_max, torch.ones_like(peak))))
+        self.scale.copy_(torch.exp2(exponent))
+
+    @property
+    def frac_bits(self):
+        """``f`` (an int per tensor, a list per channel)."""
+        f = (-torch.log2(self.scale)).round().to(torch.int64)
+        return int(f) if self.channels is None else f.tolist()
+
+
+QUANTIZER_TYPES = {cls.__name__: cls for cls in (UniformQuantizer, FixedPointQuantizer, PowerOfTwoQuantizer)}
 
 
 def quantizer_from_config(config: dict) -> Quantizer:
@@ -214,16 +263,20 @@ def weight_names(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def snap_to_grid_(model: nn.Module, stochastic: bool = True) -> None:
+def snap_to_grid_(model: nn.Module, stochastic: bool = True, generator: torch.Generator | None = None) -> None:
     """Replace every quantized tensor's stored values by their quantized values (on the grid).
 
     With ``stochastic`` a ``stochastic``-rounding quantizer draws its rounding here, once; afterwards
     the forward pass finds the values on the grid and computes them exactly (tinySNN's "quantize
-    after every update" calls this after each optimizer step).
+    after every update" calls this after each optimizer step). ``generator`` seeds those draws.
     """
     for name, quantizer in get_quantizers(model).items():
         stored = original(*owner(model, name))
-        stored.copy_(quantizer.quantize(stored, stochastic))
+        kept, quantizer.generator = quantizer.generator, generator or quantizer.generator
+        try:
+            stored.copy_(quantizer.quantize(stored, stochastic))
+        finally:
+            quantizer.generator = kept
 
 
 def quantize_weights(model: nn.Module, bits: int, rounding: str = "nearest",
