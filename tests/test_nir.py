@@ -376,7 +376,8 @@ def test_export_stage_writes_model_nir_and_checks_its_round_trip(tmp_path):
     assert result.metrics["nir_roundtrip_identical"] is True and result.metrics["nir_roundtrip_images"] == 8
     assert sorted(p.name for p in stage_dir.iterdir()) == ["model.nir"]
     assert torch.equal(load_nir(stage_dir / "model.nir")(images), model(images))
-    assert ExportOptions(kind="export").follow(Chain(mode="snn")) == Chain(mode="snn")
+    assert ExportOptions(kind="export", name="export").follow(Chain(mode="snn")) == Chain(
+        mode="snn", earlier=(("export", "snn"),))  # the model passes through unchanged
     with pytest.raises(ValueError, match="needs a spiking model"):
         ExportOptions(kind="export").follow(Chain(mode="ann", source="train_ann"))
 
