@@ -97,6 +97,7 @@ from ..compress.quantizers import attach_quantizer, quantizer_from_config
 from ..compress.state import stored_tensors
 from ..errors import UserError
 from ..io import atomic_write
+from ..metrics.ops import SpikeMeter
 from ..models import SpikingNetwork, build_from_spec
 from ..models.base import TimeDropout
 from ..models.vgg import SpikingVGG
@@ -632,16 +633,9 @@ def load_nir(path) -> SpikingNetwork:
 @torch.no_grad()
 def layer_spike_counts(model: SpikingNetwork, images: torch.Tensor) -> tuple[dict[str, int], torch.Tensor]:
     """``({LIF name: spikes over all steps and images}, logits [B, classes])`` of ``model`` on ``images``."""
-    counts: dict[str, int] = {}
-    hooks = [lif.register_forward_hook(lambda m, i, o, name=name: counts.__setitem__(name, counts.get(name, 0)
-                                                                                        + int(o.sum())))
-             for name, lif in model.spiking_layers()]
-    try:
+    with SpikeMeter(model) as meter:
         logits = model.eval()(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    return counts, logits
+    return {name: int(spikes) for name, spikes in meter.spikes.items()}, logits
 
 
 @torch.no_grad()
