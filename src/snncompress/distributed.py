@@ -79,11 +79,6 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True when ``flag`` is set on any rank (e.g. an interrupt seen by one of them)."""
-    return all_reduce_sum([float(flag)], device)[0] > 0 if active() else flag
-
-
 def gather_rows(row: torch.Tensor) -> torch.Tensor:
     """Stack every rank's 1-D ``row`` (same shape and dtype on all ranks) into ``[world, n]``."""
     if not active():

@@ -279,7 +279,7 @@ class _Run:
                 if self.stop_reason is not None:
                     break
         bar.close()
-        self._check(progress)
+        self._sync(progress)
         self._finish_epoch(progress, self.clock() - start)
 
     def _step(self, images, labels, global_count: int, progress: Progress) -> None:
@@ -310,15 +310,16 @@ class _Run:
                                   torch.tensor(float(labels.numel()), dtype=torch.float64, device=self.device)])
 
     def _at_check_point(self, progress: Progress) -> bool:
-        """At a check point: read the device's sums, then act on interrupts, snapshots and the budget."""
+        """At a check point: sync with the device (and the other ranks), then act on interrupts, snapshots and
+        the budget."""
         every = self.cfg.snapshot_every_steps
         snapshot_due = bool(every) and progress.step % every == 0 and progress.batch < self.per_epoch
         # every rank must reach the same check points (they all-reduce): a rank-local Ctrl-C waits for one
         local_interrupt = self.interrupted() and not distributed.active()
         if not (snapshot_due or local_interrupt or progress.step % self.check_every == 0):
             return False
-        self._check(progress)
-        if distributed.any_rank(self.interrupted(), self.device):
+        interrupted, over_budget = self._sync(progress, with_budget=True)
+        if interrupted:
             self.snapshot(progress)
             where = f"; resumable from {Path(self.snapshot_path).name}" if self.snapshot_path else ""
             print(f"[{self.desc}] interrupted at epoch {progress.epoch + 1}, batch {progress.batch}{where}",
@@ -326,28 +327,28 @@ class _Run:
             raise KeyboardInterrupt
         if snapshot_due:
             self.snapshot(progress)
-        self._check_budget(progress)
+        if over_budget and self.stop_reason is None:  # stop after this batch; the epoch is closed as usual
+            self.stop_reason = (f"time budget of {self.cfg.time_budget_s:g} s reached at epoch {progress.epoch + 1}, "
+                                f"batch {progress.batch}")
+            print(f"[{self.desc}] {self.stop_reason}: training stops here", flush=True)
         return True
 
-    def _check(self, progress: Progress) -> None:
-        """Copy the device's running sums into ``progress``; stop if a loss since the last check was not finite."""
-        flags = distributed.all_reduce_sum([float(not bool(self.finite))], self.device)
-        if flags[0] > 0:
+    def _sync(self, progress: Progress, with_budget: bool = False) -> tuple[bool, bool]:
+        """Copy the device's running sums into ``progress`` and agree with every rank, in one reduction,
+        on (an interrupt arrived, ``time_budget_s`` is spent); stop if a loss since the last sync was not finite.
+        """
+        budget = self.cfg.time_budget_s
+        over = with_budget and budget is not None and self.clock() - self.started > budget
+        flags = [float(not bool(self.finite)), float(self.interrupted()), float(over)]
+        diverged, interrupted, over = (flag > 0 for flag in distributed.all_reduce_sum(flags, self.device))
+        if diverged:
             last = self.sums[0].item()
             kept = (f"the last good state is kept in {Path(self.snapshot_path).name}"
                     if self.snapshot_path is not None and Path(self.snapshot_path).exists() else "nothing was saved")
             raise TrainingDiverged(f"{self.desc}: the loss became {_non_finite(last)} at epoch {progress.epoch + 1}, "
                                    f"batch {progress.batch}; training stopped (try a lower lr); {kept}")
         progress.sums = self.sums.tolist()
-
-    def _check_budget(self, progress: Progress) -> None:
-        """Past ``time_budget_s``: stop after this batch (every rank agrees); the epoch is closed as usual."""
-        budget = self.cfg.time_budget_s
-        over = budget is not None and self.clock() - self.started > budget
-        if distributed.any_rank(over, self.device) and self.stop_reason is None:
-            self.stop_reason = (f"time budget of {budget:g} s reached at epoch {progress.epoch + 1}, "
-                                f"batch {progress.batch}")
-            print(f"[{self.desc}] {self.stop_reason}: training stops here", flush=True)
+        return interrupted, over
 
     def _replan(self, progress: Progress, seconds: float) -> None:
         """After the first epoch: if all epochs would overrun ``time_budget_s``, end the schedule earlier.
