@@ -5,11 +5,29 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .data import load_data
 from .errors import UserError
 from .recipe import apply_overrides
 from .stages.evaluate import EvaluateOptions
+
+
+def checkpoint_data(loaded: Checkpoint, path, dataset: str | None, data_dir: str | None, batch_size: int,
+                    **options):
+    """``(train_loader, test_loader, info)`` of the dataset a loaded checkpoint was trained on (or ``dataset``).
+
+    Not augmented; ``options`` go to :func:`~snncompress.data.load_data`. A checkpoint that records no
+    dataset, or a dataset whose images or classes do not fit the model, is a UserError.
+    """
+    name = dataset or loaded.info.get("dataset")
+    if not name or not isinstance(name, str):
+        raise UserError(f"checkpoint {path} does not record its dataset; pass --dataset")
+    train_loader, test_loader, info = load_data(name, data_dir, batch_size, augment=False, **options)
+    expected = (tuple(loaded.model.spec["in_shape"]), loaded.model.spec["num_classes"])
+    if (tuple(info.in_shape), info.num_classes) != expected:
+        raise UserError(f"dataset {info.name} has input {tuple(info.in_shape)} and {info.num_classes} classes; "
+                        f"the checkpoint expects {expected[0]} and {expected[1]}")
+    return train_loader, test_loader, info
 
 
 def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: str | None = None,
@@ -24,14 +42,7 @@ def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: 
 
     opts = EvaluateOptions.from_measure(apply_overrides({}, overrides or []), "evaluate --set")
     loaded = load_checkpoint(path)
-    name = dataset or loaded.info.get("dataset")
-    if not name or not isinstance(name, str):
-        raise UserError(f"checkpoint {path} does not record its dataset; pass --dataset")
-    _, test_loader, info = load_data(name, data_dir, batch_size, augment=False)
-    expected = (tuple(loaded.model.spec["in_shape"]), loaded.model.spec["num_classes"])
-    if (tuple(info.in_shape), info.num_classes) != expected:
-        raise UserError(f"dataset {info.name} has input {tuple(info.in_shape)} and {info.num_classes} classes; "
-                        f"the checkpoint expects {expected[0]} and {expected[1]}")
+    _, test_loader, info = checkpoint_data(loaded, path, dataset, data_dir, batch_size)
     start = time.perf_counter()
     metrics = {"checkpoint": Path(path).name, **measure_model(loaded.model, test_loader, **opts)}
     report = {"schema": 1, "dataset": info.name, "model": loaded.model.spec.get("arch"),

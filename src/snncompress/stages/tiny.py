@@ -259,7 +259,8 @@ def quantize_command(checkpoint, out, *, max_memory_kb: float | None, max_accura
     from pydantic import ValidationError
 
     from ..checkpoint import load_checkpoint, save_checkpoint, stored_bytes
-    from ..data import hold_out_validation, load_data
+    from ..data import hold_out_validation
+    from ..evaluate import checkpoint_data
     from ..errors import format_validation_error
     from ..recipe import apply_overrides
 
@@ -274,12 +275,8 @@ def quantize_command(checkpoint, out, *, max_memory_kb: float | None, max_accura
     model = loaded.model
     if not getattr(model, "spiking", True):
         raise UserError(f"{checkpoint} holds an ANN; quantize needs a spiking model")
-    name = dataset or loaded.info.get("dataset")
-    if not name or not isinstance(name, str):
-        raise UserError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")
-    train_loader, test_loader, info = load_data(name, data_dir, 64, augment=False, seed=seed, test_batch_size=512)
-    if (tuple(info.in_shape), info.num_classes) != (tuple(model.spec["in_shape"]), model.spec["num_classes"]):
-        raise UserError(f"dataset {info.name} does not fit the checkpoint's input and classes")
+    train_loader, test_loader, info = checkpoint_data(loaded, checkpoint, dataset, data_dir, 64, seed=seed,
+                                                      test_batch_size=512)
     train_loader, val_loader = hold_out_validation(train_loader, val_fraction, seed, 512)
     device = torch.device("cpu")
     start = time.perf_counter()
