@@ -66,7 +66,7 @@ def validate_stages(recipe: Recipe, where: str) -> list[tuple[StageDef, object]]
     from .stages.base import Chain
 
     kinds, stages, names = stage_kinds(), [], set()
-    chain = Chain(timesteps=recipe.model.timesteps)
+    chain = Chain(timesteps=recipe.model.timesteps, arch=recipe.model.arch)
     for i, raw in enumerate(recipe.stages):
         kind = raw.get("kind")
         if not isinstance(kind, str) or kind not in kinds:

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from ..neuron import RESETS, SURROGATES, lif_multistep, surrogate_grad, surrogate_scale
+from .population_c import POPULATION_C, declare_population
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ void lif_bwd_SUF(const SCALAR* G, int64_t gts, const SCALAR* U, SCALAR* dI,
 
 C_SOURCE = C_COMMON + "".join(
     C_TEMPLATE.replace("SCALAR", ctype).replace("SUF", suf)
-    for ctype, suf in (("float", "f32"), ("double", "f64")))
+    for ctype, suf in (("float", "f32"), ("double", "f64"))) + POPULATION_C
 
 
 # --------------------------------------------------------------------------------------
@@ -395,6 +396,7 @@ def _declare(lib) -> None:
     lib.pack_u8_f32.argtypes = [P, I64, P, ctypes.c_float, INT]
     lib.pack_u8_f32.restype = INT
     lib.snn_has_openmp.restype = INT
+    declare_population(lib)
 
 
 def load_library():

@@ -7,7 +7,8 @@ actually stored with:
   tensor's own element size) unless a quantizer is attached to the tensor
   (:mod:`snncompress.compress.quantizers`): then ``b`` bits per value (its
   integer codes) plus 32 bits per value of its ``scale``;
-* neuron parameters (LIF ``leak`` and ``threshold``): the same rule;
+* neuron parameters (LIF ``leak`` and ``threshold``, and those of modules marked ``is_neuron``
+  such as the Diehl & Cook population's adaptive thresholds): the same rule;
 * normalisation (BatchNorm weight, bias, running mean and variance): the
   same rule; integer bookkeeping buffers (``num_batches_tracked``) are not
   stored for inference and cost nothing;
@@ -63,7 +64,7 @@ def sparse_format_bits(shape: tuple[int, ...], kept: int, value_bits: int) -> di
 
 
 def _tensor_kind(owner: nn.Module | None) -> str:
-    if isinstance(owner, LIF):
+    if isinstance(owner, LIF) or getattr(owner, "is_neuron", False):
         return "neuron"
     if isinstance(owner, nn.modules.conv._ConvNd | nn.Linear):
         return "weight"

@@ -339,6 +339,9 @@ def count_synops(model: nn.Module, images: torch.Tensor, *, conv1_per_timestep: 
 class SpikeMeter:
     """Count spikes of every LIF layer over the forward passes run inside a ``with`` block.
 
+    A module with ``counts_spikes = True`` (the Diehl & Cook populations) reports spike counts
+    instead: ``forward(counts [B, ...], steps)``.
+
     After the block: :meth:`spikes_per_image` (all layers, all timesteps),
     :meth:`firing_rates` ``{layer: spikes per neuron per timestep}``,
     :meth:`neurons` ``{layer: neurons per image}``.
@@ -363,11 +366,21 @@ class SpikeMeter:
             self.neurons_per_image[name] = math.prod(out.shape[2:])
         return hook
 
+    def _on_counts(self, name):
+        def hook(module, args, out):  # out: spike counts [B, ...] over args[1] timesteps
+            steps = int(args[1])
+            self.spikes[name] = self.spikes.get(name, 0.0) + out.detach().abs().sum(dtype=torch.float64)
+            self.neuron_steps[name] = self.neuron_steps.get(name, 0) + out.numel() * steps
+            self.neurons_per_image[name] = math.prod(out.shape[1:])
+        return hook
+
     def __enter__(self) -> "SpikeMeter":
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
         for name, module in self.model.named_modules():
             if isinstance(module, LIF):
                 self._handles.append(module.register_forward_hook(self._on_lif_output(name)))
+            elif getattr(module, "counts_spikes", False):  # a population that reports counts (models.stdp)
+                self._handles.append(module.register_forward_hook(self._on_counts(name)))
         return self
 
     def __exit__(self, *exc) -> None:

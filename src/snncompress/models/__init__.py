@@ -7,15 +7,19 @@ from pydantic import ValidationError
 from ..encoding import ENCODINGS
 from ..errors import UserError, format_validation_error
 from .base import NEURON_DEFAULTS, FamilyOptions, SpikingNetwork
+from .stdp import ARCH as STDP_ARCH
+from .stdp import DiehlCookNetwork, DiehlCookOptions, diehl_cook_spec
 from .resnet import RESNET_LAYOUTS, ResNetOptions, SpikingResNet, resnet_spec
 from .vgg import VGG_FEATURES, SpikingVGG, VGGOptions, vgg_spec
 
-MODEL_NAMES = tuple(VGG_FEATURES) + tuple(RESNET_LAYOUTS)
-FAMILIES = {"vgg": SpikingVGG, "resnet": SpikingResNet}
+MODEL_NAMES = tuple(VGG_FEATURES) + tuple(RESNET_LAYOUTS) + (STDP_ARCH,)
+FAMILIES = {"vgg": SpikingVGG, "resnet": SpikingResNet, "stdp": DiehlCookNetwork}
 
 
 def family_options(name: str) -> type[FamilyOptions]:
     """The options model of the named network's family (what ``model.options`` may hold)."""
+    if name == STDP_ARCH:
+        return DiehlCookOptions
     return ResNetOptions if name in RESNET_LAYOUTS else VGGOptions
 
 
@@ -24,7 +28,8 @@ def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
     """Build a named network in SNN mode.
 
     Args:
-        name: one of :data:`MODEL_NAMES` (``vgg5/9/11/16``, ``convnet``, ``resnet20/19``).
+        name: one of :data:`MODEL_NAMES` (``vgg5/9/11/16``, ``convnet``, ``resnet20/19``, ``diehl_cook``:
+            the unsupervised STDP network of :mod:`.stdp`, which ignores ``encoding`` and ``neuron``).
         num_classes: number of output classes.
         in_shape: ``(C, H, W)`` of the input images.
         timesteps: T, the number of simulation steps.
@@ -42,7 +47,10 @@ def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
     if name not in MODEL_NAMES:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     try:
-        family = resnet_spec(name, **options) if name in RESNET_LAYOUTS else vgg_spec(name, **options)
+        if name == STDP_ARCH:
+            family = diehl_cook_spec(name, **options)
+        else:
+            family = resnet_spec(name, **options) if name in RESNET_LAYOUTS else vgg_spec(name, **options)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, f"bad option for model {name!r}")) from None
     unknown = set(neuron or {}) - set(NEURON_DEFAULTS)
@@ -53,6 +61,8 @@ def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
         "num_classes": int(num_classes), "timesteps": int(timesteps), "encoding": encoding,
         "neuron": {**NEURON_DEFAULTS, **(neuron or {})},
     }
+    if name == STDP_ARCH:
+        spec["encoding"] = "poisson"  # its own Poisson input (rates from pixel intensities)
     return build_from_spec(spec)
 
 

@@ -45,6 +45,7 @@ class Chain:
     timesteps: int | None = None  # its T; None once a stage chose T at run time
     source: str | None = None     # the name of the stage that made it
     earlier: tuple = ()           # (name, mode) of every earlier stage, for options that name one
+    arch: str | None = None       # the recipe's model.arch
 
 
 class StageOptions(Strict):
@@ -187,10 +188,17 @@ class TrainOptions(StageOptions):
                                 "cosine schedule is shortened to the epochs that fit")
 
     def check(self, chain: Chain) -> None:
+        if chain.arch == "diehl_cook" and self.trains_by_gradient():
+            raise ValueError(f"kind: {self.kind} trains by backpropagation; the diehl_cook network learns by "
+                             "STDP (kind: train_stdp)")
         if self.optimizer == "sgd" and self.momentum == 0:
             raise ValueError("momentum: optimizer sgd (Nesterov) needs momentum > 0")
         if self.optimizer == "adam" and "momentum" in self.model_fields_set:
             raise ValueError("momentum: only used with optimizer: sgd")
+
+    def trains_by_gradient(self) -> bool:
+        """Whether these options make the stage train by backpropagation (not every option set does)."""
+        return True
 
     def train_config(self, seed: int, **overrides) -> TrainConfig:
         """The loop's config from these options (``overrides`` replace single fields, e.g. ``epochs``)."""

@@ -63,6 +63,9 @@ class QuantizeOptions(TrainOptions):
     seed: int = Field(0, ge=0, description="seed of the stochastic rounding draws")
     lr: float = Field(1e-4, gt=0)
 
+    def trains_by_gradient(self) -> bool:
+        return "itq" in self.schemes
+
     @field_validator("bits")
     @classmethod
     def bit_range(cls, value: dict) -> dict:
