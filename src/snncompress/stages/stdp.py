@@ -39,6 +39,8 @@ class STDPOptions(StageOptions):
 
     kind: Literal["train_stdp"] = "train_stdp"
     neurons: int | None = Field(None, ge=1, le=100_000, description="excitatory neurons (default: model.options)")
+    inhibition: Literal["layer", "direct"] | None = Field(
+        None, description="layer (Diehl & Cook) or direct (FSpiNN); default: model.options")
     samples: int = Field(60_000, ge=1, description="training images presented (the split is cycled)")
     samples_in_flight: int = Field(1, ge=1, le=4096, description="images presented at once with shared weights")
     update_every: int = Field(0, ge=0, description="steps between weight updates; 0 = once per sample")
@@ -69,20 +71,21 @@ class STDPOptions(StageOptions):
         return STDPConfig(**{n: getattr(self, n) for n in names}, seed=seed)
 
 
-def new_network(ctx: StageContext, neurons: int | None):
-    """A fresh Diehl & Cook network from the recipe's model section (``neurons`` overriding its size)."""
+def new_network(ctx: StageContext, neurons: int | None, inhibition: str | None = None):
+    """A fresh Diehl & Cook network from the recipe's model section (``neurons``, ``inhibition`` override it)."""
     cfg = ctx.recipe.model
     if cfg.arch != ARCH:
         raise UserError(f"train_stdp needs model.arch: {ARCH}, got {cfg.arch!r}")
     seed_everything(ctx.recipe.seed)
-    options = {**cfg.options, **({"neurons": neurons} if neurons else {})}
+    options = {**cfg.options, **({"neurons": neurons} if neurons else {}),
+               **({"inhibition": inhibition} if inhibition else {})}
     model = build_model(ARCH, ctx.info.num_classes, ctx.info.in_shape, cfg.timesteps, **options)
     return model.set_input_normalisation(ctx.info.mean, ctx.info.std).to(ctx.device)
 
 
 def learn(ctx: StageContext, opts: STDPOptions, neurons: int | None = None, log=print):
     """Train and label one network; returns ``(model, metrics)`` with validation accuracy."""
-    model = new_network(ctx, neurons or opts.neurons)
+    model = new_network(ctx, neurons or opts.neurons, opts.inhibition)
     config = opts.config(ctx.recipe.seed)
     stats = train_stdp(model, ctx.train_loader, config, device=ctx.device, log=log)
     labels = assign_labels(model, ctx.train_loader, opts.label_samples, device=ctx.device)
@@ -122,6 +125,7 @@ class SelectSTDPOptions(STDPOptions):
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="per size: accepted drop below its float "
                                                                     "validation accuracy")
     max_memory_kb: float | None = Field(None, gt=0, description="memory limit of the pick (KiB)")
+    val_batches: int | None = Field(None, ge=1, description="validation batches per candidate (default: all)")
 
     def check(self, chain: Chain) -> None:
         super().check(chain)
@@ -191,7 +195,7 @@ def select_stdp(ctx: StageContext, opts: SelectSTDPOptions) -> StageResult:
     for size in opts.sizes:
         model, metrics = learn(ctx, opts, neurons=size)
         trained[size] = metrics
-        evaluate = lambda m: evaluate_accuracy(m, ctx.val_loader, ctx.device)  # noqa: E731
+        evaluate = lambda m: evaluate_accuracy(m, ctx.val_loader, ctx.device, opts.val_batches)  # noqa: E731
         result = explore(model, space, evaluate, max_accuracy_drop=opts.max_accuracy_drop,
                          max_memory_bytes=None)
         points += [_point(size, e) for e in [result.baseline, *result.evaluated]]

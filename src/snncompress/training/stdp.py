@@ -95,20 +95,27 @@ def pre_traces(spikes: torch.Tensor, carry: torch.Tensor, keep: float) -> torch.
     return torch.where(last >= 0, powers, carry.unsqueeze(0) * keep ** (steps + 1))
 
 
-def stdp_change(s_pre: torch.Tensor, x_pre: torch.Tensor, s_post: torch.Tensor, x_post: torch.Tensor,
-                nu_pre: float, nu_post: float) -> torch.Tensor:
-    """The rule's weight change ``[N, I]`` summed over ``k`` steps and ``B`` samples.
+def add_stdp_(weight: torch.Tensor, s_pre: torch.Tensor, x_pre: torch.Tensor, s_post: torch.Tensor,
+              x_post: torch.Tensor, nu_pre: float, nu_post: float) -> torch.Tensor:
+    """Add the rule's change, summed over ``k`` steps and ``B`` samples, to ``weight`` ``[N, I]`` in place.
 
     ``s_pre``/``x_pre`` ``[k, B, I]`` input spikes and traces, ``s_post``/``x_post`` ``[k, B, N]``
     excitatory spikes and traces (after each step's spikes):
-    ``nu_post * sum_t x_pre[t] s_post[t] - nu_pre * sum_t s_pre[t] x_post[t]`` (one matmul each).
+    ``+ nu_post * sum_t s_post[t]^T x_pre[t] - nu_pre * sum_t x_post[t]^T s_pre[t]`` (one matmul each,
+    accumulated into ``weight`` without a temporary).
     """
     k, batch = s_pre.shape[:2]
     flat = lambda x: x.reshape(k * batch, -1)  # noqa: E731
-    change = -nu_pre * (flat(x_post).t() @ flat(s_pre))
+    weight.addmm_(flat(x_post).t(), flat(s_pre), alpha=-nu_pre)
     if nu_post:
-        change += nu_post * (flat(s_post).t() @ flat(x_pre))
-    return change
+        weight.addmm_(flat(s_post).t(), flat(x_pre), alpha=nu_post)
+    return weight
+
+
+def stdp_change(s_pre, x_pre, s_post, x_post, nu_pre: float, nu_post: float) -> torch.Tensor:
+    """The change :func:`add_stdp_` adds, as a new ``[N, I]`` tensor."""
+    change = torch.zeros(s_post.shape[-1], s_pre.shape[-1], dtype=s_pre.dtype, device=s_pre.device)
+    return add_stdp_(change, s_pre, x_pre, s_post, x_post, nu_pre, nu_post)
 
 
 def normalise_(weight: torch.Tensor, norm: float) -> None:
@@ -184,15 +191,17 @@ class STDPLearner:
             x_pre = traces[-1]
             currents = s_pre @ weight.t()                            # [k, B, N]
             s_post, post_traces = model.run_steps(state, currents, cfg.theta_plus, x_post, self.trace_keep)
+            nu_post = cfg.nu_post
             if per_sample_gain is not None:  # scaled per sample at the end (needs the sample's spike count)
                 per_sample_gain += torch.einsum("kbn,kbi->bni", s_post, traces)
-                self._apply(weight, stdp_change(s_pre, traces, s_post, post_traces, cfg.nu_pre, 0.0))
-            else:
-                self._apply(weight, stdp_change(s_pre, traces, s_post, post_traces, cfg.nu_pre, cfg.nu_post))
+                nu_post = 0.0
+            add_stdp_(weight, s_pre, traces, s_post, post_traces, cfg.nu_pre, nu_post)
+            self._bound(weight)
             threshold.sub_(self.rest_threshold).mul_(self.theta_keep ** k).add_(self.rest_threshold)
         if per_sample_gain is not None:
             factor = (cfg.target_spikes / state["counts"].sum(1).clamp(min=1.0)).clamp(1.0, cfg.k_max)
-            self._apply(weight, cfg.nu_post * torch.einsum("b,bni->ni", factor, per_sample_gain))
+            weight.add_(torch.einsum("b,bni->ni", factor, per_sample_gain), alpha=cfg.nu_post)
+            self._bound(weight)
         counts = state["counts"]
         normalise_(weight, cfg.norm)
         if self.grid:
@@ -201,8 +210,9 @@ class STDPLearner:
         self.stats.excitatory_spikes += float(counts.sum())
         return counts
 
-    def _apply(self, weight: torch.Tensor, change: torch.Tensor) -> None:
-        weight.add_(change).clamp_(0.0, self.cfg.w_max)
+    def _bound(self, weight: torch.Tensor) -> None:
+        """After an update: clamp to [0, w_max], back onto the grid when learning quantized."""
+        weight.clamp_(0.0, self.cfg.w_max)
         if self.grid:
             self.grid.snap_(weight)
         self.stats.weight_updates += 1
