@@ -66,6 +66,15 @@ def test_pre_traces_match_the_step_by_step_definition_with_a_carry():
     assert torch.allclose(got, torch.tensor(expected), rtol=1e-6)
 
 
+def test_pre_traces_one_step_at_a_time_equal_the_whole_window():
+    spikes = (torch.rand(12, 2, 5, generator=torch.Generator().manual_seed(3)) > 0.6).float()
+    carry, steps = torch.full((2, 5), 0.3), []
+    for t in range(12):
+        carry = pre_traces(spikes[t:t + 1], carry, KEEP)[0]
+        steps.append(carry)
+    assert torch.allclose(torch.stack(steps), pre_traces(spikes, torch.full((2, 5), 0.3), KEEP), rtol=1e-6)
+
+
 def mnist_like(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 784, generator=g) * (torch.rand(n, 784, generator=g) > 0.7)
@@ -228,3 +237,19 @@ def test_pipeline_trains_labels_and_measures_the_network(tmp_path):
     assert trained["footprint_bytes"] == (7840 + 10 + 1 + 10) * 4
     # 6-bit weights (+ one float32 scale): 7840 * 6 / 8 + 4 bytes; the rest stays float32
     assert quantized["footprint_bytes"] == 7840 * 6 // 8 + 4 + (10 + 1 + 10) * 4
+
+
+@pytest.mark.parametrize("name, kinds", [
+    ("tiny-stdp-mnist.yaml", ["train_stdp", "quantize", "train_stdp"]),
+    ("tiny-stdp-fmnist.yaml", ["train_stdp", "quantize", "train_stdp"]),
+    ("tiny-stdp-mnist-options.yaml", ["train_stdp"] * 6 + ["select_stdp"]),
+])
+def test_shipped_stdp_recipes_validate(name, kinds):
+    from pathlib import Path
+
+    import snncompress
+    from snncompress.pipeline import validate_stages
+    from snncompress.recipe import load_recipe
+
+    recipe, _ = load_recipe(Path(snncompress.__file__).parent / "recipes" / name)
+    assert [opts.kind for _, opts in validate_stages(recipe, name)] == kinds

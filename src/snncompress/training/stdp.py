@@ -89,6 +89,8 @@ def pre_traces(spikes: torch.Tensor, carry: torch.Tensor, keep: float) -> torch.
     ``x[t] = keep^(t - last spike)`` after a spike, ``carry * keep^(t + 1)`` before any.
     """
     k = spikes.shape[0]
+    if k == 1:  # the per-step rule: the definition itself is cheaper than the closed form
+        return torch.where(spikes > 0, torch.ones_like(spikes), carry.unsqueeze(0) * keep)
     steps = torch.arange(k, device=spikes.device, dtype=spikes.dtype).view(k, *([1] * (spikes.dim() - 1)))
     last = torch.where(spikes > 0, steps, torch.full_like(spikes, -1.0)).cummax(0).values
     powers = keep ** (steps - last)
