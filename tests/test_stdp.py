@@ -242,7 +242,7 @@ def test_pipeline_trains_labels_and_measures_the_network(tmp_path):
 @pytest.mark.parametrize("name, kinds", [
     ("tiny-stdp-mnist.yaml", ["train_stdp", "quantize", "train_stdp"]),
     ("tiny-stdp-fmnist.yaml", ["train_stdp", "quantize", "train_stdp"]),
-    ("tiny-stdp-mnist-options.yaml", ["train_stdp"] * 6 + ["select_stdp"]),
+    ("tiny-stdp-mnist-options.yaml", ["train_stdp"] * 6 + ["select_stdp"] + ["train_stdp"] * 3),
 ])
 def test_shipped_stdp_recipes_validate(name, kinds):
     from pathlib import Path
@@ -253,3 +253,19 @@ def test_shipped_stdp_recipes_validate(name, kinds):
 
     recipe, _ = load_recipe(Path(snncompress.__file__).parent / "recipes" / name)
     assert [opts.kind for _, opts in validate_stages(recipe, name)] == kinds
+
+
+@pytest.mark.parametrize("weight_bits", [None, 6])
+def test_validation_checks_keep_the_best_network_seen(tmp_path, weight_bits):
+    from snncompress.pipeline import run_recipe
+
+    out, path = tmp_path / "run", tmp_path / "stdp.yaml"
+    bits = f", weight_bits: {weight_bits}" if weight_bits else ""
+    path.write_text(recipe(stages=f"  - {{kind: train_stdp, samples: 60, validate_every: 20, label_samples: 100{bits}}}"))
+    run_recipe(path, out)
+    metrics = json.loads((out / "report.json").read_text())["stages"][0]["metrics"]
+    history = metrics["validation_checks"]
+    assert [h["samples"] for h in history] == [20, 40, 60]
+    best = max(history, key=lambda h: h["val_accuracy"])
+    assert metrics["kept_after_samples"] == best["samples"]
+    assert metrics["val_accuracy"] == best["val_accuracy"]  # the kept network, labelled as it was then

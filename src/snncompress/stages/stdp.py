@@ -59,6 +59,10 @@ class STDPOptions(StageOptions):
                                                                      "grid of this many bits")
     rounding: Rounding = Field("stochastic", description="quantized learning: rounding of every update")
     label_samples: int = Field(10_000, ge=10, description="training images that label the neurons")
+    validate_every: int | None = Field(
+        None, ge=1, description="every this many samples: label, read the validation split, and keep the network "
+                                "(weights, thresholds, labels) with the best validation accuracy")
+    val_batches: int | None = Field(None, ge=1, description="validation batches per check (default: all)")
 
     def check(self, chain: Chain) -> None:
         if chain.arch is not None and chain.arch != ARCH:
@@ -87,10 +91,16 @@ def learn(ctx: StageContext, opts: STDPOptions, neurons: int | None = None, log=
     """Train and label one network; returns ``(model, metrics)`` with validation accuracy."""
     model = new_network(ctx, neurons or opts.neurons, opts.inhibition)
     config = opts.config(ctx.recipe.seed)
-    stats = train_stdp(model, ctx.train_loader, config, device=ctx.device, log=log)
-    labels = assign_labels(model, ctx.train_loader, opts.label_samples, device=ctx.device)
+    checks = ValidationChecks(ctx, opts, model, log)
+    stats = train_stdp(model, ctx.train_loader, config, device=ctx.device, log=log,
+                       check_every=opts.validate_every, check=checks if opts.validate_every else None)
+    if opts.validate_every:
+        labels = checks.restore_best()
+    else:
+        labels = assign_labels(model, ctx.train_loader, opts.label_samples, device=ctx.device)
     val = evaluate_accuracy(model, ctx.val_loader, ctx.device)
     metrics = {"val_accuracy": val, "neurons": model.neurons, "samples": stats.samples,
+               "validation_checks": checks.history, "kept_after_samples": checks.best_samples,
                "presentations": stats.presentations, "train_seconds": stats.seconds,
                "samples_per_second": stats.samples / max(stats.seconds, 1e-9),
                "spikes_per_presentation": stats.excitatory_spikes / max(stats.presentations, 1),
@@ -100,6 +110,37 @@ def learn(ctx: StageContext, opts: STDPOptions, neurons: int | None = None, log=
     log(f"[train_stdp] {model.neurons} neurons, {stats.samples} samples in {stats.seconds:.0f} s "
         f"({metrics['samples_per_second']:.1f}/s); validation accuracy {val:.4f}")
     return model, metrics
+
+
+class ValidationChecks:
+    """Called during learning: label the neurons, read the validation split, keep the best network so far."""
+
+    def __init__(self, ctx: StageContext, opts: STDPOptions, model, log):
+        self.ctx, self.opts, self.model, self.log = ctx, opts, model, log
+        self.history: list[dict] = []
+        self.best: tuple[float, dict, dict] | None = None
+        self.best_samples: int | None = None
+
+    def __call__(self, samples: int) -> None:
+        ctx, model = self.ctx, self.model
+        labels = assign_labels(model, ctx.train_loader, self.opts.label_samples, device=ctx.device)
+        val = evaluate_accuracy(model, ctx.val_loader, ctx.device, self.opts.val_batches)
+        self.history.append({"samples": samples, "val_accuracy": val})
+        self.log(f"[train_stdp] after {samples} samples: validation accuracy {val:.4f}")
+        if self.best is None or val > self.best[0]:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.best, self.best_samples = (val, state, labels), samples
+
+    def restore_best(self) -> dict:
+        """Load the best network found; returns its labelling figures."""
+        _, state, labels = self.best
+        own = self.model.state_dict()
+        quantized = "synapses.parametrizations.weight.original"  # quantized learning attached its quantizer
+        state = {(quantized if k == "synapses.weight" and k not in own else k): v for k, v in state.items()}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or any("parametrizations" not in k for k in missing):
+            raise RuntimeError(f"cannot restore the best network: missing {missing}, unexpected {unexpected}")
+        return labels
 
 
 @register_stage("train_stdp", STDPOptions)

@@ -258,21 +258,44 @@ def image_batches(loader: Iterable, count: int, batch: int) -> Iterable[tuple[to
 
 
 def train_stdp(model: DiehlCookNetwork, loader: Iterable, config: STDPConfig, device="cpu",
-               log: Callable[[str], None] = print, log_every: int = 5000, clock=time.perf_counter) -> LearnStats:
-    """Learn ``model``'s weights and thresholds from ``config.samples`` images of ``loader`` (labels unused)."""
+               log: Callable[[str], None] = print, log_every: int = 5000, clock=time.perf_counter,
+               check_every: int | None = None, check: Callable[[int], None] | None = None) -> LearnStats:
+    """Learn ``model``'s weights and thresholds from ``config.samples`` images of ``loader`` (labels unused).
+
+    With ``check_every`` and ``check``, ``check(samples so far)`` runs after every ``check_every`` samples
+    (and at the end) with learning paused and inference's own random streams; its time is not counted
+    in ``seconds``.
+    """
     model.to(device).eval()
     learner = STDPLearner(model, config)
-    start, next_log = clock(), log_every
+    start, next_log, paused = clock(), log_every, 0.0
+    next_check = check_every if check and check_every else None
     for images, _ in image_batches(loader, config.samples, config.samples_in_flight):
         learner.learn(model.pixels(images.to(device)))
         if learner.stats.samples >= next_log:
-            rate = learner.stats.samples / max(clock() - start, 1e-9)
+            rate = learner.stats.samples / max(clock() - start - paused, 1e-9)
             log(f"[stdp] {learner.stats.samples}/{config.samples} samples, {rate:.1f} samples/s, "
                 f"{learner.stats.excitatory_spikes / learner.stats.presentations:.1f} spikes/presentation")
             next_log += log_every
+        if next_check is not None and learner.stats.samples >= next_check < config.samples:
+            paused += _paused(model, check, learner.stats.samples, clock)
+            next_check += check_every
     learner.finish()
-    learner.stats.seconds = clock() - start
+    learner.stats.seconds = clock() - start - paused
+    if check is not None and check_every:
+        check(learner.stats.samples)
     return learner.stats
+
+
+def _paused(model: DiehlCookNetwork, check: Callable[[int], None], samples: int, clock) -> float:
+    """Run ``check`` with the model's training generator set aside; returns the seconds it took."""
+    kept, model.generator = model.generator, None
+    start = clock()
+    try:
+        check(samples)
+    finally:
+        model.generator = kept
+    return clock() - start
 
 
 @torch.no_grad()
