@@ -88,6 +88,9 @@ def test_channel_score_is_the_max_over_positions_averaged_over_t_and_batch():
     u = torch.tensor(TRACES).T.reshape(4, 1, 1, 1, 2)        # [T, B=1, C=1, H=1, W=2]
     expected = sum(max(atan_derivative(a - 1), atan_derivative(b - 1)) for a, b in zip(*TRACES)) / 4
     assert layer_criticality(lif, u).tolist() == pytest.approx([expected], abs=1e-6)
+    mean = sum((atan_derivative(a - 1) + atan_derivative(b - 1)) / 2 for a, b in zip(*TRACES)) / 4
+    assert layer_criticality(lif, u, reduce="channel_mean").tolist() == pytest.approx([mean], abs=1e-6)
+    assert mean < expected
     neuron = layer_criticality(lif, u, reduce="neuron")      # per position
     assert neuron.reshape(-1).tolist() == pytest.approx(
         [sum(atan_derivative(v - 1) for v in TRACES[i]) / 4 for i in (0, 1)], abs=1e-6)
@@ -160,6 +163,89 @@ def test_regrown_weights_come_from_the_most_critical_unit_and_start_at_zero():
     prune_and_regrow_(model, names, 0.5)
     assert get_mask(model, "classifier.0.weight").tolist() == [[True] * 4, [False] * 4, [True, True, False, True]]
     assert get_mask(model, "classifier.3.weight").tolist() == [[True, True, False], [False, False, False]]
+
+
+
+def two_hidden_model():
+    """4 pixels -> Linear(4, 3) -> LIF(3) -> Linear(3, 2) -> LIF(2) -> Linear(2, 2): 12 + 6 + 4 = 22 prunable weights.
+
+    Magnitudes fall row by row: the first hidden layer holds mid-sized weights, the second only small ones, the
+    output layer the largest.
+    """
+    model = build_model("convnet", 2, (1, 2, 2), 2, features=[], classifier=[3, 2], dropout=0.0, neuron=CRIT_NEURON)
+    with torch.no_grad():
+        model.classifier[0].weight.copy_(torch.tensor([[0.90, 0.80, 0.70, 0.60],
+                                                       [0.55, 0.50, 0.45, 0.40],
+                                                       [0.35, 0.30, 0.25, 0.20]]))
+        model.classifier[3].weight.copy_(torch.tensor([[0.19, 0.18, 0.17], [0.16, 0.15, 0.14]]))
+        model.classifier[6].weight.copy_(torch.tensor([[0.95, 0.85], [0.75, 0.65]]))
+    return model
+
+
+# layer A (classifier.1): mean 0.5, its unit 1 the most critical in absolute terms (0.6);
+# layer B (classifier.4): mean 0.2, its unit 1 three times its layer's mean-scoring unit (0.3 / 0.1)
+TWO_LAYER_SCORES = {"classifier.1": torch.tensor([0.5, 0.6, 0.4]), "classifier.4": torch.tensor([0.1, 0.3])}
+
+
+def test_unit_scores_normalised_per_layer_by_the_mean_and_by_rank():
+    from snncompress.compress.pruning import normalize_unit_scores
+
+    mean = normalize_unit_scores(TWO_LAYER_SCORES, "mean")
+    assert mean["classifier.1"].tolist() == pytest.approx([1.0, 1.2, 0.8])
+    assert mean["classifier.4"].tolist() == pytest.approx([0.5, 1.5])
+    rank = normalize_unit_scores({"a": torch.tensor([1.0, 2.0, 3.0, 2.0])}, "rank")
+    assert rank["a"].tolist() == pytest.approx([0.25, 0.75, 1.0, 0.75])    # ties share the value
+    assert normalize_unit_scores({"a": torch.zeros(2)}, "mean")["a"].tolist() == [0.0, 0.0]
+    assert normalize_unit_scores(TWO_LAYER_SCORES)["classifier.1"] is TWO_LAYER_SCORES["classifier.1"]
+    with pytest.raises(ValueError, match="unknown normalization"):
+        normalize_unit_scores(TWO_LAYER_SCORES, "max")
+
+
+@pytest.mark.parametrize("normalize, budget, first_mask, second_mask", [
+    # raw scores, one global pick: A's unit 1 (0.6) has the highest score: all 4 of its pruned weights regrow
+    ("none", "global", [[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], [[0, 0, 0], [0, 0, 0]]),
+    # divided by the layer mean: B's unit 1 (1.5) comes first (its 3 weights), then A's unit 1 (1.2): its largest
+    ("mean", "global", [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], [[0, 0, 0], [1, 1, 1]]),
+    # per layer: A lost 9, B lost 6 -> 4 * (9, 6) / 15 = (2.4, 1.6) -> (2, 2) by largest remainder; each layer's
+    # most critical unit, largest pruned weights first
+    ("none", "per_layer", [[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], [[0, 0, 0], [1, 1, 0]]),
+])
+def test_per_layer_normalisation_and_budget_decide_which_layer_regrows(normalize, budget, first_mask, second_mask):
+    model = two_hidden_model()
+    names = prunable_weights(model)
+    assert names == ["classifier.0.weight", "classifier.3.weight", "classifier.6.weight"]
+    attach_masks(model, names)
+    # 50% of 22: 11 live; regrow round(11 * 4 / 11) = 4; magnitude keeps 7: the output layer's 4, A's 0.9, 0.8, 0.7
+    stats = prune_and_regrow_(model, names, 0.5, 4 / 11, TWO_LAYER_SCORES, normalize=normalize, budget=budget)
+    assert stats["live"] == 11 and stats["regrown"] == 4 and live_count(model, names) == 11
+    assert get_mask(model, "classifier.0.weight").int().tolist() == first_mask
+    assert get_mask(model, "classifier.3.weight").int().tolist() == second_mask
+    assert get_mask(model, "classifier.6.weight").all()
+    grown = {"classifier.0.weight": sum(map(sum, first_mask)) - 3, "classifier.3.weight": sum(map(sum, second_mask))}
+    assert stats["regrown_by_layer"] == {n: c for n, c in grown.items() if c}
+    assert model.classifier[0].parametrizations.weight.original[0, :3].tolist() == pytest.approx([0.9, 0.8, 0.7])
+
+
+def test_per_layer_budget_counts_only_the_weights_lost_in_this_event():
+    """A second event: weights pruned earlier are not lost again; the shares follow this event's losses."""
+    model = two_hidden_model()
+    names = prunable_weights(model)
+    attach_masks(model, names)
+    prune_and_regrow_(model, names, 0.5)    # magnitude alone: 11 live: output 4, A's 0.9 .. 0.4 (7), none of B
+    assert live_count(model, ["classifier.3.weight"]) == 0
+    # 75%: 22 - round(16.5) = 5 live, regrow round(5 * 0.4) = 2, magnitude keeps 3 (0.95, 0.9, 0.85): A lost its
+    # other 6 live weights, B nothing (all pruned before): both regrown weights go to A, its unit 1 (0.55, 0.5)
+    stats = prune_and_regrow_(model, names, 0.75, 0.4, TWO_LAYER_SCORES, budget="per_layer")
+    assert stats["regrown_by_layer"] == {"classifier.0.weight": 2}
+    assert get_mask(model, "classifier.0.weight").int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    assert get_mask(model, "classifier.3.weight").sum() == 0
+    # the same event with a global pick regrows B's unit 1 after normalising by the mean
+    model = two_hidden_model()
+    attach_masks(model, names)
+    prune_and_regrow_(model, names, 0.5)
+    stats = prune_and_regrow_(model, names, 0.75, 0.4, TWO_LAYER_SCORES, normalize="mean")
+    assert stats["regrown_by_layer"] == {"classifier.3.weight": 2}
+    assert get_mask(model, "classifier.3.weight").int().tolist() == [[0, 0, 0], [1, 1, 0]]
 
 
 def tiny_loader(n=64, batch=8, seed=3) -> TensorBatchLoader:
@@ -370,6 +456,12 @@ def test_the_three_methods_side_by_side_record_their_costs(tmp_path):
     ("{kind: prune_criticality, prune_fraction: 0.5}", "prune_fraction: not used with mode: unstructured"),
     ("{kind: prune_criticality, regrow_ratio: 0, score: soft_spike}", "score: not used with regrow_ratio: 0"),
     ("{kind: prune_criticality, mode: structured, dt: 10}", "dt: not used with mode: structured"),
+    ("{kind: prune_criticality, regrow_ratio: 0, regrow_budget: per_layer}",
+     "regrow_budget: not used with regrow_ratio: 0"),
+    ("{kind: prune_criticality, regrow_ratio: 0, spatial: mean}", "spatial: not used with regrow_ratio: 0"),
+    ("{kind: prune_criticality, mode: structured, regrow_normalize: mean}",
+     "regrow_normalize: not used with mode: structured"),
+    ("{kind: prune_criticality, regrow_normalize: layer}", "regrow_normalize"),
     ("{kind: prune_imp, finetune_epochs: 0, finetune_lr: 0.1}", "finetune_lr: not used with finetune_epochs: 0"),
     ("{kind: prune_criticality, epochs: 0}", "epochs: mode unstructured prunes while training"),
     ("{kind: prune_imp, from_stage: nope}", r"from_stage: no earlier stage named 'nope' \(earlier: train_snn\)"),

@@ -9,6 +9,7 @@ threshold and ``x = u - thr``::
                                                                          unstructured code)
 
     channel score  c[ch] = mean over t and batch of ( max over spatial positions of s(x)[t, b, ch, ...] )
+    channel_mean   c[ch] = mean over t, batch and spatial positions of s(x)[t, b, ch, ...]  (an option)
     neuron score   c[ch, h, w] = mean over t and batch of s(x)[t, b, ch, h, w]
 
 Fully connected layers have no spatial positions: their channel score is the
@@ -39,7 +40,7 @@ from ..neuron import LIF
 from .structure import channel_groups
 
 SCORES = ("derivative", "soft_spike")
-REDUCTIONS = ("channel", "neuron")
+REDUCTIONS = ("channel", "channel_mean", "neuron")
 
 
 def criticality_values(u: torch.Tensor, threshold: torch.Tensor | float, score: str = "derivative",
@@ -55,7 +56,8 @@ def criticality_values(u: torch.Tensor, threshold: torch.Tensor | float, score: 
 
 
 def reduce_criticality(values: torch.Tensor, reduce: str = "channel") -> torch.Tensor:
-    """``[T, B, C, ...]`` elementwise scores -> summed over t and batch: ``[C]`` (max over space first) or ``[C, ...]``.
+    """``[T, B, C, ...]`` elementwise scores -> summed over t and batch: ``[C]`` (``channel``: max over space
+    first; ``channel_mean``: mean over space first) or ``[C, ...]`` (``neuron``).
 
     Returns the *sum* over the ``T * B`` samples (divide by their count for the mean).
     """
@@ -63,6 +65,8 @@ def reduce_criticality(values: torch.Tensor, reduce: str = "channel") -> torch.T
         raise ValueError(f"unknown reduction {reduce!r}; choose one of {REDUCTIONS}")
     if reduce == "channel" and values.dim() > 3:
         values = values.flatten(3).amax(dim=3)
+    elif reduce == "channel_mean" and values.dim() > 3:
+        values = values.flatten(3).mean(dim=3, dtype=torch.float64)
     return values.sum(dim=(0, 1), dtype=torch.float64)
 
 

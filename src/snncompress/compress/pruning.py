@@ -14,7 +14,11 @@ mask is True. With ``N`` prunable weights (every conv / linear weight unless exc
   of the neuron/channel they feed (:func:`.criticality.weight_units`); ties (all weights
   of one unit) go to the larger ``|w|`` before the event, then the lower index; weights
   of the output layer (no neuron) come last. Regrown weights restart at zero, and so do
-  their optimizer moments.
+  their optimizer moments. Two options (:func:`regrowth`): ``normalize`` makes the unit
+  scores comparable across layers before the global pick (``mean``: divided by the
+  layer's mean; ``rank``: the fraction of the layer's units scoring at most as high),
+  and ``budget: per_layer`` splits the regrowth over the layers in proportion to the live
+  weights each lost to magnitude in this event (the criticality ranks within a layer).
 * **IMP** (:func:`imp_sparsities`): each round prunes a fraction ``rate`` of the live
   weights by global magnitude (the last round stops at ``s_f``), rewinds the live weights
   to the rewind point and retrains.
@@ -150,13 +154,58 @@ def weight_scores(model: nn.Module, names: list[str], unit_scores: dict[str, tor
     return out
 
 
+NORMALIZATIONS = ("none", "mean", "rank")
+BUDGETS = ("global", "per_layer")
+
+
+def normalize_unit_scores(unit_scores: dict[str, torch.Tensor], how: str = "none") -> dict[str, torch.Tensor]:
+    """Unit criticality made comparable across layers before the global regrowth pick.
+
+    ``none``: as measured; ``mean``: each layer's scores divided by that layer's mean (a layer
+    whose mean is 0 keeps its zeros); ``rank``: each unit's fraction of its layer's units scoring
+    at most as high (the layer's most critical unit: 1; tied units share one value).
+    """
+    if how not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {how!r}; choose one of {NORMALIZATIONS}")
+    if how == "none":
+        return dict(unit_scores)
+    out = {}
+    for name, raw in unit_scores.items():
+        s = raw.to(torch.float64)
+        if how == "mean":
+            mean = s.mean()
+            out[name] = s / mean if mean > 0 else s.clone()
+        else:
+            flat = s.reshape(-1)
+            at_most = torch.searchsorted(torch.sort(flat).values, flat, right=True)
+            out[name] = (at_most.to(torch.float64) / flat.numel()).reshape(s.shape)
+    return out
+
+
+def _largest_remainder(total: int, weights: list[int]) -> list[int]:
+    """``total`` split in proportion to ``weights`` (integers summing to ``total``; ties: the earlier entry)."""
+    whole = sum(weights)
+    exact = [total * w / whole for w in weights]
+    counts = [int(e) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def regrowth(model: nn.Module, names: list[str], kept: dict[str, torch.Tensor], count: int,
-             scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+             scores: dict[str, torch.Tensor], budget: str = "global") -> dict[str, torch.Tensor]:
     """Bool masks of the ``count`` weights to regrow among those ``kept`` leaves out.
 
     Order: higher ``scores`` (unit criticality) first, then larger ``|w|`` (as stored
-    before this event), then the earlier tensor and lower index.
+    before this event), then the earlier tensor and lower index. ``budget: global`` takes
+    the first ``count`` of that order over all tensors; ``per_layer`` first gives each
+    tensor with unit scores a share of ``count`` proportional to its *lost* weights (live
+    before this event, left out by ``kept``; largest remainders), takes each share in the
+    same order within the tensor, and fills any rest globally.
     """
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown regrowth budget {budget!r}; choose one of {BUDGETS}")
     shapes = [kept[n].shape for n in names]
     pruned = torch.cat([~kept[n].flatten().cpu() for n in names])
     score = torch.cat([scores[n].flatten() for n in names])
@@ -165,6 +214,21 @@ def regrowth(model: nn.Module, names: list[str], kept: dict[str, torch.Tensor], 
     by_magnitude = candidates[torch.argsort(magnitude[candidates], descending=True, stable=True)]
     ranked = by_magnitude[torch.argsort(score[by_magnitude], descending=True, stable=True)]
     chosen = torch.zeros(pruned.numel(), dtype=torch.bool)
+    if budget == "per_layer":
+        layer = torch.cat([torch.full((kept[n].numel(),), i) for i, n in enumerate(names)])
+        scored = [i for i, n in enumerate(names) if torch.isfinite(scores[n]).all()]
+        lost = []
+        for i in scored:
+            mask = get_mask(model, names[i])
+            live = mask.flatten().cpu() if mask is not None else torch.ones(kept[names[i]].numel(), dtype=torch.bool)
+            lost.append(int((live & ~kept[names[i]].flatten().cpu()).sum()))
+        if sum(lost):
+            for i, share in zip(scored, _largest_remainder(min(count, sum(lost)), lost)):
+                chosen[ranked[layer[ranked] == i][:share]] = True
+        rest = count - int(chosen.sum())
+        if rest > 0:
+            chosen[ranked[~chosen[ranked]][:rest]] = True
+        return _split(chosen, shapes, names)
     chosen[ranked[:count]] = True
     return _split(chosen, shapes, names)
 
@@ -182,11 +246,13 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: torch
 @torch.no_grad()
 def prune_and_regrow_(model: nn.Module, names: list[str], sparsity: float, regrow_ratio: float = 0.0,
                       unit_scores: dict[str, torch.Tensor] | None = None,
-                      optimizer: torch.optim.Optimizer | None = None) -> dict:
+                      optimizer: torch.optim.Optimizer | None = None, normalize: str = "none",
+                      budget: str = "global") -> dict:
     """One pruning event: masks with exactly ``kept_count(N, sparsity)`` live weights over ``names``.
 
     Magnitude keeps ``kept - round(regrow_ratio * kept)``; the rest is regrown by unit
-    criticality (:func:`regrowth`) and set to zero, with its optimizer state. Returns
+    criticality (:func:`regrowth`; ``normalize``: :func:`normalize_unit_scores`, ``budget``:
+    global or per layer) and set to zero, with its optimizer state. Returns
     ``{"sparsity", "live", "regrown", "regrown_by_layer"}``.
     """
     total = sum(original(*owner(model, n)).numel() for n in names)
@@ -195,8 +261,8 @@ def prune_and_regrow_(model: nn.Module, names: list[str], sparsity: float, regro
     masks = global_magnitude(model, names, keep - regrow)
     grown = {n: torch.zeros_like(m) for n, m in masks.items()}
     if regrow:
-        scores = weight_scores(model, names, unit_scores or {})
-        grown = regrowth(model, names, masks, regrow, scores)
+        scores = weight_scores(model, names, normalize_unit_scores(unit_scores or {}, normalize))
+        grown = regrowth(model, names, masks, regrow, scores, budget)
     for name in names:
         module, tensor = owner(model, name)
         stored = original(module, tensor)
@@ -253,11 +319,16 @@ class PruneRegrow(Callback):
 
     def __init__(self, names: list[str], final_sparsity: float, dt: int, regrow_ratio: float = 0.2,
                  score: str = "derivative", alpha: float = 2.0, normalized: bool = False,
-                 score_steps: int | None = None):
+                 score_steps: int | None = None, reduce: str = "channel", normalize: str = "none",
+                 budget: str = "global"):
         if not 0 <= regrow_ratio < 1:
             raise ValueError(f"regrow_ratio must be in [0, 1), got {regrow_ratio}")
+        if normalize not in NORMALIZATIONS or budget not in BUDGETS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS} and budget one of {BUDGETS}, "
+                             f"got {normalize!r}, {budget!r}")
         self.names, self.final, self.dt, self.regrow_ratio = list(names), float(final_sparsity), int(dt), regrow_ratio
-        self.score_opts = {"score": score, "alpha": alpha, "normalized": normalized}
+        self.score_opts = {"score": score, "alpha": alpha, "normalized": normalized, "reduce": reduce}
+        self.normalize, self.budget = normalize, budget
         self.window = min(self.dt, score_steps or self.dt)
         self.events: list[dict] = []
         self.schedule: list[tuple[int, float]] = []
@@ -290,7 +361,8 @@ class PruneRegrow(Callback):
             return
         start = time.perf_counter()
         scores = self.meter.scores() if self.meter is not None else {}
-        stats = prune_and_regrow_(state.model, self.names, self._at[done], self.regrow_ratio, scores, state.optimizer)
+        stats = prune_and_regrow_(state.model, self.names, self._at[done], self.regrow_ratio, scores, state.optimizer,
+                                  self.normalize, self.budget)
         if self.meter is not None:
             self.meter.reset()
         self.events.append({"step": done, **stats, "seconds": time.perf_counter() - start})

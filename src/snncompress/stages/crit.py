@@ -4,7 +4,10 @@
   pruning every ``dt`` steps along the cubic schedule to ``final_sparsity`` (global
   magnitude, ``regrow_ratio`` of the budget regrown by criticality, restarting at zero),
   then fine-tune ``finetune_epochs`` with the mask fixed. ``regrow_ratio: 0`` is plain
-  gradual magnitude pruning under the same schedule.
+  gradual magnitude pruning under the same schedule. ``regrow_normalize`` (none | mean |
+  rank) and ``regrow_budget`` (global | per_layer) choose how the regrowth is shared among
+  layers (:func:`~snncompress.compress.pruning.regrowth`); ``spatial`` (max | mean) how a
+  conv channel's positions reduce to its score.
 * ``prune_criticality``, ``mode: structured`` (BatchNorm models): train ``epochs`` with
   ``gamma_l1`` on every BatchNorm gamma, score criticality on ``score_images`` training
   images (forward passes only), keep ``1 - prune_fraction`` of the channels globally by
@@ -80,10 +83,12 @@ class _PruneOptions(TrainOptions):
 class PruneCriticalityOptions(_PruneOptions):
     """Criticality-guided pruning with regeneration (CRIT)."""
 
-    UNSTRUCTURED: ClassVar[set[str]] = {"final_sparsity", "dt", "regrow_ratio", "score_steps", "exclude"}
+    UNSTRUCTURED: ClassVar[set[str]] = {"final_sparsity", "dt", "regrow_ratio", "score_steps", "exclude",
+                                        "regrow_normalize", "regrow_budget"}
     STRUCTURED: ClassVar[set[str]] = {"prune_fraction", "regrow_fraction", "gamma_l1", "score_images", "chunk",
                                       "min_channels"}
-    SCORING: ClassVar[set[str]] = {"score", "alpha", "normalized", "score_steps"}
+    SCORING: ClassVar[set[str]] = {"score", "alpha", "normalized", "spatial", "score_steps", "regrow_normalize",
+                                   "regrow_budget"}
 
     kind: Literal["prune_criticality"] = "prune_criticality"
     mode: Literal["unstructured", "structured"] = "unstructured"
@@ -98,6 +103,13 @@ class PruneCriticalityOptions(_PruneOptions):
                                                             "forward passes score criticality (default: all dt)")
     exclude: list[str] = Field(default_factory=list, description="unstructured: weights never pruned "
                                                                  "(e.g. features.0.weight)")
+    regrow_normalize: Literal["none", "mean", "rank"] = Field(
+        "none", description="unstructured: unit criticality made comparable across layers before the global "
+                            "regrowth pick: none (as measured), mean (divided by the layer's mean), rank (the "
+                            "fraction of the layer's units scoring at most as high)")
+    regrow_budget: Literal["global", "per_layer"] = Field(
+        "global", description="unstructured: global (the most critical units over all layers) or per_layer (each "
+                              "layer regrows in proportion to the live weights magnitude took from it in the event)")
     # structured
     prune_fraction: float = Field(0.65, ge=0, lt=1, description="structured: fraction of BatchNorm channels removed")
     regrow_fraction: float = Field(0.05, ge=0, lt=1, description="structured: fraction of the kept channels "
@@ -111,6 +123,13 @@ class PruneCriticalityOptions(_PruneOptions):
         "derivative", description="atan surrogate derivative at u - thr (SPEC), or the atan soft spike")
     alpha: float = Field(2.0, gt=0, description="atan shape parameter a")
     normalized: bool = Field(False, description="score at u/thr - 1 instead of u - thr")
+    spatial: Literal["max", "mean"] = Field("max", description="a conv channel's score per sample: max (SPEC) or "
+                                                               "mean over its spatial positions")
+
+    @property
+    def reduce(self) -> str:
+        """The :func:`~snncompress.compress.criticality.reduce_criticality` reduction ``spatial`` names."""
+        return "channel" if self.spatial == "max" else "channel_mean"
 
     def check(self, chain: Chain) -> None:
         """An option the chosen mode does not use is an error (it would be silently ignored)."""
@@ -120,7 +139,8 @@ class PruneCriticalityOptions(_PruneOptions):
             unused = unused | self.SCORING
         given = sorted(self.model_fields_set & unused)
         if given:
-            why = "regrow_ratio: 0 (no regeneration, no criticality)" if given[0] in self.SCORING else f"mode: {self.mode}"
+            no_regrowth = self.mode == "unstructured" and given[0] in self.SCORING
+            why = "regrow_ratio: 0 (no regeneration, no criticality)" if no_regrowth else f"mode: {self.mode}"
             raise ValueError(f"{given[0]}: not used with {why}")
         if self.mode == "unstructured" and self.epochs < 1:
             raise ValueError("epochs: mode unstructured prunes while training: needs >= 1")
@@ -220,7 +240,7 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
                         f"steps): no pruning event would happen")
     attach_masks(model, names)
     pruner = PruneRegrow(names, opts.final_sparsity, opts.dt, opts.regrow_ratio, opts.score, opts.alpha,
-                         opts.normalized, opts.score_steps)
+                         opts.normalized, opts.score_steps, opts.reduce, opts.regrow_normalize, opts.regrow_budget)
     try:
         history, cost = _train(ctx, model, opts.train_config(ctx.recipe.seed), "prune_log.csv",
                                "crit-prune" if opts.regrow_ratio else "magnitude-prune", [pruner])
@@ -240,6 +260,8 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
         "val_accuracy_after_pruning": after_pruning, "mode": "unstructured",
         "method": "criticality" if opts.regrow_ratio > 0 else "magnitude",
         "final_sparsity": opts.final_sparsity, "dt": opts.dt, "regrow_ratio": opts.regrow_ratio,
+        **({"regrow_normalize": opts.regrow_normalize, "regrow_budget": opts.regrow_budget, "spatial": opts.spatial}
+           if opts.regrow_ratio > 0 else {}),
         "events": len(pruner.events), "regrown_weights": sum(e["regrown"] for e in pruner.events),
         **_sparsity_metrics(model, names), **_cost("pruning", cost), **ft_cost,
     })
@@ -258,7 +280,7 @@ def _structured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticality
         parts.append(cost)
     start, cpu = time.perf_counter(), time.process_time()
     images = calibration_images(ctx.train_loader, opts.score_images).to(ctx.device)
-    scores = criticality_scores(model, images, opts.chunk, opts.score, opts.alpha, opts.normalized)
+    scores = criticality_scores(model, images, opts.chunk, opts.score, opts.alpha, opts.normalized, opts.reduce)
     keep, summary = select_channels_by_gamma(model, groups, opts.prune_fraction, opts.regrow_fraction, scores,
                                              opts.min_channels)
     narrow = narrow_model(model, keep, groups)
