@@ -29,6 +29,7 @@ The memory tools of training (``lean_memory``, ``checkpoint_layers``) live in
 from __future__ import annotations
 
 from ..neuron import LIF_BACKENDS
+from . import population  # noqa: F401  (registers the Diehl & Cook population kernel)
 from .cpu import build_error, cext_available, lif_cpu, lif_torch
 
 

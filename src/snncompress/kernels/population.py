@@ -3,7 +3,8 @@
 :func:`run_steps_c` computes what :meth:`~snncompress.models.stdp.DiehlCookNetwork.run_steps_torch`
 computes (same spikes, same state, float32) in one call per chunk of steps instead of ~20 tensor
 operations per step; :func:`population_library` says when it applies (CPU float32 tensors, no
-membrane quantizer, the C library built).
+membrane quantizer, the C library built). Importing this module registers it in
+:data:`snncompress.models.stdp.POPULATION_KERNELS` (``snncompress.kernels`` imports it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ctypes
 
 import torch
 
+from ..models.stdp import POPULATION_KERNELS
 from .cpu import load_library
 
 
@@ -55,3 +57,14 @@ def run_steps_c(lib, model, state: dict, currents: torch.Tensor, noise: torch.Te
     if stored is None and theta_plus:
         threshold.copy_(work)
     return spikes, traces
+
+
+def run_on_cpu(model, state: dict, currents: torch.Tensor, noise, theta_plus: float, x_post, trace_keep: float):
+    """The registered ``"cpu"`` population kernel: :func:`run_steps_c` where it applies, else None."""
+    lib = population_library(currents, model)
+    if lib is None:
+        return None
+    return run_steps_c(lib, model, state, currents.contiguous(), noise, theta_plus, x_post, trace_keep)
+
+
+POPULATION_KERNELS["cpu"] = run_on_cpu

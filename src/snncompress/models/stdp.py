@@ -41,17 +41,19 @@ spiking layer: ``votes = class means of relu(W @ pixels)``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from ..kernels.population import population_library as _population_library
-from ..kernels.population import run_steps_c as _run_steps_c
 from .base import FamilyOptions, SpikingNetwork
 
 ARCH = "diehl_cook"
+
+#: Faster loops of :meth:`DiehlCookNetwork.run_steps` by name; :mod:`snncompress.kernels` registers
+#: its C kernel as ``"cpu"``. A kernel returns None where it does not apply (then the tensor loop runs).
+POPULATION_KERNELS: dict[str, Callable] = {}
 
 
 class DiehlCookOptions(FamilyOptions):
@@ -209,9 +211,10 @@ class DiehlCookNetwork(SpikingNetwork):
         """
         noise = (torch.rand(currents.shape, device=currents.device, generator=self.generator)
                  if self.spec["one_spike"] else None)
-        lib = _population_library(currents, self)
-        if lib is not None:
-            return _run_steps_c(lib, self, state, currents.contiguous(), noise, theta_plus, x_post, trace_keep)
+        kernel = POPULATION_KERNELS.get("cpu")
+        result = kernel(self, state, currents, noise, theta_plus, x_post, trace_keep) if kernel else None
+        if result is not None:
+            return result
         return self.run_steps_torch(state, currents, noise, theta_plus, x_post, trace_keep)
 
     def run_steps_torch(self, state, currents, noise, theta_plus=0.0, x_post=None, trace_keep=0.0):
