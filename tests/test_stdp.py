@@ -242,7 +242,8 @@ def test_pipeline_trains_labels_and_measures_the_network(tmp_path):
 @pytest.mark.parametrize("name, kinds", [
     ("tiny-stdp-mnist.yaml", ["train_stdp", "quantize", "train_stdp"]),
     ("tiny-stdp-fmnist.yaml", ["train_stdp", "quantize", "train_stdp"]),
-    ("tiny-stdp-mnist-options.yaml", ["train_stdp"] * 6 + ["select_stdp"] + ["train_stdp"] * 3),
+    ("tiny-stdp-mnist-options.yaml", ["train_stdp"] * 6 + ["select_stdp"]),
+    ("tiny-stdp-mnist-rounding.yaml", ["train_stdp"] * 3),
 ])
 def test_shipped_stdp_recipes_validate(name, kinds):
     from pathlib import Path

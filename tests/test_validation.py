@@ -288,7 +288,7 @@ def test_every_builtin_recipe_passes_the_rules(name, tmp_path):
         overrides = [f"stages.load.checkpoint={tmp_path / 'm.safetensors'}"]
     recipe, _ = load_recipe(path, overrides)
     stages = validate_stages(recipe, name)
-    assert stages and stages[0][1].kind in ("train_ann", "train_snn", "load")
+    assert stages and stages[0][1].kind in ("train_ann", "train_snn", "load", "train_stdp")
 
 
 # ----------------------------------------------------------------------------- 6. damaged and foreign checkpoints

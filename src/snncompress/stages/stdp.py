@@ -202,8 +202,8 @@ def plot_selection(points: list[dict], front: list[dict], chosen: dict | None, l
         ax.scatter([chosen["bytes"] / 1024], [chosen["val_accuracy"] * 100], marker="s", s=60, facecolor="none",
                    edgecolor="#d62728", label=f"pick: {chosen['label']}")
     ax.set_xscale("log")
-    top = max(p["val_accuracy"] for p in points) * 100
-    ax.set_ylim(max(0.0, top - 15), top + 1)
+    accuracies = [p["val_accuracy"] * 100 for p in points]
+    ax.set_ylim(max(0.0, min(accuracies) - 2), max(accuracies) + 1)
     ax.set(xlabel="memory (KiB, stored)", ylabel="validation accuracy (%)", title="Diehl & Cook: size x quantization")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
