@@ -159,6 +159,48 @@ def test_density_held_over_training_and_momentum_resumes():
     assert again.events == sparse.events and all(torch.equal(again.momentum[n], sparse.momentum[n]) for n in names)
 
 
+def test_global_magnitude_mask_keeps_exactly_the_largest_weights_over_all_layers():
+    model = tiny_model()
+    names = prunable_weights(model)
+    weights = torch.cat([original(*owner(model, n)).detach().abs().flatten() for n in names])
+    init_weight_masks(model, names, 0.1, "global_magnitude")
+    keep = int(0.1 * weights.numel() + 0.5)
+    assert live_count(model, names) == keep
+    kept = torch.cat([original(*owner(model, n)).detach().abs()[get_mask(model, n)] for n in names])
+    dropped = torch.cat([original(*owner(model, n)).detach().abs()[~get_mask(model, n)] for n in names])
+    assert kept.min() >= dropped.max()
+    with pytest.raises(ValueError, match="global_magnitude"):
+        init_weight_masks(model, names, 0.1, "nope")
+
+
+def test_one_shot_magnitude_prunes_once_to_the_density_and_the_mask_stays_fixed(tmp_path):
+    from snncompress.checkpoint import load_checkpoint
+    from snncompress.pipeline import Run
+
+    recipe = tmp_path / "one_shot.yaml"
+    recipe.write_text(AGC_RECIPE.split("stages:")[0] + """stages:
+  - {kind: train_ann, epochs: 1, max_batches: 2}
+  - {kind: train_ann_sparse, name: oneshot, method: one_shot_magnitude, init: meta, beta: 0, density: 0.2,
+     epochs: 3, max_batches: 2}
+""")
+    run = Run(recipe, tmp_path / "run")
+    report = run.execute()
+    stages = {s["name"]: s["metrics"] for s in report["stages"]}
+    one = stages["oneshot"]
+    meta = load_checkpoint(tmp_path / "run" / stages["train_ann"]["checkpoint"]).model.set_spiking(False)
+    names = prunable_weights(meta)
+    total = sum(original(*owner(meta, n)).numel() for n in names)
+    assert one["live_weights"] == int(0.2 * total + 0.5) and one["events"] == 0 and one["regrown"] == 0
+    assert one["method"] == "one_shot_magnitude" and one["mask_init"] == "global_magnitude"
+    # the mask after fine-tuning is the one-shot global magnitude mask of the meta-model
+    init_weight_masks(meta, names, 0.2, "global_magnitude")
+    ann = load_checkpoint(tmp_path / "run" / one["checkpoint"]).model
+    for n in names:
+        assert torch.equal(get_mask(ann, n).cpu(), get_mask(meta, n).cpu())
+        assert (original(*owner(ann, n))[~get_mask(ann, n)] == 0).all()
+    assert sum(int((original(*owner(ann, n)) != 0).sum()) for n in names) <= one["live_weights"]
+
+
 # ----------------------------------------------------------------------------- the SNN keeps the mask
 
 
@@ -292,6 +334,8 @@ def test_agc_stages_chain_and_the_snn_keeps_the_mask(tmp_path):
 @pytest.mark.parametrize("stage, message", [
     ("{kind: train_ann_sparse}", "meta_checkpoint: no meta-model"),
     ("{kind: train_ann_sparse, structure: channel, exclude: [features.0.weight], beta: 0}", "exclude: only for"),
+    ("{kind: train_ann_sparse, method: one_shot_magnitude, init: meta, meta_checkpoint: m.safetensors}",
+     "one_shot_magnitude prunes the meta-model once"),
 ])
 def test_option_mistakes(tmp_path, stage, message):
     from snncompress.errors import UserError

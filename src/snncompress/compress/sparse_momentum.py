@@ -104,16 +104,31 @@ def _top(scores: torch.Tensor, candidates: torch.Tensor, count: int, largest: bo
 
 def init_weight_masks(model: nn.Module, names: list[str], density: float, how: str = "random",
                       seed: int = 0) -> None:
-    """Mask every tensor in ``names`` to keep ``round(density * numel)`` weights (``how``: random or magnitude)."""
+    """Mask the tensors in ``names`` at ``density`` (``how``: random, magnitude or global_magnitude).
+
+    random / magnitude keep ``round(density * numel)`` weights of every tensor (at least one):
+    random ones, or the largest ``|w|``. global_magnitude ranks ``|w|`` over all the tensors
+    together and keeps the ``round(density * N)`` largest (ties: earlier tensor, lower index),
+    so the total is exact and each layer keeps what its magnitudes earn (possibly none).
+    """
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    if how not in ("random", "magnitude", "global_magnitude"):
+        raise ValueError(f"how must be random, magnitude or global_magnitude, got {how!r}")
+    if how == "global_magnitude":
+        weights = [original(*owner(model, name)).detach().cpu() for name in names]
+        flat = torch.cat([w.abs().flatten() for w in weights])
+        keep = _top(flat, torch.ones(flat.shape, dtype=torch.bool), int(density * flat.numel() + 0.5), largest=True)
+        start = 0
+        for name, w in zip(names, weights):
+            set_mask(model, name, keep[start:start + w.numel()].reshape(w.shape).clone())
+            start += w.numel()
+        return
     gen = torch.Generator().manual_seed(seed)
     for name in names:
         w = original(*owner(model, name)).detach().cpu()
         keep = max(1, int(density * w.numel() + 0.5))
         score = w.abs() if how == "magnitude" else torch.rand(w.shape, generator=gen)
-        if how not in ("random", "magnitude"):
-            raise ValueError(f"how must be random or magnitude, got {how!r}")
         set_mask(model, name, _top(score, torch.ones(w.shape, dtype=torch.bool), keep, largest=True))
 
 

@@ -7,6 +7,11 @@ ANN with ``CE + attention_loss`` against the frozen meta-model (the run's traine
 or ``meta_checkpoint``) while :class:`~snncompress.compress.sparse_momentum.SparseMomentum`
 prunes, redistributes and regrows at the end of every epoch, density held.
 
+``method: one_shot_magnitude`` is the plain baseline beside it: the meta-model's weights
+are pruned once to ``density`` by magnitude (``mask_init``, by default ``global_magnitude``:
+one ranking of ``|w|`` over all the masked tensors) and fine-tuned with CE alone, the mask
+fixed (no prune / regrow events, no attention term; ``beta`` must be 0).
+
 The SNN steps of AGC are the DIET stages as they are: ``convert`` copies the masked
 ANN into the SNN and calibrates thresholds, ``train_snn`` trains weights, thresholds
 and leaks by BPTT; masks live on the model and the loop's ``EnforceMasks`` always
@@ -50,10 +55,15 @@ class TrainANNSparseOptions(TrainOptions):
     blocks: list[int] | None = Field(None, description="indices of the block ends compared (default: all)")
     meta_checkpoint: str | None = Field(None, description="the dense meta-model (an ANN model.safetensors); "
                                                           "default: the run's train_ann model")
+    method: Literal["sparse_momentum", "one_shot_magnitude"] = Field(
+        "sparse_momentum", description="sparse_momentum: prune / redistribute / regrow every epoch (SPEC §3); "
+                                       "one_shot_magnitude: prune the meta-model once, fine-tune with the mask "
+                                       "fixed (needs init meta, beta 0, structure irregular)")
     init: Literal["scratch", "meta"] = Field("scratch", description="student weights: fresh, or the meta-model's")
-    mask_init: Literal["random", "magnitude"] | None = Field(
-        None, description="initial mask: random, or the largest weights / channel norms (default: random from "
-                          "scratch, magnitude from the meta-model)")
+    mask_init: Literal["random", "magnitude", "global_magnitude"] | None = Field(
+        None, description="initial mask: random, or the largest weights / channel norms per layer, or the largest "
+                          "weights ranked over all masked layers together (irregular only); default: random from "
+                          "scratch, magnitude from the meta-model (global_magnitude for one_shot_magnitude)")
     prune_rate: float = Field(0.5, ge=0, lt=1, description="initial prune fraction, cosine-decayed over the epochs")
     sparse_momentum: float = Field(0.9, ge=0, lt=1, description="momentum of the gradient that redistributes "
                                                                 "and regrows")
@@ -68,6 +78,12 @@ class TrainANNSparseOptions(TrainOptions):
             raise ValueError("meta_checkpoint: no meta-model; put train_ann before this stage or name a checkpoint")
         if self.structure == "channel" and self.exclude:
             raise ValueError("exclude: only for structure irregular")
+        if self.structure == "channel" and self.mask_init == "global_magnitude":
+            raise ValueError("mask_init: global_magnitude is only for structure irregular")
+        if self.method == "one_shot_magnitude" and (self.init != "meta" or self.beta > 0
+                                                    or self.structure != "irregular"):
+            raise ValueError("method: one_shot_magnitude prunes the meta-model once and fine-tunes with CE alone; "
+                             "it needs init: meta, beta: 0 and structure: irregular")
 
     def input_digest(self) -> str:
         if self.meta_checkpoint is None:
@@ -95,7 +111,8 @@ def train_ann_sparse(ctx: StageContext, opts: TrainANNSparseOptions) -> StageRes
     meta = meta_model(ctx, opts) if (opts.beta > 0 or opts.init == "meta") else None
     student = copy.deepcopy(meta) if opts.init == "meta" else ctx.new_model().set_spiking(False)
     student.to(ctx.device)
-    how = opts.mask_init or ("magnitude" if opts.init == "meta" else "random")
+    one_shot = opts.method == "one_shot_magnitude"
+    how = opts.mask_init or ("global_magnitude" if one_shot else "magnitude" if opts.init == "meta" else "random")
     params_before = sum(p.numel() for p in student.parameters())
     if opts.structure == "irregular":
         try:
@@ -103,7 +120,9 @@ def train_ann_sparse(ctx: StageContext, opts: TrainANNSparseOptions) -> StageRes
         except ValueError as exc:
             raise UserError(f"train_ann_sparse: {exc}") from None
         init_weight_masks(student, names, opts.density, how, seed=ctx.recipe.seed)
-        sparse = SparseMomentum("irregular", names=names, prune_rate=opts.prune_rate, momentum=opts.sparse_momentum)
+        # one-shot: no events (prune rate 0), the callback then only reads the momentum
+        sparse = SparseMomentum("irregular", names=names, prune_rate=0.0 if one_shot else opts.prune_rate,
+                                momentum=opts.sparse_momentum)
     else:
         try:
             groups = channel_groups(student)
@@ -127,8 +146,9 @@ def train_ann_sparse(ctx: StageContext, opts: TrainANNSparseOptions) -> StageRes
         if attention is not None:
             attention.close()
     metrics = training_metrics(history)
-    metrics.update({"structure": opts.structure, "target_density": opts.density, "beta": opts.beta,
-                    "events": len(sparse.events), "regrown": sum(sum(e["share"].values()) for e in sparse.events)})
+    metrics.update({"method": opts.method, "mask_init": how, "structure": opts.structure,
+                    "target_density": opts.density, "beta": opts.beta, "events": len(sparse.events),
+                    "regrown": sum(sum(e["share"].values()) for e in sparse.events)})
     write_json(ctx.stage_dir / "events.json", {"events": sparse.events})
     if opts.beta > 0:
         metrics["attention_blocks"] = [name for name, _ in block_ends(student)] if opts.blocks is None else \
