@@ -169,6 +169,16 @@ def memory_bytes(model: nn.Module, neurons: dict[str, int] | None) -> tuple[int,
 # ----------------------------------------------------------------------------- results
 
 
+def pareto_front(points: list, memory: Callable, accuracy: Callable) -> list:
+    """The points no other point beats on both: smaller ``memory(p)`` and higher ``accuracy(p)``, by memory."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (memory(p), -accuracy(p))):
+        if accuracy(p) > best:
+            front.append(p)
+            best = accuracy(p)
+    return front
+
+
 @dataclass
 class Evaluated:
     candidate: Candidate
@@ -203,14 +213,8 @@ class Exploration:
 
     def front(self) -> list[Evaluated]:
         """The Pareto front of memory (lower) against validation accuracy (higher), baseline included."""
-        points = sorted([self.baseline, *self.evaluated],
-                        key=lambda e: (e.memory(self.include_state), -e.accuracy))
-        front, best = [], -1.0
-        for e in points:
-            if e.accuracy > best:
-                front.append(e)
-                best = e.accuracy
-        return front
+        return pareto_front([self.baseline, *self.evaluated], lambda e: e.memory(self.include_state),
+                            lambda e: e.accuracy)
 
     def tolerance(self) -> dict[str, dict[str, dict[int, float | None]]]:
         """``{group: {rounding: {bits: val accuracy, or None when pruned}}}`` from the sensitivity phase."""

@@ -25,6 +25,7 @@ from pydantic import Field
 from ..errors import UserError
 from ..io import save_figure
 from ..models import SpikingNetwork, build_model
+from ..models.stdp import ARCH as STDP_ARCH
 from ..recipe import Recipe, Strict
 from ..training import Callback, TrainConfig, seed_everything, train
 
@@ -188,8 +189,8 @@ class TrainOptions(StageOptions):
                                 "cosine schedule is shortened to the epochs that fit")
 
     def check(self, chain: Chain) -> None:
-        if chain.arch == "diehl_cook" and self.trains_by_gradient():
-            raise ValueError(f"kind: {self.kind} trains by backpropagation; the diehl_cook network learns by "
+        if chain.arch == STDP_ARCH and self.trains_by_gradient():
+            raise ValueError(f"kind: {self.kind} trains by backpropagation; the {STDP_ARCH} network learns by "
                              "STDP (kind: train_stdp)")
         if self.optimizer == "sgd" and self.momentum == 0:
             raise ValueError("momentum: optimizer sgd (Nesterov) needs momentum > 0")

@@ -14,19 +14,21 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
 import torch
 from matplotlib.figure import Figure
 from pydantic import Field
 
-from ..compress.exploration import Candidate, Evaluated, QuantSpace, explore, quantize_model
+from ..compress.exploration import Candidate, Evaluated, QuantSpace, explore, pareto_front, quantize_model
+from ..compress.masks import original
 from ..errors import UserError
 from ..io import save_figure, write_bytes, write_json
 from ..models import build_model
 from ..models.stdp import ARCH
 from ..training import evaluate_accuracy, seed_everything
-from ..training.stdp import STDPConfig, assign_labels, config_dict, train_stdp
+from ..training.stdp import STDPConfig, assign_labels, train_stdp
 from .base import Chain, StageContext, StageOptions, StageResult, register_stage
 
 Rounding = Literal["nearest", "half_up", "truncate", "stochastic"]
@@ -105,7 +107,7 @@ def learn(ctx: StageContext, opts: STDPOptions, neurons: int | None = None, log=
                "samples_per_second": stats.samples / max(stats.seconds, 1e-9),
                "spikes_per_presentation": stats.excitatory_spikes / max(stats.presentations, 1),
                "weight_updates": stats.weight_updates, "threads": torch.get_num_threads(),
-               "device": str(ctx.device), **labels, "stdp": config_dict(config),
+               "device": str(ctx.device), **labels, "stdp": asdict(config),
                "inhibition": model.spec["inhibition"]}
     log(f"[train_stdp] {model.neurons} neurons, {stats.samples} samples in {stats.seconds:.0f} s "
         f"({metrics['samples_per_second']:.1f}/s); validation accuracy {val:.4f}")
@@ -128,18 +130,21 @@ class ValidationChecks:
         self.history.append({"samples": samples, "val_accuracy": val})
         self.log(f"[train_stdp] after {samples} samples: validation accuracy {val:.4f}")
         if self.best is None or val > self.best[0]:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            self.best, self.best_samples = (val, state, labels), samples
+            kept = {k: v.detach().clone() for k, v in self._stored().items()}
+            self.best, self.best_samples = (val, kept, labels), samples
+
+    def _stored(self) -> dict[str, torch.Tensor]:
+        """What the checks keep: the tensors the network stores (quantizer or not: the stored original)."""
+        m = self.model
+        return {"weight": original(m.synapses, "weight"), "threshold": original(m.excitatory, "threshold"),
+                "leak": original(m.excitatory, "leak"), "labels": m.labels}
 
     def restore_best(self) -> dict:
-        """Load the best network found; returns its labelling figures."""
-        _, state, labels = self.best
-        own = self.model.state_dict()
-        quantized = "synapses.parametrizations.weight.original"  # quantized learning attached its quantizer
-        state = {(quantized if k == "synapses.weight" and k not in own else k): v for k, v in state.items()}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or any("parametrizations" not in k for k in missing):
-            raise RuntimeError(f"cannot restore the best network: missing {missing}, unexpected {unexpected}")
+        """Load the best network found into the model; returns its labelling figures."""
+        _, kept, labels = self.best
+        with torch.no_grad():
+            for name, tensor in self._stored().items():
+                tensor.copy_(kept[name])
         return labels
 
 
@@ -172,15 +177,6 @@ class SelectSTDPOptions(STDPOptions):
         super().check(chain)
         if self.neurons is not None:
             raise ValueError("neurons: select_stdp trains every size in sizes; drop neurons")
-
-
-def _front(points: list[dict]) -> list[dict]:
-    front, best = [], -1.0
-    for p in sorted(points, key=lambda p: (p["bytes"], -p["val_accuracy"])):
-        if p["val_accuracy"] > best:
-            front.append(p)
-            best = p["val_accuracy"]
-    return front
 
 
 def _point(size: int, e: Evaluated) -> dict:
@@ -241,7 +237,7 @@ def select_stdp(ctx: StageContext, opts: SelectSTDPOptions) -> StageResult:
                          max_memory_bytes=None)
         points += [_point(size, e) for e in [result.baseline, *result.evaluated]]
         models[size] = model
-    front = _front(points)
+    front = pareto_front(points, lambda p: p["bytes"], lambda p: p["val_accuracy"])
     fitting = [p for p in points if (limit is None or p["bytes"] <= limit) and (p["passed"] or p["phase"] == "baseline")]
     if not fitting:
         smallest = min(points, key=lambda p: p["bytes"])

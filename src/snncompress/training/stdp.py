@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -326,7 +326,3 @@ def assign_labels(model: DiehlCookNetwork, loader: Iterable, count: int, device=
     labelled = model.labels >= 0
     per_class = [int(((model.labels == c) & labelled).sum()) for c in range(model.num_classes)]
     return {"label_images": int(seen.sum()), "labelled_neurons": int(labelled.sum()), "neurons_per_class": per_class}
-
-
-def config_dict(config: STDPConfig) -> dict:
-    return asdict(config)
