@@ -418,8 +418,8 @@ def test_the_three_methods_side_by_side_record_their_costs(tmp_path):
     from snncompress.pipeline import Run
 
     class GuardedRun(Run):
-        def context(self, model, stage_dir, previous=None):
-            ctx = super().context(model, stage_dir, previous)
+        def context(self, model, stage_dir, previous=None, seed=None):
+            ctx = super().context(model, stage_dir, previous, seed)
             if stage_dir != self.out:
                 ctx.test_loader = _ReadForbidden()
             return ctx

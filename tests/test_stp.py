@@ -462,8 +462,8 @@ def test_selection_stages_never_read_the_test_split(tmp_path):
     from snncompress.pipeline import Run
 
     class GuardedRun(Run):
-        def context(self, model, stage_dir, previous=None):
-            ctx = super().context(model, stage_dir, previous)
+        def context(self, model, stage_dir, previous=None, seed=None):
+            ctx = super().context(model, stage_dir, previous, seed)
             if stage_dir != self.out:                       # a stage, not the final measurement
                 ctx.test_loader = _ReadForbidden()
             return ctx

@@ -25,6 +25,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,6 +95,27 @@ NOT_IN_FINGERPRINT = {"snapshot_every_steps"}
 DATA_NOT_IN_FINGERPRINT = {"data_dir", "num_workers", "test_batch_size", "on_device"}
 
 
+def _not_in_fingerprint(opts) -> set[str]:
+    """Options left out of a stage's hash: ``NOT_IN_FINGERPRINT``, and ``seed`` while it is unset (so the
+    folders of runs from before the option existed stay finished)."""
+    return NOT_IN_FINGERPRINT | ({"seed"} if getattr(opts, "seed", None) is None else set())
+
+
+@contextmanager
+def stage_data_order(loader, seed: int | None):
+    """While a stage with its own ``seed`` runs, ``loader`` shuffles as a fresh run with that seed would
+    (from epoch 0); afterwards it resumes the run's own seed and epoch. ``seed=None``: no change."""
+    if seed is None:
+        yield
+        return
+    saved = loader.seed, loader.epoch
+    loader.seed, loader.epoch = seed, 0
+    try:
+        yield
+    finally:
+        loader.seed, loader.epoch = saved
+
+
 def fingerprint(recipe: Recipe, opts, previous: str) -> str:
     """Hash of what determines a stage's output: the package version, the recipe's data (not the
     folder's location) and model sections, the seed, the stage's options and the previous stage's hash.
@@ -104,7 +126,7 @@ def fingerprint(recipe: Recipe, opts, previous: str) -> str:
     payload = {"version": __version__,
                "data": recipe.data.model_dump(exclude=DATA_NOT_IN_FINGERPRINT),
                "model": recipe.model.model_dump(), "seed": recipe.seed,
-               "stage": opts.model_dump(exclude=NOT_IN_FINGERPRINT), "inputs": opts.input_digest(),
+               "stage": opts.model_dump(exclude=_not_in_fingerprint(opts)), "inputs": opts.input_digest(),
                "previous": previous}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -147,12 +169,13 @@ class Run:
                                 f"training images leaves the {split} split empty")
         self.recipe.check_model(self.info.in_shape, self.info.num_classes, where)  # before anything is written
 
-    def context(self, model, stage_dir: Path, previous=None) -> StageContext:
+    def context(self, model, stage_dir: Path, previous=None, seed: int | None = None) -> StageContext:
         previous = previous or []
         return StageContext(recipe=self.recipe, run_dir=self.out, stage_dir=stage_dir, device=self.device,
                             train_loader=self.train_loader, val_loader=self.val_loader,
                             test_loader=self.test_loader, info=self.info, model=model, previous=previous,
-                            reference_ann=self._trained_ann(previous))
+                            reference_ann=self._trained_ann(previous),
+                            seed=self.recipe.seed if seed is None else seed)
 
     def _trained_ann(self, records: list[dict]):
         """The model of the run's last finished ``train_ann`` stage (the energy/robustness reference), or None."""
@@ -230,7 +253,9 @@ class Run:
         print(f"[{opts.name}] {'resuming' if resumes else 'running'} stage {stage.kind}", flush=True)
         start = time.perf_counter()
         try:
-            result = stage.run(self.context(model, stage_dir, records), opts)
+            seed = getattr(opts, "seed", None)
+            with stage_data_order(self.train_loader, seed):
+                result = stage.run(self.context(model, stage_dir, records, seed), opts)
         except UserError as exc:
             raise UserError(f"stage {opts.name}: {exc}") from None
         seconds = time.perf_counter() - start

@@ -119,7 +119,7 @@ def train_ann_sparse(ctx: StageContext, opts: TrainANNSparseOptions) -> StageRes
             names = prunable_weights(student, opts.exclude)
         except ValueError as exc:
             raise UserError(f"train_ann_sparse: {exc}") from None
-        init_weight_masks(student, names, opts.density, how, seed=ctx.recipe.seed)
+        init_weight_masks(student, names, opts.density, how, seed=ctx.seed)
         # one-shot: no events (prune rate 0), the callback then only reads the momentum
         sparse = SparseMomentum("irregular", names=names, prune_rate=0.0 if one_shot else opts.prune_rate,
                                 momentum=opts.sparse_momentum)
@@ -128,7 +128,7 @@ def train_ann_sparse(ctx: StageContext, opts: TrainANNSparseOptions) -> StageRes
             groups = channel_groups(student)
         except ValueError as exc:
             raise UserError(f"train_ann_sparse: structure: {exc}") from None
-        init_channel_masks(student, groups, opts.density, how, seed=ctx.recipe.seed, min_channels=opts.min_channels)
+        init_channel_masks(student, groups, opts.density, how, seed=ctx.seed, min_channels=opts.min_channels)
         sparse = SparseMomentum("channel", groups=groups, prune_rate=opts.prune_rate, momentum=opts.sparse_momentum,
                                 min_channels=opts.min_channels)
     callbacks = [sparse]
@@ -140,7 +140,7 @@ def train_ann_sparse(ctx: StageContext, opts: TrainANNSparseOptions) -> StageRes
             raise UserError(f"train_ann_sparse: {exc}") from None
         callbacks.append(attention)
     try:
-        history = fit(ctx, student, opts.train_config(ctx.recipe.seed), desc="ann_sparse", callbacks=callbacks)
+        history = fit(ctx, student, opts.train_config(ctx.seed), desc="ann_sparse", callbacks=callbacks)
     finally:
         sparse.close()
         if attention is not None:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..io import save_figure
 from ..models import SpikingNetwork, build_model
 from ..models.stdp import ARCH as STDP_ARCH
-from ..recipe import Recipe, Strict
+from ..recipe import SEED_LIMIT, Recipe, Strict
 from ..training import Callback, TrainConfig, seed_everything, train
 
 
@@ -100,11 +100,12 @@ class StageContext:
     model: SpikingNetwork | None               # the previous stage's model (None for the first)
     previous: list[dict] = field(default_factory=list)  # earlier stages' records (name, kind, metrics)
     reference_ann: SpikingNetwork | None = None  # the run's trained ANN (its train_ann stage), if any
+    seed: int = 0                              # the stage's seed: its own ``seed`` option, else the recipe's
 
     def new_model(self) -> SpikingNetwork:
-        """A fresh network as the recipe's ``model`` section describes it (initialised from the recipe's seed)."""
+        """A fresh network as the recipe's ``model`` section describes it (initialised from the stage's seed)."""
         cfg = self.recipe.model
-        seed_everything(self.recipe.seed)
+        seed_everything(self.seed)
         return build_model(cfg.arch, self.info.num_classes, self.info.in_shape, cfg.timesteps,
                            encoding=cfg.encoding, neuron=cfg.neuron.model_dump(), **cfg.options)
 
@@ -187,6 +188,11 @@ class TrainOptions(StageOptions):
     time_budget_s: float | None = Field(
         None, gt=0, description="stop training cleanly after this many seconds; after the first epoch the "
                                 "cosine schedule is shortened to the epochs that fit")
+    seed: int | None = Field(
+        None, ge=0, lt=SEED_LIMIT,
+        description="this stage's own seed (repeats of a stage over seeds): it seeds torch and numpy, and "
+                    "the stage sees the data order of a fresh run with this seed (from its first epoch); "
+                    "the run's own order resumes after it. Default: the recipe's seed, continuing the run's order")
 
     def check(self, chain: Chain) -> None:
         if chain.arch == STDP_ARCH and self.trains_by_gradient():

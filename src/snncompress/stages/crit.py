@@ -203,7 +203,7 @@ def _finetune(ctx: StageContext, model: SpikingNetwork, opts: _PruneOptions, des
     """Fine-tune with the mask / width fixed; returns (validation accuracy or None, its cost)."""
     if opts.finetune_epochs == 0:
         return None, _cost("finetune")
-    config = opts.train_config(ctx.recipe.seed, epochs=opts.finetune_epochs, lr=opts.finetune_lr or opts.lr,
+    config = opts.train_config(ctx.seed, epochs=opts.finetune_epochs, lr=opts.finetune_lr or opts.lr,
                                max_batches=opts.finetune_max_batches or opts.max_batches)
     history, cost = _train(ctx, model, config, "finetune_log.csv", desc)
     return history[-1]["val_accuracy"], _cost("finetune", cost)
@@ -242,7 +242,7 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
     pruner = PruneRegrow(names, opts.final_sparsity, opts.dt, opts.regrow_ratio, opts.score, opts.alpha,
                          opts.normalized, opts.score_steps, opts.reduce, opts.regrow_normalize, opts.regrow_budget)
     try:
-        history, cost = _train(ctx, model, opts.train_config(ctx.recipe.seed), "prune_log.csv",
+        history, cost = _train(ctx, model, opts.train_config(ctx.seed), "prune_log.csv",
                                "crit-prune" if opts.regrow_ratio else "magnitude-prune", [pruner])
     finally:
         pruner.close()
@@ -275,7 +275,7 @@ def _structured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticality
                         "(model.options.batchnorm: true)")
     parts = []
     if opts.epochs > 0:
-        _, cost = _train(ctx, model, opts.train_config(ctx.recipe.seed), "sparsity_log.csv", "crit-l1",
+        _, cost = _train(ctx, model, opts.train_config(ctx.seed), "sparsity_log.csv", "crit-l1",
                          [GammaL1(bns, opts.gamma_l1)])
         parts.append(cost)
     start, cpu = time.perf_counter(), time.process_time()
@@ -324,7 +324,7 @@ def prune_imp(ctx: StageContext, opts: PruneIMPOptions) -> StageResult:
         rewind_(model, rewind_point, masks)
         if j == len(sparsities):
             break  # the final ticket: its training is the fine-tuning below
-        history, cost = _train(ctx, model, opts.train_config(ctx.recipe.seed), f"round{j:02d}_log.csv", f"imp-{j}")
+        history, cost = _train(ctx, model, opts.train_config(ctx.seed), f"round{j:02d}_log.csv", f"imp-{j}")
         costs.append(cost)
         rounds.append({"round": j, "sparsity": sparsity, "live_weights": live_count(model, names),
                        "val_accuracy": history[-1]["val_accuracy"], **cost})

@@ -23,7 +23,7 @@ class TrainANNOptions(TrainOptions):
 def train_ann(ctx: StageContext, opts: TrainANNOptions) -> StageResult:
     """Train the ANN twin (ReLU) of the recipe's model from scratch (or continue the previous one)."""
     model = (ctx.model or ctx.new_model()).set_spiking(False)
-    return StageResult(model, training_metrics(fit(ctx, model, opts.train_config(ctx.recipe.seed), desc="ann")))
+    return StageResult(model, training_metrics(fit(ctx, model, opts.train_config(ctx.seed), desc="ann")))
 
 
 class TrainSNNOptions(TrainOptions):
@@ -43,7 +43,7 @@ def train_snn(ctx: StageContext, opts: TrainSNNOptions) -> StageResult:
     model = (ctx.model or ctx.new_model()).set_spiking(True)
     if opts.timesteps is not None:
         model.timesteps = opts.timesteps
-    return StageResult(model, training_metrics(fit(ctx, model, opts.train_config(ctx.recipe.seed), desc="snn")))
+    return StageResult(model, training_metrics(fit(ctx, model, opts.train_config(ctx.seed), desc="snn")))
 
 
 class ConvertOptions(StageOptions):

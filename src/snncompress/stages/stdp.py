@@ -82,7 +82,7 @@ def new_network(ctx: StageContext, neurons: int | None, inhibition: str | None =
     cfg = ctx.recipe.model
     if cfg.arch != ARCH:
         raise UserError(f"train_stdp needs model.arch: {ARCH}, got {cfg.arch!r}")
-    seed_everything(ctx.recipe.seed)
+    seed_everything(ctx.seed)
     options = {**cfg.options, **({"neurons": neurons} if neurons else {}),
                **({"inhibition": inhibition} if inhibition else {})}
     model = build_model(ARCH, ctx.info.num_classes, ctx.info.in_shape, cfg.timesteps, **options)
@@ -92,7 +92,7 @@ def new_network(ctx: StageContext, neurons: int | None, inhibition: str | None =
 def learn(ctx: StageContext, opts: STDPOptions, neurons: int | None = None, log=print):
     """Train and label one network; returns ``(model, metrics)`` with validation accuracy."""
     model = new_network(ctx, neurons or opts.neurons, opts.inhibition)
-    config = opts.config(ctx.recipe.seed)
+    config = opts.config(ctx.seed)
     checks = ValidationChecks(ctx, opts, model, log)
     stats = train_stdp(model, ctx.train_loader, config, device=ctx.device, log=log,
                        check_every=opts.validate_every, check=checks if opts.validate_every else None)
@@ -228,7 +228,7 @@ def select_stdp(ctx: StageContext, opts: SelectSTDPOptions) -> StageResult:
     """Train every size, explore its quantization (PTQ), keep the most accurate model under the memory limit."""
     limit = None if opts.max_memory_kb is None else int(opts.max_memory_kb * 1024)
     points, trained, models = [], {}, {}
-    space = QuantSpace(dict(opts.bits), list(opts.roundings), ["ptq"], seed=ctx.recipe.seed)
+    space = QuantSpace(dict(opts.bits), list(opts.roundings), ["ptq"], seed=ctx.seed)
     for size in opts.sizes:
         model, metrics = learn(ctx, opts, neurons=size)
         trained[size] = metrics

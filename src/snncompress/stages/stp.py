@@ -94,7 +94,7 @@ def recalibrate(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions
 
 def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
     """The hybrid pipeline on the narrow network: ANN, threshold calibration, SNN; returns SNN val accuracy."""
-    seed = ctx.recipe.seed
+    seed = ctx.seed
     ann_config = opts.train_config(seed, epochs=opts.ann_epochs, lr=opts.ann_lr,
                                    weight_decay=opts.ann_weight_decay)
     fit(ctx, narrow.set_spiking(False), ann_config, "ann_log.csv", "pca-ann")
@@ -109,7 +109,7 @@ def finetune_inherited(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCA
     """Fine-tune the narrow SNN that inherited the kept channels' weights; returns its val accuracy."""
     if opts.epochs == 0:
         return evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
-    return fit(ctx, narrow, opts.train_config(ctx.recipe.seed), "train_log.csv", "pca-finetune")[-1]["val_accuracy"]
+    return fit(ctx, narrow, opts.train_config(ctx.seed), "train_log.csv", "pca-finetune")[-1]["val_accuracy"]
 
 
 def plot_variance(pca: dict[str, LayerPCA], theta: float, path: Path) -> str:
@@ -279,7 +279,7 @@ def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
 
     def finetune(candidate: SpikingNetwork) -> float:
         t = candidate.timesteps
-        config = opts.train_config(ctx.recipe.seed, epochs=epochs[t])
+        config = opts.train_config(ctx.seed, epochs=epochs[t])
         return fit(ctx, candidate, config, f"train_log_T{t}.csv", f"T={t}", callbacks)[-1]["val_accuracy"]
 
     final, trials = prune_timesteps(model, schedule, finetune, start_accuracy, opts.tolerance)

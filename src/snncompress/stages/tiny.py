@@ -235,7 +235,7 @@ def quantize(ctx: StageContext, opts: QuantizeOptions) -> StageResult:
 
     def train_fn(candidate_model, candidate: Candidate):
         log = f"itq_{'_'.join(f'{g}{b}' for g, b in candidate.bits)}_{candidate.rounding}.csv"
-        fit(ctx, candidate_model, opts.train_config(ctx.recipe.seed), log_name=log, desc="itq",
+        fit(ctx, candidate_model, opts.train_config(ctx.seed), log_name=log, desc="itq",
             callbacks=itq_callbacks(opts))
         return candidate_model
 
