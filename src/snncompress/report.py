@@ -5,7 +5,8 @@ A run folder gets, from :func:`write_report`:
 * ``report.json``: the report dict as given (the SPEC §7 contract:
   ``schema, dataset, model, recipe, stages [{name, kind, seconds, metrics}],
   baseline, final``), written atomically (temp file + ``os.replace``);
-* ``report.md``: tables of the stages, baseline vs final, the final model
+* ``report.md``: tables of the stages, of stages repeated over seeds (:mod:`snncompress.repeats`),
+  baseline vs final, the final model
   against its ANN references, the final model's per-layer firing rates,
   synaptic operations (NeuroBench names Effective_ACs / Effective_MACs /
   Dense) and energy, and robustness;
@@ -45,8 +46,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .io import save_figure, write_bytes
 from .errors import UserError
+from .io import save_figure, write_bytes
+from .repeats import repeat_lines
 
 SCHEMA = 1
 REPORT_KEYS = ("schema", "dataset", "model", "recipe", "stages", "baseline", "final")
@@ -309,7 +311,7 @@ def render_markdown(report: dict) -> str:
              f"Recipe: `{report.get('recipe', '?')}` · report schema {report.get('schema', '?')}", "",
              "## Stages", "",
              *_table(_stage_columns(trained), [_stage_row(i, s, trained) for i, s in enumerate(stages)]), "",
-             *_baseline_final_lines(report), *_reference_lines(final), *_layer_lines(final),
+             *repeat_lines(stages), *_baseline_final_lines(report), *_reference_lines(final), *_layer_lines(final),
              *_robustness_lines(final),
              *_method_lines(final), "## Plots", ""]
     lines += [f"![{name[:-4]}]({name})" for name in PLOT_FILES]
