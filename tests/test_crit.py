@@ -10,8 +10,8 @@ import torch
 
 from snncompress.compress.criticality import CriticalityMeter, criticality_scores, weight_units
 from snncompress.compress.masks import get_mask, get_masks
-from snncompress.compress.pruning import (PruneRegrow, cubic_schedule, cubic_sparsity, imp_sparsities, kept_count,
-                                          live_count, prunable_weights, prune_and_regrow_, attach_masks)
+from snncompress.compress.pruning import (PruneRegrow, attach_masks, cubic_schedule, cubic_sparsity, imp_sparsities,
+                                          kept_count, live_count, prunable_weights, prune_and_regrow_, regrow_ratios)
 from snncompress.compress.slimming import GammaL1, select_channels_by_gamma
 from snncompress.compress.structure import channel_groups
 from snncompress.data import TensorBatchLoader
@@ -292,6 +292,22 @@ def test_live_weights_follow_the_schedule_exactly_during_training():
     assert not any(lif._forward_hooks for _, lif in model.spiking_layers())
 
 
+def test_cosine_decay_anneals_the_regrowth_to_zero_at_the_last_event():
+    # r (1 + cos(pi k / 4)) / 2 with r = 0.2: 0.2 * 0.85355, 0.1, 0.2 * 0.14645, 0
+    assert regrow_ratios(0.2, 4, "cosine") == pytest.approx([0.170711, 0.1, 0.029289, 0.0], abs=1e-6)
+    assert regrow_ratios(0.2, 3) == [0.2, 0.2, 0.2]
+    model = tiny_model()
+    names = prunable_weights(model)
+    attach_masks(model, names)
+    pruner = PruneRegrow(names, 0.9, dt=3, regrow_ratio=0.2, score_steps=2, decay="cosine")
+    train(model, tiny_loader(), tiny_loader(16), TrainConfig(epochs=2, lr=1e-2), callbacks=[pruner])
+    pruner.close()
+    # K = 5 events keep 191, 100, 54, 36, 34 of 340 weights; ratios 0.1809, 0.1309, 0.0691, 0.0191, 0
+    assert [e["live"] for e in pruner.events] == [191, 100, 54, 36, 34]
+    assert [e["regrown"] for e in pruner.events] == [35, 13, 4, 1, 0]
+    assert pruner.events[-1]["regrow_ratio"] == 0.0
+
+
 def test_a_shortened_training_schedule_still_ends_at_the_final_sparsity():
     """A time budget that cuts the loop's schedule to 10 steps: the events re-plan to K = 2 and end at s_f."""
     from snncompress.training.loop import TrainState
@@ -459,6 +475,10 @@ def test_the_three_methods_side_by_side_record_their_costs(tmp_path):
     ("{kind: prune_criticality, regrow_ratio: 0, regrow_budget: per_layer}",
      "regrow_budget: not used with regrow_ratio: 0"),
     ("{kind: prune_criticality, regrow_ratio: 0, spatial: mean}", "spatial: not used with regrow_ratio: 0"),
+    ("{kind: prune_criticality, regrow_ratio: 0, regrow_decay: cosine}",
+     "regrow_decay: not used with regrow_ratio: 0"),
+    ("{kind: prune_criticality, mode: structured, regrow_decay: cosine}",
+     "regrow_decay: not used with mode: structured"),
     ("{kind: prune_criticality, mode: structured, regrow_normalize: mean}",
      "regrow_normalize: not used with mode: structured"),
     ("{kind: prune_criticality, regrow_normalize: layer}", "regrow_normalize"),

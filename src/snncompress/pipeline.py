@@ -96,9 +96,11 @@ DATA_NOT_IN_FINGERPRINT = {"data_dir", "num_workers", "test_batch_size", "on_dev
 
 
 def _not_in_fingerprint(opts) -> set[str]:
-    """Options left out of a stage's hash: ``NOT_IN_FINGERPRINT``, and ``seed`` while it is unset (so the
-    folders of runs from before the option existed stay finished)."""
-    return NOT_IN_FINGERPRINT | ({"seed"} if getattr(opts, "seed", None) is None else set())
+    """Options left out of a stage's hash: ``NOT_IN_FINGERPRINT``, and the options of
+    ``HASHED_WHEN_CHANGED`` (added later) while they hold their default."""
+    fields = type(opts).model_fields
+    return NOT_IN_FINGERPRINT | {name for name in getattr(opts, "HASHED_WHEN_CHANGED", ())
+                                 if getattr(opts, name) == fields[name].default}
 
 
 @contextmanager

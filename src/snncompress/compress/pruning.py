@@ -19,6 +19,9 @@ mask is True. With ``N`` prunable weights (every conv / linear weight unless exc
   layer's mean; ``rank``: the fraction of the layer's units scoring at most as high),
   and ``budget: per_layer`` splits the regrowth over the layers in proportion to the live
   weights each lost to magnitude in this event (the criticality ranks within a layer).
+  ``decay`` (:func:`regrow_ratios`): ``r`` at every event (SPEC), or annealed by a cosine to
+  0 at the last event, as GraNet and RigL anneal their prune-and-regrow fraction, so the
+  final mask holds no weight regrown at zero that fine-tuning has to grow back.
 * **IMP** (:func:`imp_sparsities`): each round prunes a fraction ``rate`` of the live
   weights by global magnitude (the last round stops at ``s_f``), rewinds the live weights
   to the rewind point and retrains.
@@ -31,6 +34,7 @@ images. Both are resumable (``state_dict``).
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -58,6 +62,19 @@ def cubic_schedule(final: float, dt: int, steps: int) -> list[tuple[int, float]]
         raise ValueError(f"dt must be >= 1, got {dt}")
     events = steps // dt
     return [(k * dt, cubic_sparsity(k, events, final)) for k in range(1, events + 1)]
+
+
+DECAYS = ("constant", "cosine")
+
+
+def regrow_ratios(ratio: float, events: int, decay: str = "constant") -> list[float]:
+    """The regeneration ratio of events 1..K: ``ratio`` each (constant), or
+    ``ratio * (1 + cos(pi k / K)) / 2`` (cosine: below ``ratio`` from the first event, 0 at the last)."""
+    if decay not in DECAYS:
+        raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
+    if decay == "constant":
+        return [ratio] * events
+    return [ratio * (1.0 + math.cos(math.pi * k / events)) / 2.0 for k in range(1, events + 1)]
 
 
 def kept_count(total: int, sparsity: float) -> int:
@@ -312,21 +329,24 @@ class PruneRegrow(Callback):
 
     Events at steps ``k * dt`` of this training run (``K = total_steps // dt``); criticality
     is the mean over the last ``score_steps`` training forward passes before each event
-    (all ``dt`` when None). ``regrow_ratio = 0`` is plain gradual magnitude pruning (no
-    scoring at all). Call :meth:`close` after training (removes the hooks). ``events``
-    lists what each event did.
+    (all ``dt`` when None), and only before events that regrow. ``regrow_ratio = 0`` is
+    plain gradual magnitude pruning (no scoring at all); ``decay`` (:func:`regrow_ratios`)
+    sets the ratio of each event. Call :meth:`close` after training (removes the hooks).
+    ``events`` lists what each event did.
     """
 
     def __init__(self, names: list[str], final_sparsity: float, dt: int, regrow_ratio: float = 0.2,
                  score: str = "derivative", alpha: float = 2.0, normalized: bool = False,
                  score_steps: int | None = None, reduce: str = "channel", normalize: str = "none",
-                 budget: str = "global"):
+                 budget: str = "global", decay: str = "constant"):
         if not 0 <= regrow_ratio < 1:
             raise ValueError(f"regrow_ratio must be in [0, 1), got {regrow_ratio}")
         if normalize not in NORMALIZATIONS or budget not in BUDGETS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS} and budget one of {BUDGETS}, "
                              f"got {normalize!r}, {budget!r}")
+        regrow_ratios(regrow_ratio, 1, decay)  # checks decay
         self.names, self.final, self.dt, self.regrow_ratio = list(names), float(final_sparsity), int(dt), regrow_ratio
+        self.decay = decay
         self.score_opts = {"score": score, "alpha": alpha, "normalized": normalized, "reduce": reduce}
         self.normalize, self.budget = normalize, budget
         self.window = min(self.dt, score_steps or self.dt)
@@ -341,31 +361,39 @@ class PruneRegrow(Callback):
         if not self.schedule:
             raise ValueError(f"dt: {self.dt} steps is longer than the pruning phase ({state.total_steps} steps); "
                              f"no pruning event would happen")
-        self._at, self._planned = dict(self.schedule), state.total_steps
+        self._plan(state.total_steps)
         if self.regrow_ratio > 0 and self.meter is None:
             self.meter = CriticalityMeter(state.model, **self.score_opts, when=self._scoring,
                                           step=lambda: self.state.step).attach()
 
+    def _plan(self, steps: int) -> None:
+        """Each event's step, sparsity and regeneration ratio for a pruning phase of ``steps``."""
+        self._at = {step: (sparsity, ratio) for (step, sparsity), ratio in
+                    zip(self.schedule, regrow_ratios(self.regrow_ratio, len(self.schedule), self.decay))}
+        self._planned = steps
+
     def _scoring(self) -> bool:
-        """True while the loop runs a training step in the window before an event."""
+        """True while the loop runs a training step in the window before an event that regrows."""
         step = self.state.step
-        return (self.state.model.training and step < self.schedule[-1][0]
+        upcoming = self._at.get((step // self.dt + 1) * self.dt)
+        return (self.state.model.training and upcoming is not None and upcoming[1] > 0
                 and step % self.dt >= self.dt - self.window)
 
     def after_step(self, state: TrainState) -> None:
         if state.total_steps != self._planned:  # the loop shortened its schedule (a time budget): so does this
             self.schedule = cubic_schedule(self.final, self.dt, state.total_steps) or self.schedule[:1]
-            self._at, self._planned = dict(self.schedule), state.total_steps
+            self._plan(state.total_steps)
         done = state.step + 1
         if done not in self._at:
             return
         start = time.perf_counter()
+        sparsity, ratio = self._at[done]
         scores = self.meter.scores() if self.meter is not None else {}
-        stats = prune_and_regrow_(state.model, self.names, self._at[done], self.regrow_ratio, scores, state.optimizer,
+        stats = prune_and_regrow_(state.model, self.names, sparsity, ratio, scores, state.optimizer,
                                   self.normalize, self.budget)
         if self.meter is not None:
             self.meter.reset()
-        self.events.append({"step": done, **stats, "seconds": time.perf_counter() - start})
+        self.events.append({"step": done, "regrow_ratio": ratio, **stats, "seconds": time.perf_counter() - start})
 
     def on_epoch_end(self, state: TrainState, row: dict) -> None:
         row["live_weights"] = live_count(state.model, self.names)

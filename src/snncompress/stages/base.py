@@ -56,6 +56,9 @@ class StageOptions(Strict):
     needs: ClassVar[str | None] = None
     #: the mode of the model it returns: "ann", "snn", or None (the model it got, unchanged)
     produces: ClassVar[str | None] = None
+    #: options added after runs existed: part of the fingerprint only when set to a value other than the
+    #: default, so the folders of earlier runs stay finished
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset()
 
     kind: str
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
@@ -167,6 +170,8 @@ def stage_kinds() -> dict[str, StageDef]:
 
 class TrainOptions(StageOptions):
     """Options of every stage that trains (through :func:`snncompress.training.train`)."""
+
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"seed"})
 
     epochs: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)

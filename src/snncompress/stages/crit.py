@@ -7,7 +7,8 @@
   gradual magnitude pruning under the same schedule. ``regrow_normalize`` (none | mean |
   rank) and ``regrow_budget`` (global | per_layer) choose how the regrowth is shared among
   layers (:func:`~snncompress.compress.pruning.regrowth`); ``spatial`` (max | mean) how a
-  conv channel's positions reduce to its score.
+  conv channel's positions reduce to its score; ``regrow_decay`` (constant | cosine) whether
+  the ratio stays ``regrow_ratio`` or anneals to 0 at the last event.
 * ``prune_criticality``, ``mode: structured`` (BatchNorm models): train ``epochs`` with
   ``gamma_l1`` on every BatchNorm gamma, score criticality on ``score_images`` training
   images (forward passes only), keep ``1 - prune_fraction`` of the channels globally by
@@ -84,11 +85,12 @@ class PruneCriticalityOptions(_PruneOptions):
     """Criticality-guided pruning with regeneration (CRIT)."""
 
     UNSTRUCTURED: ClassVar[set[str]] = {"final_sparsity", "dt", "regrow_ratio", "score_steps", "exclude",
-                                        "regrow_normalize", "regrow_budget"}
+                                        "regrow_normalize", "regrow_budget", "regrow_decay"}
     STRUCTURED: ClassVar[set[str]] = {"prune_fraction", "regrow_fraction", "gamma_l1", "score_images", "chunk",
                                       "min_channels"}
     SCORING: ClassVar[set[str]] = {"score", "alpha", "normalized", "spatial", "score_steps", "regrow_normalize",
-                                   "regrow_budget"}
+                                   "regrow_budget", "regrow_decay"}
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = _PruneOptions.HASHED_WHEN_CHANGED | {"regrow_decay"}
 
     kind: Literal["prune_criticality"] = "prune_criticality"
     mode: Literal["unstructured", "structured"] = "unstructured"
@@ -110,6 +112,10 @@ class PruneCriticalityOptions(_PruneOptions):
     regrow_budget: Literal["global", "per_layer"] = Field(
         "global", description="unstructured: global (the most critical units over all layers) or per_layer (each "
                               "layer regrows in proportion to the live weights magnitude took from it in the event)")
+    regrow_decay: Literal["constant", "cosine"] = Field(
+        "constant", description="unstructured: the ratio of each event: regrow_ratio at every event (SPEC), or "
+                                "annealed by a cosine to 0 at the last event (GraNet, RigL), so the final mask "
+                                "holds no weights regrown at zero")
     # structured
     prune_fraction: float = Field(0.65, ge=0, lt=1, description="structured: fraction of BatchNorm channels removed")
     regrow_fraction: float = Field(0.05, ge=0, lt=1, description="structured: fraction of the kept channels "
@@ -240,7 +246,8 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
                         f"steps): no pruning event would happen")
     attach_masks(model, names)
     pruner = PruneRegrow(names, opts.final_sparsity, opts.dt, opts.regrow_ratio, opts.score, opts.alpha,
-                         opts.normalized, opts.score_steps, opts.reduce, opts.regrow_normalize, opts.regrow_budget)
+                         opts.normalized, opts.score_steps, opts.reduce, opts.regrow_normalize, opts.regrow_budget,
+                         opts.regrow_decay)
     try:
         history, cost = _train(ctx, model, opts.train_config(ctx.seed), "prune_log.csv",
                                "crit-prune" if opts.regrow_ratio else "magnitude-prune", [pruner])
@@ -260,8 +267,8 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
         "val_accuracy_after_pruning": after_pruning, "mode": "unstructured",
         "method": "criticality" if opts.regrow_ratio > 0 else "magnitude",
         "final_sparsity": opts.final_sparsity, "dt": opts.dt, "regrow_ratio": opts.regrow_ratio,
-        **({"regrow_normalize": opts.regrow_normalize, "regrow_budget": opts.regrow_budget, "spatial": opts.spatial}
-           if opts.regrow_ratio > 0 else {}),
+        **({"regrow_normalize": opts.regrow_normalize, "regrow_budget": opts.regrow_budget, "spatial": opts.spatial,
+            "regrow_decay": opts.regrow_decay} if opts.regrow_ratio > 0 else {}),
         "events": len(pruner.events), "regrown_weights": sum(e["regrown"] for e in pruner.events),
         **_sparsity_metrics(model, names), **_cost("pruning", cost), **ft_cost,
     })
