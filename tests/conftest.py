@@ -42,3 +42,17 @@ def tiny_recipe(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE)
     return path
+
+
+#: A recipe's head for CRIT stages: a 2-step convnet with BatchNorm and CRIT's neuron on 320 built-in images.
+CRIT_TINY_HEAD = """
+name: crit-tiny
+seed: 0
+device: cpu
+data: {dataset: mnist-builtin, batch_size: 32, train_subset: 320, test_subset: 64}
+model:
+  arch: convnet
+  timesteps: 2
+  neuron: {reset: hard, leak: 0.25, threshold: 0.3, surrogate: atan, learn_leak: false, learn_threshold: false}
+  options: {batchnorm: true, features: [4, A, 8, A], classifier: [16], dropout: 0.0}
+"""

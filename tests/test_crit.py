@@ -19,6 +19,8 @@ from snncompress.errors import UserError
 from snncompress.models import build_model
 from snncompress.training import Callback, TrainConfig, seed_everything, train
 
+from conftest import CRIT_TINY_HEAD
+
 CRIT_NEURON = {"reset": "hard", "leak": 0.25, "threshold": 1.0, "surrogate": "atan",
                "learn_leak": False, "learn_threshold": False}
 
@@ -398,16 +400,7 @@ def test_gamma_l1_adds_the_penalty_to_the_loss():
 # ----------------------------------------------------------------------------- the stages in a recipe
 
 
-CRIT_RECIPE = """
-name: crit-tiny
-seed: 0
-device: cpu
-data: {dataset: mnist-builtin, batch_size: 32, train_subset: 320, test_subset: 64}
-model:
-  arch: convnet
-  timesteps: 2
-  neuron: {reset: hard, leak: 0.25, threshold: 0.3, surrogate: atan, learn_leak: false, learn_threshold: false}
-  options: {batchnorm: true, features: [4, A, 8, A], classifier: [16], dropout: 0.0}
+CRIT_RECIPE = CRIT_TINY_HEAD + """
 stages:
   - {kind: train_snn, epochs: 1, lr: 1.0e-3, max_batches: 3}
   - {kind: prune_criticality, name: crit, epochs: 1, max_batches: 6, dt: 2, score_steps: 1, finetune_epochs: 1,

@@ -9,6 +9,8 @@ from snncompress.data import TensorBatchLoader
 from snncompress.pipeline import Run, fingerprint, stage_data_order, validate_stages
 from snncompress.recipe import load_recipe
 
+from conftest import CRIT_TINY_HEAD
+
 
 def _loader(seed: int) -> TensorBatchLoader:
     """40 one-pixel images whose labels are their indices, 8 per batch, shuffled."""
@@ -47,16 +49,7 @@ def test_a_seed_is_put_back_when_the_stage_fails():
     assert (run.seed, run.epoch) == (0, 2)
 
 
-PAIRED_RECIPE = """
-name: seeds-tiny
-seed: 0
-device: cpu
-data: {dataset: mnist-builtin, batch_size: 32, train_subset: 320, test_subset: 64}
-model:
-  arch: convnet
-  timesteps: 2
-  neuron: {reset: hard, leak: 0.25, threshold: 0.3, surrogate: atan, learn_leak: false, learn_threshold: false}
-  options: {batchnorm: true, features: [4, A], classifier: [16], dropout: 0.0}
+PAIRED_RECIPE = CRIT_TINY_HEAD + """
 stages:
   - {kind: train_snn, epochs: 1, lr: 1.0e-3, max_batches: 2}
   - {kind: prune_criticality, name: a, seed: 5, epochs: 1, max_batches: 4, dt: 2, regrow_ratio: 0,
@@ -80,7 +73,7 @@ def test_two_stages_with_one_seed_train_on_the_same_batches(tmp_path):
     assert same(a, b)  # same start, same seed: the same network, bit for bit
     assert not same(a, c)  # another seed: other batches, another network ...
     live = lambda x: sum(v.numel() for k, v in x.items() if k.endswith("@values"))  # noqa: E731
-    assert live(a) == live(c) == 1274  # ... at the same sparsity: 10% of the 12,740 conv/linear weights
+    assert live(a) == live(c) == 676  # ... at the same sparsity: 10% of the 6,756 conv/linear weights
 
 
 def test_each_stage_seed_has_its_own_fingerprint(tmp_path):
