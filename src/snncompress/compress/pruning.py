@@ -341,10 +341,9 @@ class PruneRegrow(Callback):
                  budget: str = "global", decay: str = "constant"):
         if not 0 <= regrow_ratio < 1:
             raise ValueError(f"regrow_ratio must be in [0, 1), got {regrow_ratio}")
-        if normalize not in NORMALIZATIONS or budget not in BUDGETS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS} and budget one of {BUDGETS}, "
-                             f"got {normalize!r}, {budget!r}")
-        regrow_ratios(regrow_ratio, 1, decay)  # checks decay
+        if normalize not in NORMALIZATIONS or budget not in BUDGETS or decay not in DECAYS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, budget one of {BUDGETS} and decay one of "
+                             f"{DECAYS}, got {normalize!r}, {budget!r}, {decay!r}")
         self.names, self.final, self.dt, self.regrow_ratio = list(names), float(final_sparsity), int(dt), regrow_ratio
         self.decay = decay
         self.score_opts = {"score": score, "alpha": alpha, "normalized": normalized, "reduce": reduce}

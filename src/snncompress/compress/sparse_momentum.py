@@ -48,8 +48,8 @@ from torch import nn
 
 from .. import distributed
 from ..training.callbacks import Callback, TrainState
-from .masks import WeightMask, find, get_mask, original, owner, set_mask
-from .pruning import reset_optimizer_state_
+from .masks import WeightMask, find, get_mask, original, owner, set_mask, set_masks
+from .pruning import global_magnitude, reset_optimizer_state_
 from .structure import ChannelGroup, channel_groups
 
 
@@ -116,13 +116,8 @@ def init_weight_masks(model: nn.Module, names: list[str], density: float, how: s
     if how not in ("random", "magnitude", "global_magnitude"):
         raise ValueError(f"how must be random, magnitude or global_magnitude, got {how!r}")
     if how == "global_magnitude":
-        weights = [original(*owner(model, name)).detach().cpu() for name in names]
-        flat = torch.cat([w.abs().flatten() for w in weights])
-        keep = _top(flat, torch.ones(flat.shape, dtype=torch.bool), int(density * flat.numel() + 0.5), largest=True)
-        start = 0
-        for name, w in zip(names, weights):
-            set_mask(model, name, keep[start:start + w.numel()].reshape(w.shape).clone())
-            start += w.numel()
+        total = sum(original(*owner(model, name)).numel() for name in names)
+        set_masks(model, global_magnitude(model, names, int(density * total + 0.5)))
         return
     gen = torch.Generator().manual_seed(seed)
     for name in names:
