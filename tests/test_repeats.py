@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from snncompress.repeats import paired_difference, repeat_lines, repeats_by_method, spread
+from snncompress.repeats import paired_difference, pool_runs, repeat_lines, repeats_by_method, spread
 
 
 def test_paired_difference_by_hand():
@@ -53,3 +53,24 @@ def test_the_report_section_holds_the_spread_and_the_paired_rows():
     assert "| crit − magnitude | test | 3 | +0.50 | 0.87 | [-1.65, +2.65] | 2 / 0 / 1 |" in lines
     assert "| crit − magnitude | val | 2 | +0.15 | 0.21 | [-1.76, +2.06] | 1 / 1 / 0 |" in lines
     assert repeat_lines(STAGES[:3]) == []
+
+
+def test_seeds_split_over_runs_pool_into_one_group():
+    first, second = ("a", STAGES[:3]), ("b", STAGES[3:])  # seeds 1 | 2, 3 and imp-s1
+    pooled = pool_runs([first, second])
+    assert [s["name"] for s in pooled] == [s["name"] for s in STAGES]
+    assert "| crit − magnitude | test | 3 | +0.50 | 0.87 | [-1.65, +2.65] | 2 / 0 / 1 |" in repeat_lines(pooled)
+
+
+def test_a_seed_held_by_two_runs_keeps_the_runs_apart():
+    at98 = [{"name": "crit-s1", "metrics": {"accuracy": 0.80}}, {"name": "crit-s2", "metrics": {"accuracy": 0.82}},
+            {"name": "magnitude-s5", "metrics": {"accuracy": 0.70}}]
+    pooled = pool_runs([("s90", STAGES), ("s98", at98)])
+    names = [s["name"] for s in pooled]
+    assert names[1:4] == ["s90/crit-s1", "magnitude-s1", "s90/crit-s2"]  # magnitude shares no seed: pooled
+    assert names[-3:] == ["s98/crit-s1", "s98/crit-s2", "magnitude-s5"]
+    by_method = repeats_by_method(pooled, "accuracy")
+    assert by_method["magnitude"] == {1: pytest.approx(90.0), 2: pytest.approx(90.5), 3: pytest.approx(91.0),
+                                      5: pytest.approx(70.0)}
+    # s90 - s98 over seeds 1, 2: 91 - 80 = 11 and 90 - 82 = 8
+    assert "| s90/crit − s98/crit | test | 2 | +9.50 | 2.12 | [-9.56, +28.56] | 2 / 0 / 0 |" in repeat_lines(pooled)

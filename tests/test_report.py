@@ -186,6 +186,21 @@ def test_compare_runs_tables_two_runs(tmp_path, measured):
     assert (tmp_path / "cmp" / "pareto.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_compare_runs_pools_repeats_over_seeds_across_runs(tmp_path, measured):
+    base, final = measured
+    for run, seeds, acc in (("a", (1, 2), (0.90, 0.92)), ("b", (3,), (0.94,))):
+        report = make_report(base, final)
+        report["stages"] += [{"name": f"{m}-s{s}", "kind": "prune_criticality",
+                              "metrics": {"accuracy": a - (0.01 * s if m == "magnitude" else 0)}}
+                             for s, a in zip(seeds, acc) for m in ("crit", "magnitude")]
+        write_report(tmp_path / run, report)
+    compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| crit | 1, 2, 3 | – | 92.00 ± 2.00 |" in md  # 90, 92, 94
+    # differences 1, 2, 3 points: mean 2, sd 1, t(0.975, 2) = 4.303 / sqrt(3) = 2.48
+    assert "| crit − magnitude | test | 3 | +2.00 | 1.00 | [-0.48, +4.48] | 3 / 0 / 0 |" in md
+
+
 def test_compare_runs_shows_the_trained_ann_where_measured(tmp_path, measured_ref):
     write_report(tmp_path / "plain", make_report(*map(without_trained_ann, measured_ref)))
     write_report(tmp_path / "ref", make_report(*measured_ref))

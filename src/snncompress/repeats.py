@@ -82,6 +82,34 @@ def repeats_by_method(stages: list[dict], key: str) -> dict[str, dict[int, float
     return {method: by_seed for method, by_seed in found.items() if len(by_seed) >= 2}
 
 
+def pool_runs(runs: list[tuple[str, list[dict]]]) -> list[dict]:
+    """The stages of several runs ``(label, stages)`` as one list for :func:`repeat_lines`.
+
+    A method's seeds spread over runs (seeds 1-5 in one, 6-10 in another) are pooled into one
+    group. A method that holds the same seed in two runs (the same recipe run at two sparsities)
+    is kept apart per run, renamed ``<label>/<method>``, so its groups pair by seed instead.
+    """
+    seeds_by_method: dict[str, list[set[int]]] = {}
+    for _, stages in runs:
+        in_run: dict[str, set[int]] = {}
+        for stage in stages:
+            match = REPEAT_NAME.match(str(stage.get("name", "")))
+            if match:
+                in_run.setdefault(match["method"], set()).add(int(match["seed"]))
+        for method, seeds in in_run.items():
+            seeds_by_method.setdefault(method, []).append(seeds)
+    clashing = {method for method, sets in seeds_by_method.items()
+                if sum(map(len, sets)) > len(set().union(*sets))}
+    pooled = []
+    for label, stages in runs:
+        for stage in stages:
+            match = REPEAT_NAME.match(str(stage.get("name", "")))
+            if match and match["method"] in clashing:
+                stage = {**stage, "name": f"{label}/{stage['name']}"}
+            pooled.append(stage)
+    return pooled
+
+
 def repeat_lines(stages: list[dict]) -> list[str]:
     """Markdown: each repeated method's mean +- sd, and every pair of methods' paired difference;
     empty when no method is repeated."""

@@ -48,7 +48,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from .errors import UserError
 from .io import save_figure, write_bytes
-from .repeats import repeat_lines
+from .repeats import pool_runs, repeat_lines
 
 SCHEMA = 1
 REPORT_KEYS = ("schema", "dataset", "model", "recipe", "stages", "baseline", "final")
@@ -578,6 +578,8 @@ def _pareto_panel(ax, labels, reports, rows, cost: str, scale: float, xlabel: st
 def compare_runs(run_dirs: list, out_dir) -> None:
     """Compare the final models of several run folders: ``report.md``, ``comparison.json``, ``pareto.png``.
 
+    ``report.md`` also holds the runs' repeats over seeds, pooled as :func:`~.repeats.pool_runs` says.
+
     Raises :class:`UserError` when a folder has no (valid) ``report.json``.
     """
     run_dirs = [Path(d) for d in run_dirs]
@@ -593,7 +595,8 @@ def compare_runs(run_dirs: list, out_dir) -> None:
             f"{TWIN_LABEL}: the SNN's own weights with ReLU in place of each LIF"
             + (f"; {TRAINED_LABEL}: the ANN trained in that run." if trained else "."), "",
             *_table(_comparison_columns(trained), [_comparison_line(r, trained) for r in rows]), "",
-            "![pareto](pareto.png)", ""]
+            "![pareto](pareto.png)", "",
+            *repeat_lines(pool_runs([(label, report.get("stages") or []) for label, report in zip(labels, reports)]))]
     write_bytes(out_dir / "report.md", "\n".join(text).encode())
     summary = [{**{k: r.get(k) for k in ("run", "dataset", "model", "recipe", "accuracy", "timesteps",
                                          "footprint_bytes", "energy_uj", "ann_energy_uj", "synops",
