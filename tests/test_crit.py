@@ -310,6 +310,57 @@ def test_cosine_decay_anneals_the_regrowth_to_zero_at_the_last_event():
     assert pruner.events[-1]["regrow_ratio"] == 0.0
 
 
+def wide_random_model():
+    """16 pixels -> Linear(16, 64) -> LIF(64) -> Linear(64, 8): 1024 + 512 prunable weights, N(0, 1) values."""
+    model = build_model("convnet", 8, (1, 4, 4), 2, features=[], classifier=[64], dropout=0.0, neuron=CRIT_NEURON)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in (model.classifier[0], model.classifier[3]):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
+    return model
+
+
+def test_random_regrowth_draws_uniformly_among_the_pruned_weights():
+    """The control for criticality: the same count, regrown at zero, spread over the layers as the candidates are."""
+    names = ["classifier.0.weight", "classifier.3.weight"]
+    before = wide_random_model()
+    magnitude = torch.cat([before.classifier[0].weight.abs().flatten(), before.classifier[3].weight.abs().flatten()])
+    kept_by_magnitude = torch.zeros(1536, dtype=torch.bool)
+    kept_by_magnitude[torch.topk(magnitude, 384).indices] = True         # 50% of 1536 = 768 live, half regrown
+    in_output = torch.arange(1536) >= 1024
+    candidates_in_output = int((~kept_by_magnitude & in_output).sum()) / 1152
+    critical_unit0 = {"classifier.1": torch.tensor([1.0] + [0.0] * 63)}
+    chosen = {}
+    for how in ("criticality", 7, 7, 8):
+        model = wide_random_model()
+        attach_masks(model, names)
+        stats = prune_and_regrow_(model, names, 0.5, 0.5, critical_unit0,
+                                  random_seed=None if how == "criticality" else how)
+        assert (stats["live"], stats["regrown"], live_count(model, names)) == (768, 384, 768)
+        live = torch.cat([get_mask(model, n).flatten() for n in names])
+        stored = torch.cat([model.classifier[i].parametrizations.weight.original.flatten() for i in (0, 3)])
+        grown = live & ~kept_by_magnitude
+        assert int(grown.sum()) == 384 and (stored[grown] == 0).all() and (live | ~kept_by_magnitude).all()
+        chosen.setdefault(how, []).append(grown)
+    assert not chosen["criticality"][0][in_output].any()              # criticality never reaches the output layer
+    assert torch.equal(chosen["criticality"][0][:16], ~kept_by_magnitude[:16])  # unit 0's row: all pruned regrown
+    share = chosen[7][0][in_output].sum().item() / 384               # hypergeometric sd 0.02: 0.05 is 2.5 sd
+    assert abs(share - candidates_in_output) < 0.05 and candidates_in_output > 0.25
+    assert torch.equal(chosen[7][0], chosen[7][1]) and not torch.equal(chosen[7][0], chosen[8][0])
+
+
+def test_random_regrowth_in_training_scores_nothing():
+    model = tiny_model()
+    names = prunable_weights(model)
+    attach_masks(model, names)
+    pruner = PruneRegrow(names, 0.9, dt=3, regrow_ratio=0.2, regrow_by="random", seed=5)
+    train(model, tiny_loader(), tiny_loader(16), TrainConfig(epochs=2, lr=1e-2), callbacks=[pruner])
+    pruner.close()
+    assert pruner.meter is None and [e["live"] for e in pruner.events] == [191, 100, 54, 36, 34]
+    assert [e["regrown"] for e in pruner.events] == [38, 20, 11, 7, 7]   # round(0.2 * live)
+    assert live_count(model, names) == 34
+
+
 def test_a_shortened_training_schedule_still_ends_at_the_final_sparsity():
     """A time budget that cuts the loop's schedule to 10 steps: the events re-plan to K = 2 and end at s_f."""
     from snncompress.training.loop import TrainState
@@ -475,6 +526,8 @@ def test_the_three_methods_side_by_side_record_their_costs(tmp_path):
     ("{kind: prune_criticality, mode: structured, regrow_normalize: mean}",
      "regrow_normalize: not used with mode: structured"),
     ("{kind: prune_criticality, regrow_normalize: layer}", "regrow_normalize"),
+    ("{kind: prune_criticality, regrow_by: random, score: soft_spike}", "score: not used with regrow_by: random"),
+    ("{kind: prune_criticality, regrow_ratio: 0, regrow_by: random}", "regrow_by: not used with regrow_ratio: 0"),
     ("{kind: prune_imp, finetune_epochs: 0, finetune_lr: 0.1}", "finetune_lr: not used with finetune_epochs: 0"),
     ("{kind: prune_criticality, epochs: 0}", "epochs: mode unstructured prunes while training"),
     ("{kind: prune_imp, from_stage: nope}", r"from_stage: no earlier stage named 'nope' \(earlier: train_snn\)"),

@@ -22,6 +22,9 @@ mask is True. With ``N`` prunable weights (every conv / linear weight unless exc
   ``decay`` (:func:`regrow_ratios`): ``r`` at every event (SPEC), or annealed by a cosine to
   0 at the last event, as GraNet and RigL anneal their prune-and-regrow fraction, so the
   final mask holds no weight regrown at zero that fine-tuning has to grow back.
+  ``regrow_by: random`` is the control that asks whether criticality matters: the same
+  count regrown uniformly at random among the weights magnitude left out (SET's regrowth),
+  from a generator seeded per event, so no forward pass is scored.
 * **IMP** (:func:`imp_sparsities`): each round prunes a fraction ``rate`` of the live
   weights by global magnitude (the last round stops at ``s_f``), rewinds the live weights
   to the rewind point and retrains.
@@ -75,6 +78,16 @@ def regrow_ratios(ratio: float, events: int, decay: str = "constant") -> list[fl
     if decay == "constant":
         return [ratio] * events
     return [ratio * (1.0 + math.cos(math.pi * k / events)) / 2.0 for k in range(1, events + 1)]
+
+
+REGROW_BY = ("criticality", "random")
+
+
+def random_weight_scores(model: nn.Module, names: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """Regrowth scores of the random control: i.i.d. uniform in [0, 1), float64, each weight's shape,
+    from a generator seeded with ``seed`` (the global torch RNG is left alone)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(original(*owner(model, n)).shape, generator=generator, dtype=torch.float64) for n in names}
 
 
 def kept_count(total: int, sparsity: float) -> int:
@@ -264,13 +277,14 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: torch
 def prune_and_regrow_(model: nn.Module, names: list[str], sparsity: float, regrow_ratio: float = 0.0,
                       unit_scores: dict[str, torch.Tensor] | None = None,
                       optimizer: torch.optim.Optimizer | None = None, normalize: str = "none",
-                      budget: str = "global") -> dict:
+                      budget: str = "global", random_seed: int | None = None) -> dict:
     """One pruning event: masks with exactly ``kept_count(N, sparsity)`` live weights over ``names``.
 
     Magnitude keeps ``kept - round(regrow_ratio * kept)``; the rest is regrown by unit
     criticality (:func:`regrowth`; ``normalize``: :func:`normalize_unit_scores`, ``budget``:
-    global or per layer) and set to zero, with its optimizer state. Returns
-    ``{"sparsity", "live", "regrown", "regrown_by_layer"}``.
+    global or per layer), or uniformly at random when ``random_seed`` is given
+    (:func:`random_weight_scores`; ``unit_scores`` and ``normalize`` unused), and set to zero,
+    with its optimizer state. Returns ``{"sparsity", "live", "regrown", "regrown_by_layer"}``.
     """
     total = sum(original(*owner(model, n)).numel() for n in names)
     keep = kept_count(total, sparsity)
@@ -278,7 +292,8 @@ def prune_and_regrow_(model: nn.Module, names: list[str], sparsity: float, regro
     masks = global_magnitude(model, names, keep - regrow)
     grown = {n: torch.zeros_like(m) for n, m in masks.items()}
     if regrow:
-        scores = weight_scores(model, names, normalize_unit_scores(unit_scores or {}, normalize))
+        scores = (random_weight_scores(model, names, random_seed) if random_seed is not None
+                  else weight_scores(model, names, normalize_unit_scores(unit_scores or {}, normalize)))
         grown = regrowth(model, names, masks, regrow, scores, budget)
     for name in names:
         module, tensor = owner(model, name)
@@ -331,21 +346,25 @@ class PruneRegrow(Callback):
     is the mean over the last ``score_steps`` training forward passes before each event
     (all ``dt`` when None), and only before events that regrow. ``regrow_ratio = 0`` is
     plain gradual magnitude pruning (no scoring at all); ``decay`` (:func:`regrow_ratios`)
-    sets the ratio of each event. Call :meth:`close` after training (removes the hooks).
+    sets the ratio of each event; ``regrow_by: random`` regrows at random instead of by
+    criticality (no scoring; event ``k`` at step ``s`` draws from a generator seeded with
+    ``seed * 1_000_003 + s``). Call :meth:`close` after training (removes the hooks).
     ``events`` lists what each event did.
     """
 
     def __init__(self, names: list[str], final_sparsity: float, dt: int, regrow_ratio: float = 0.2,
                  score: str = "derivative", alpha: float = 2.0, normalized: bool = False,
                  score_steps: int | None = None, reduce: str = "channel", normalize: str = "none",
-                 budget: str = "global", decay: str = "constant"):
+                 budget: str = "global", decay: str = "constant", regrow_by: str = "criticality", seed: int = 0):
         if not 0 <= regrow_ratio < 1:
             raise ValueError(f"regrow_ratio must be in [0, 1), got {regrow_ratio}")
+        if regrow_by not in REGROW_BY:
+            raise ValueError(f"regrow_by must be one of {REGROW_BY}, got {regrow_by!r}")
         if normalize not in NORMALIZATIONS or budget not in BUDGETS or decay not in DECAYS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, budget one of {BUDGETS} and decay one of "
                              f"{DECAYS}, got {normalize!r}, {budget!r}, {decay!r}")
         self.names, self.final, self.dt, self.regrow_ratio = list(names), float(final_sparsity), int(dt), regrow_ratio
-        self.decay = decay
+        self.decay, self.regrow_by, self.seed = decay, regrow_by, int(seed)
         self.score_opts = {"score": score, "alpha": alpha, "normalized": normalized, "reduce": reduce}
         self.normalize, self.budget = normalize, budget
         self.window = min(self.dt, score_steps or self.dt)
@@ -361,7 +380,7 @@ class PruneRegrow(Callback):
             raise ValueError(f"dt: {self.dt} steps is longer than the pruning phase ({state.total_steps} steps); "
                              f"no pruning event would happen")
         self._plan(state.total_steps)
-        if self.regrow_ratio > 0 and self.meter is None:
+        if self.regrow_ratio > 0 and self.regrow_by == "criticality" and self.meter is None:
             self.meter = CriticalityMeter(state.model, **self.score_opts, when=self._scoring,
                                           step=lambda: self.state.step).attach()
 
@@ -388,8 +407,9 @@ class PruneRegrow(Callback):
         start = time.perf_counter()
         sparsity, ratio = self._at[done]
         scores = self.meter.scores() if self.meter is not None else {}
+        random_seed = self.seed * 1_000_003 + done if self.regrow_by == "random" else None
         stats = prune_and_regrow_(state.model, self.names, sparsity, ratio, scores, state.optimizer,
-                                  self.normalize, self.budget)
+                                  self.normalize, self.budget, random_seed)
         if self.meter is not None:
             self.meter.reset()
         self.events.append({"step": done, "regrow_ratio": ratio, **stats, "seconds": time.perf_counter() - start})

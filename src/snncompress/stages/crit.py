@@ -8,7 +8,8 @@
   rank) and ``regrow_budget`` (global | per_layer) choose how the regrowth is shared among
   layers (:func:`~snncompress.compress.pruning.regrowth`); ``spatial`` (max | mean) how a
   conv channel's positions reduce to its score; ``regrow_decay`` (constant | cosine) whether
-  the ratio stays ``regrow_ratio`` or anneals to 0 at the last event.
+  the ratio stays ``regrow_ratio`` or anneals to 0 at the last event; ``regrow_by: random``
+  regrows the same count at random (the control for criticality; seeded by the stage's seed).
 * ``prune_criticality``, ``mode: structured`` (BatchNorm models): train ``epochs`` with
   ``gamma_l1`` on every BatchNorm gamma, score criticality on ``score_images`` training
   images (forward passes only), keep ``1 - prune_fraction`` of the channels globally by
@@ -85,12 +86,15 @@ class PruneCriticalityOptions(_PruneOptions):
     """Criticality-guided pruning with regeneration (CRIT)."""
 
     UNSTRUCTURED: ClassVar[set[str]] = {"final_sparsity", "dt", "regrow_ratio", "score_steps", "exclude",
-                                        "regrow_normalize", "regrow_budget", "regrow_decay"}
+                                        "regrow_normalize", "regrow_budget", "regrow_decay", "regrow_by"}
     STRUCTURED: ClassVar[set[str]] = {"prune_fraction", "regrow_fraction", "gamma_l1", "score_images", "chunk",
                                       "min_channels"}
     SCORING: ClassVar[set[str]] = {"score", "alpha", "normalized", "spatial", "score_steps", "regrow_normalize",
-                                   "regrow_budget", "regrow_decay"}
-    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = _PruneOptions.HASHED_WHEN_CHANGED | {"regrow_decay"}
+                                   "regrow_budget", "regrow_decay", "regrow_by"}
+    #: Options that rank by criticality: unused when ``regrow_by: random``.
+    CRITICALITY: ClassVar[set[str]] = {"score", "alpha", "normalized", "spatial", "score_steps", "regrow_normalize"}
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = _PruneOptions.HASHED_WHEN_CHANGED | {"regrow_decay",
+                                                                                         "regrow_by"}
 
     kind: Literal["prune_criticality"] = "prune_criticality"
     mode: Literal["unstructured", "structured"] = "unstructured"
@@ -116,6 +120,10 @@ class PruneCriticalityOptions(_PruneOptions):
         "constant", description="unstructured: the ratio of each event: regrow_ratio at every event (SPEC), or "
                                 "annealed by a cosine to 0 at the last event (GraNet, RigL), so the final mask "
                                 "holds no weights regrown at zero")
+    regrow_by: Literal["criticality", "random"] = Field(
+        "criticality", description="unstructured: which pruned weights regrow: those feeding the most critical "
+                                   "units (SPEC), or the same count at random (the control: does criticality "
+                                   "matter?)")
     # structured
     prune_fraction: float = Field(0.65, ge=0, lt=1, description="structured: fraction of BatchNorm channels removed")
     regrow_fraction: float = Field(0.05, ge=0, lt=1, description="structured: fraction of the kept channels "
@@ -143,10 +151,14 @@ class PruneCriticalityOptions(_PruneOptions):
         unused = self.STRUCTURED if self.mode == "unstructured" else self.UNSTRUCTURED
         if self.mode == "unstructured" and self.regrow_ratio == 0:
             unused = unused | self.SCORING
+        random = self.mode == "unstructured" and self.regrow_ratio > 0 and self.regrow_by == "random"
+        if random:
+            unused = unused | self.CRITICALITY
         given = sorted(self.model_fields_set & unused)
         if given:
             no_regrowth = self.mode == "unstructured" and given[0] in self.SCORING
-            why = "regrow_ratio: 0 (no regeneration, no criticality)" if no_regrowth else f"mode: {self.mode}"
+            why = ("regrow_by: random (no criticality)" if random and given[0] in self.CRITICALITY
+                   else "regrow_ratio: 0 (no regeneration, no criticality)" if no_regrowth else f"mode: {self.mode}")
             raise ValueError(f"{given[0]}: not used with {why}")
         if self.mode == "unstructured" and self.epochs < 1:
             raise ValueError("epochs: mode unstructured prunes while training: needs >= 1")
@@ -247,7 +259,7 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
     attach_masks(model, names)
     pruner = PruneRegrow(names, opts.final_sparsity, opts.dt, opts.regrow_ratio, opts.score, opts.alpha,
                          opts.normalized, opts.score_steps, opts.reduce, opts.regrow_normalize, opts.regrow_budget,
-                         opts.regrow_decay)
+                         opts.regrow_decay, opts.regrow_by, ctx.seed)
     try:
         history, cost = _train(ctx, model, opts.train_config(ctx.seed), "prune_log.csv",
                                "crit-prune" if opts.regrow_ratio else "magnitude-prune", [pruner])
@@ -265,10 +277,11 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
     return StageResult(model, {
         "val_accuracy": finetuned if finetuned is not None else after_pruning,
         "val_accuracy_after_pruning": after_pruning, "mode": "unstructured",
-        "method": "criticality" if opts.regrow_ratio > 0 else "magnitude",
+        "method": ("magnitude" if opts.regrow_ratio == 0 else
+                   "random_regrowth" if opts.regrow_by == "random" else "criticality"),
         "final_sparsity": opts.final_sparsity, "dt": opts.dt, "regrow_ratio": opts.regrow_ratio,
         **({"regrow_normalize": opts.regrow_normalize, "regrow_budget": opts.regrow_budget, "spatial": opts.spatial,
-            "regrow_decay": opts.regrow_decay} if opts.regrow_ratio > 0 else {}),
+            "regrow_decay": opts.regrow_decay, "regrow_by": opts.regrow_by} if opts.regrow_ratio > 0 else {}),
         "events": len(pruner.events), "regrown_weights": sum(e["regrown"] for e in pruner.events),
         **_sparsity_metrics(model, names), **_cost("pruning", cost), **ft_cost,
     })
