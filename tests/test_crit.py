@@ -462,6 +462,8 @@ stages:
      finetune_epochs: 1}
   - {kind: prune_criticality, name: slim, mode: structured, from_stage: train_snn, epochs: 1, max_batches: 2,
      prune_fraction: 0.5, regrow_fraction: 0.2, score_images: 32, finetune_epochs: 0}
+  - {kind: prune_criticality, name: random, from_stage: train_snn, epochs: 1, max_batches: 6, dt: 2,
+     regrow_by: random, finetune_epochs: 0}
 measure: {robustness_images: 32, ops_images: 32, latency_repeats: 2, noise_sigmas: [0.0]}
 """
 
@@ -493,6 +495,10 @@ def test_the_three_methods_side_by_side_record_their_costs(tmp_path):
     assert crit["prunable_weights"] == mag["prunable_weights"] == 6756
     assert crit["live_weights"] == mag["live_weights"] == 676 and crit["events"] == 3
     assert crit["regrown_weights"] > 0 and mag["regrown_weights"] == 0
+    rand = stages["random"]                                   # the control: same events, same counts, no criticality
+    assert (rand["method"], crit["method"], mag["method"]) == ("random_regrowth", "criticality", "magnitude")
+    assert rand["live_weights"] == 676 and rand["regrown_weights"] == crit["regrown_weights"]
+    assert "spatial" in crit and "spatial" not in rand and rand["regrow_by"] == "random"
     assert crit["pruning_iterations"] == 6 and crit["pruning_images"] == 6 * 32
     assert crit["finetune_iterations"] == 2 and crit["finetune_images"] == 64
     assert mag["finetune_iterations"] == 0 and mag["finetune_seconds"] == 0

@@ -280,8 +280,10 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
         "method": ("magnitude" if opts.regrow_ratio == 0 else
                    "random_regrowth" if opts.regrow_by == "random" else "criticality"),
         "final_sparsity": opts.final_sparsity, "dt": opts.dt, "regrow_ratio": opts.regrow_ratio,
-        **({"regrow_normalize": opts.regrow_normalize, "regrow_budget": opts.regrow_budget, "spatial": opts.spatial,
-            "regrow_decay": opts.regrow_decay, "regrow_by": opts.regrow_by} if opts.regrow_ratio > 0 else {}),
+        **({"regrow_budget": opts.regrow_budget, "regrow_decay": opts.regrow_decay, "regrow_by": opts.regrow_by}
+           if opts.regrow_ratio > 0 else {}),
+        **({"regrow_normalize": opts.regrow_normalize, "spatial": opts.spatial}
+           if opts.regrow_ratio > 0 and opts.regrow_by == "criticality" else {}),
         "events": len(pruner.events), "regrown_weights": sum(e["regrown"] for e in pruner.events),
         **_sparsity_metrics(model, names), **_cost("pruning", cost), **ft_cost,
     })
