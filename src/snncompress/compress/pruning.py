@@ -358,11 +358,11 @@ class PruneRegrow(Callback):
                  budget: str = "global", decay: str = "constant", regrow_by: str = "criticality", seed: int = 0):
         if not 0 <= regrow_ratio < 1:
             raise ValueError(f"regrow_ratio must be in [0, 1), got {regrow_ratio}")
-        if regrow_by not in REGROW_BY:
-            raise ValueError(f"regrow_by must be one of {REGROW_BY}, got {regrow_by!r}")
-        if normalize not in NORMALIZATIONS or budget not in BUDGETS or decay not in DECAYS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, budget one of {BUDGETS} and decay one of "
-                             f"{DECAYS}, got {normalize!r}, {budget!r}, {decay!r}")
+        if (normalize not in NORMALIZATIONS or budget not in BUDGETS or decay not in DECAYS
+                or regrow_by not in REGROW_BY):
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, budget one of {BUDGETS}, decay one of "
+                             f"{DECAYS} and regrow_by one of {REGROW_BY}, got {normalize!r}, {budget!r}, {decay!r}, "
+                             f"{regrow_by!r}")
         self.names, self.final, self.dt, self.regrow_ratio = list(names), float(final_sparsity), int(dt), regrow_ratio
         self.decay, self.regrow_by, self.seed = decay, regrow_by, int(seed)
         self.score_opts = {"score": score, "alpha": alpha, "normalized": normalized, "reduce": reduce}

@@ -92,7 +92,7 @@ class PruneCriticalityOptions(_PruneOptions):
     SCORING: ClassVar[set[str]] = {"score", "alpha", "normalized", "spatial", "score_steps", "regrow_normalize",
                                    "regrow_budget", "regrow_decay", "regrow_by"}
     #: Options that rank by criticality: unused when ``regrow_by: random``.
-    CRITICALITY: ClassVar[set[str]] = {"score", "alpha", "normalized", "spatial", "score_steps", "regrow_normalize"}
+    CRITICALITY: ClassVar[set[str]] = SCORING - {"regrow_budget", "regrow_decay", "regrow_by"}
     HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = _PruneOptions.HASHED_WHEN_CHANGED | {"regrow_decay",
                                                                                          "regrow_by"}
 
@@ -148,18 +148,15 @@ class PruneCriticalityOptions(_PruneOptions):
     def check(self, chain: Chain) -> None:
         """An option the chosen mode does not use is an error (it would be silently ignored)."""
         super().check(chain)
-        unused = self.STRUCTURED if self.mode == "unstructured" else self.UNSTRUCTURED
-        if self.mode == "unstructured" and self.regrow_ratio == 0:
-            unused = unused | self.SCORING
-        random = self.mode == "unstructured" and self.regrow_ratio > 0 and self.regrow_by == "random"
-        if random:
-            unused = unused | self.CRITICALITY
-        given = sorted(self.model_fields_set & unused)
+        unstructured = self.mode == "unstructured"
+        unused = [(self.STRUCTURED if unstructured else self.UNSTRUCTURED, f"mode: {self.mode}")]
+        if unstructured and self.regrow_ratio == 0:
+            unused.append((self.SCORING, "regrow_ratio: 0 (no regeneration, no criticality)"))
+        elif unstructured and self.regrow_by == "random":
+            unused.append((self.CRITICALITY, "regrow_by: random (no criticality)"))
+        given = sorted((name, why) for options, why in unused for name in self.model_fields_set & options)
         if given:
-            no_regrowth = self.mode == "unstructured" and given[0] in self.SCORING
-            why = ("regrow_by: random (no criticality)" if random and given[0] in self.CRITICALITY
-                   else "regrow_ratio: 0 (no regeneration, no criticality)" if no_regrowth else f"mode: {self.mode}")
-            raise ValueError(f"{given[0]}: not used with {why}")
+            raise ValueError(f"{given[0][0]}: not used with {given[0][1]}")
         if self.mode == "unstructured" and self.epochs < 1:
             raise ValueError("epochs: mode unstructured prunes while training: needs >= 1")
 
