@@ -1,4 +1,4 @@
-"""AGC (SPEC §3): attention transfer, sparse momentum at fixed density, masks kept through the SNN stages."""
+"""AGC (docs/methods/agc.md): attention transfer, sparse momentum at fixed density, masks kept through the SNN stages."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_attention_loss_is_zero_for_identical_maps_and_equals_the_hand_computati
     # q_S - q_M = [-0.4, 0.8]; second image identical in both models (difference 0)
     student = torch.tensor([[[[1.0, 2.0]], [[math.sqrt(2.0), 0.0]]], [[[1.0, 1.0]], [[0.0, 0.0]]]])
     meta = torch.tensor([[[[2.0, 0.0]]], [[[1.0, 1.0]]]])
-    # norm (SPEC §3 as written): 1000/2 * mean_b ||d||_2 = 500 * (sqrt(0.8) + 0) / 2 = 223.6068
+    # norm (docs/methods/agc.md as written): 1000/2 * mean_b ||d||_2 = 500 * (sqrt(0.8) + 0) / 2 = 223.6068
     assert attention_loss([student], [meta], 1000.0, "norm").item() == pytest.approx(223.6068, rel=1e-5)
     # mean (Zagoruyko's code): 500 * (0.16 + 0.64 + 0 + 0) / 4 = 100
     assert attention_loss([student], [meta], 1000.0, "mean").item() == pytest.approx(100.0, rel=1e-5)

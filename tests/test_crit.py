@@ -1,4 +1,4 @@
-"""CRIT (SPEC §4): criticality scores, the cubic schedule, pruning-regeneration, structured regrowth, IMP."""
+"""CRIT (docs/methods/crit.md): criticality scores, the cubic schedule, pruning-regeneration, structured regrowth, IMP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""STP: PCA significance, channel surgery, temporal pruning, weight quantization sweep (SPEC §2)."""
+"""STP: PCA significance, channel surgery, temporal pruning, weight quantization sweep (docs/methods/stp.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ANN -> SNN conversion: layer-by-layer threshold calibration (DIET-SNN, SPEC §1 step 3).
+"""ANN -> SNN conversion: layer-by-layer threshold calibration (DIET-SNN, docs/methods/diet.md step 3).
 
 For each spiking layer l, in forward order: run the SNN with leak 1 for
 ``calib_T`` timesteps on a batch of training images, with the layers before

@@ -1,4 +1,4 @@
-"""The leaky integrate-and-fire (LIF) neuron of DIET-SNN (SPEC §1).
+"""The leaky integrate-and-fire (LIF) neuron of DIET-SNN (docs/methods/diet.md).
 
 Equations, per spiking layer and timestep t (all tensors ``[B, ...]``)::
 
@@ -186,7 +186,7 @@ def lif_multistep(
 ):
     """Run a LIF layer over all timesteps from rest: :func:`lif_step` for t = 0 .. T-1.
 
-    This is the reference implementation of SPEC §1 (``"reference"`` backend).
+    This is the reference implementation of docs/methods/diet.md (``"reference"`` backend).
 
     Args:
         current: input currents ``I``, shape ``[T, B, ...]`` (arbitrary units).

@@ -6,7 +6,7 @@ Run folder layout::
     OUT/stages/NN-NAME/model.safetensors   the stage's model (stages that change it)
     OUT/stages/NN-NAME/metrics.json     written last: marks the stage finished
     OUT/stages/NN-NAME/train_log.csv    per-epoch metrics of training stages
-    OUT/report.json, report.md, *.png   SPEC §7 report of the run
+    OUT/report.json, report.md, *.png   the run's report (docs/reference/report.md)
 
 A stage is skipped when its ``metrics.json`` exists with the same fingerprint
 (hash of the data and model sections, the seed, its own options and the
@@ -315,7 +315,7 @@ class Run:
         return hashlib.sha256(json.dumps(self.measure_opts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _ensure_measured(self, record: dict, records: list[dict]) -> None:
-        """Give ``record`` the full SPEC §6 metrics (cached in its metrics.json with the measure options' key).
+        """Give ``record`` the full metrics (docs/measuring.md) (cached in its metrics.json with the measure options' key).
 
         An ``evaluate`` stage's own measurement (its options are in its fingerprint) counts as is; a
         report measurement counts only with the same options (one without a key predates them).

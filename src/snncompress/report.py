@@ -1,8 +1,8 @@
-"""Run reports (SPEC §7): ``report.json``, ``report.md`` and PNG plots; comparisons of several runs.
+"""Run reports (docs/reference/report.md): ``report.json``, ``report.md`` and PNG plots; comparisons of several runs.
 
 A run folder gets, from :func:`write_report`:
 
-* ``report.json``: the report dict as given (the SPEC §7 contract:
+* ``report.json``: the report dict as given (the report contract (docs/reference/report.md):
   ``schema, dataset, model, recipe, stages [{name, kind, seconds, metrics}],
   baseline, final``), written atomically (temp file + ``os.replace``);
 * ``report.md``: tables of the stages, of stages repeated over seeds (:mod:`snncompress.repeats`),
@@ -69,7 +69,7 @@ TRAINED_KEY = "trained_ann_energy_uj"
 # --------------------------------------------------------------------------- contract and files
 
 def missing_keys(report: dict) -> list[str]:
-    """Dotted paths of the SPEC §7 keys absent from ``report`` (empty when it honours the contract)."""
+    """Dotted paths of the report contract's keys absent from ``report`` (empty when it honours the contract)."""
     missing = [k for k in REPORT_KEYS if k not in report]
     blocks = [(f"stages[{i}]", s.get("metrics") or {}) for i, s in enumerate(report.get("stages") or [])]
     for i, stage in enumerate(report.get("stages") or []):
@@ -303,7 +303,7 @@ def _method_lines(final: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    """The text of ``report.md`` for a SPEC §7 report dict."""
+    """The text of ``report.md`` for a report-contract dict."""
     final = report.get("final") or {}
     stages = report.get("stages") or []
     trained = _has_trained(*(s.get("metrics") for s in stages))
@@ -479,12 +479,12 @@ PLOTTERS = {"firing_rates.png": plot_firing_rates, "energy_layers.png": plot_ene
 def write_report(run_dir, report: dict) -> None:
     """Write ``report.json`` (atomically), ``report.md`` and the plots of :data:`PLOT_FILES` into ``run_dir``.
 
-    ``report`` must hold the SPEC §7 top-level keys (``ValueError`` names any missing);
+    ``report`` must hold the report contract's top-level keys (``ValueError`` names any missing);
     metrics keys that a stage lacks show as '–' in the tables and are left out of plots.
     """
     absent = [k for k in REPORT_KEYS if k not in report]
     if absent:
-        raise ValueError(f"report lacks the SPEC §7 key(s) {absent}")
+        raise ValueError(f"report lacks the report contract's key(s) {absent}")
     run_dir = Path(run_dir)
     report = _jsonable(report)
     write_bytes(run_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())

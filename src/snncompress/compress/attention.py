@@ -1,11 +1,11 @@
-"""Attention transfer (AGC, SPEC §3 step 2): spatial attention maps at block ends and the attention loss.
+"""Attention transfer (AGC, docs/methods/agc.md step 2): spatial attention maps at block ends and the attention loss.
 
 The spatial attention map of an activation ``A`` ``[B, C, H, W]`` is
 ``Q = vec(sum_c |A_c|^2)`` ``[B, H*W]`` (Zagoruyko & Komodakis 2017). With the
 student S (the compressed ANN being trained) and the frozen dense meta-model M,
 the loss added to cross-entropy is, with ``q = Q / ||Q||_2`` per image,
 
-* ``reduction="norm"`` (SPEC §3 as written)::
+* ``reduction="norm"`` (docs/methods/agc.md as written)::
 
       L_at = (beta / 2) * sum_j mean_b || q_S^j - q_M^j ||_2
 

@@ -1,4 +1,4 @@
-"""Criticality of spiking neurons and channels (CRIT, SPEC §4), from forward passes only.
+"""Criticality of spiking neurons and channels (CRIT, docs/methods/crit.md), from forward passes only.
 
 A neuron is *critical* when its membrane potential sits close to threshold. With
 ``u`` the pre-reset potential ``[T, B, C, ...]`` of a LIF layer, ``thr`` its

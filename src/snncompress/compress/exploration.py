@@ -1,4 +1,4 @@
-"""tinySNN's design-space exploration (SPEC §5): which parameter group tolerates which precision under
+"""tinySNN's design-space exploration (docs/methods/tiny.md): which parameter group tolerates which precision under
 which rounding, and the smallest model within a memory limit and an accuracy-drop limit.
 
 Groups (each with its own bit widths):

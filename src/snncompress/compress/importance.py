@@ -1,4 +1,4 @@
-"""PCA significance of spiking layers (STP spatial pruning, SPEC §2 steps 1-2).
+"""PCA significance of spiking layers (STP spatial pruning, docs/methods/stp.md steps 1-2).
 
 For each LIF layer l of an SNN:
 

@@ -1,5 +1,5 @@
 """Unstructured pruning: the cubic schedule, global magnitude pruning, criticality-guided regeneration (CRIT,
-SPEC §4), and iterative magnitude pruning with weight rewinding (the lottery-ticket baseline).
+docs/methods/crit.md), and iterative magnitude pruning with weight rewinding (the lottery-ticket baseline).
 
 Every pruned tensor carries a core mask (:mod:`.masks`); a weight is *live* where its
 mask is True. With ``N`` prunable weights (every conv / linear weight unless excluded):
@@ -19,7 +19,7 @@ mask is True. With ``N`` prunable weights (every conv / linear weight unless exc
   layer's mean; ``rank``: the fraction of the layer's units scoring at most as high),
   and ``budget: per_layer`` splits the regrowth over the layers in proportion to the live
   weights each lost to magnitude in this event (the criticality ranks within a layer).
-  ``decay`` (:func:`regrow_ratios`): ``r`` at every event (SPEC), or annealed by a cosine to
+  ``decay`` (:func:`regrow_ratios`): ``r`` at every event (the paper), or annealed by a cosine to
   0 at the last event, as GraNet and RigL anneal their prune-and-regrow fraction, so the
   final mask holds no weight regrown at zero that fine-tuning has to grow back.
   ``regrow_by: random`` is the control that asks whether criticality matters: the same

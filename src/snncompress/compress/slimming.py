@@ -1,4 +1,4 @@
-"""Structured CRIT (SPEC §4): L1 on BatchNorm gamma during training, then global channel pruning by |gamma|
+"""Structured CRIT (docs/methods/crit.md): L1 on BatchNorm gamma during training, then global channel pruning by |gamma|
 with criticality-guided regrowth of channels, before surgery into a narrower network (:mod:`.structure`).
 
 Channels are those of the channel groups (:func:`.structure.channel_groups`); a

@@ -1,4 +1,4 @@
-"""Sparse learning at a fixed density (AGC, SPEC §3 step 3; sparse momentum, Dettmers & Zettlemoyer 2019).
+"""Sparse learning at a fixed density (AGC, docs/methods/agc.md step 3; sparse momentum, Dettmers & Zettlemoyer 2019).
 
 Masks are the core's masks (:mod:`.masks`). Two variants:
 

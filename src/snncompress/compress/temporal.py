@@ -1,4 +1,4 @@
-"""Gradual temporal pruning (STP, SPEC §2): lower T step by step while accuracy holds.
+"""Gradual temporal pruning (STP, docs/methods/stp.md): lower T step by step while accuracy holds.
 
 Starting from a trained SNN at ``T0`` with validation accuracy ``a0`` (the stage's start),
 for each ``T`` of a decreasing schedule:

@@ -1,6 +1,6 @@
-"""Measuring every model (SPEC §6): spikes, synaptic operations, energy, footprint, latency, robustness.
+"""Measuring every model (docs/measuring.md): spikes, synaptic operations, energy, footprint, latency, robustness.
 
-Entry point: :func:`measure_model` returns the SPEC §7 metrics dict. The
+Entry point: :func:`measure_model` returns the report contract's metrics dict. The
 parts are usable alone:
 
 * :mod:`.ops`: :class:`SpikeMeter`, :class:`SynOpsMeter`, :func:`count_synops`

@@ -1,4 +1,4 @@
-"""Compute energy from synaptic operation counts (SPEC §6).
+"""Compute energy from synaptic operation counts (docs/measuring.md).
 
     energy = Effective_MACs x E_MAC + Effective_ACs x E_AC
 

@@ -1,4 +1,4 @@
-"""Memory footprint: the bits a deployed model has to store (SPEC §6, tinySNN's memory).
+"""Memory footprint: the bits a deployed model has to store (docs/measuring.md, tinySNN's memory).
 
 Every tensor of the model's ``state_dict`` is costed at the bit width it is
 actually stored with:

@@ -1,4 +1,4 @@
-"""Wall-clock latency per image (SPEC §6): state the batch size, threads and device with it.
+"""Wall-clock latency per image (docs/measuring.md): state the batch size, threads and device with it.
 
 Protocol: ``model.eval()`` under ``torch.inference_mode``; ``warmup`` untimed
 forward passes, then ``repeats`` timed passes of one batch of

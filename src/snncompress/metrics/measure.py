@@ -1,4 +1,4 @@
-"""Measure one model: every number of the SPEC §7 metrics dict (except ``checkpoint``).
+"""Measure one model: every number of the report contract's metrics dict (except ``checkpoint``).
 
 :func:`measure_model` runs, on a private copy of the model (the caller's model
 is not moved or changed):
@@ -19,7 +19,7 @@ Two ANN references, each named for what it is:
   place of each LIF), always measured; keys ``ann_accuracy``,
   ``ann_energy_uj``, ``ann_energy_per_layer_uj``, ``ann_synops``,
   ``energy_ratio``, ``robustness_ann`` (the ``ann_`` names are kept for the
-  SPEC §7 contract; they always mean the ReLU twin);
+  report contract (docs/reference/report.md); they always mean the ReLU twin);
 * the **trained ANN** of the run (``reference_ann``: the ANN the user trained,
   possibly wider than the SNN, e.g. before pruning), measured only when
   given; keys ``trained_ann_accuracy``, ``trained_ann_energy_uj``,
@@ -138,7 +138,7 @@ def measure_model(model, test_loader, *, baseline_footprint: int | None = None,
                   device="cpu", include_state: bool = False, pooled_spikes: str = "mac",
                   state_bits: int = 32, latency_warmup: int = 3, latency_form: str = "plan",
                   seed: int = 0, reference_ann: nn.Module | None = None) -> dict:
-    """Every SPEC §7 metric of ``model`` (all but ``checkpoint``, which the caller adds).
+    """Every report-contract metric of ``model`` (all but ``checkpoint``, which the caller adds).
 
     Args:
         model: a snncompress network (SNN, or an ANN twin for ANN stages).

@@ -1,4 +1,4 @@
-"""Accuracy under additive Gaussian noise on the normalised input (SPEC §6).
+"""Accuracy under additive Gaussian noise on the normalised input (docs/measuring.md).
 
 For each sigma, every test image ``x`` (already normalised) becomes
 ``x + sigma * n`` with ``n ~ N(0, 1)`` per pixel. One noise draw per image

@@ -1,6 +1,6 @@
 """Spiking ResNets: DIET's ResNet-20 and the ResNet-19 of tdBN / CRIT.
 
-Basic block (SPEC §1)::
+Basic block (docs/methods/diet.md)::
 
     o1 = LIF1(BN1(conv1(x)))
     I2 = BN2(conv2(o1)) + shortcut(x)      shortcut: identity, or 1x1 conv (+BN)

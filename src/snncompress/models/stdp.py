@@ -1,4 +1,4 @@
-"""The Diehl & Cook (2015) network: tinySNN's unsupervised STDP network (SPEC §5).
+"""The Diehl & Cook (2015) network: tinySNN's unsupervised STDP network (docs/methods/tiny.md).
 
 Layers (``N`` excitatory neurons, 784 = 28 x 28 inputs)::
 

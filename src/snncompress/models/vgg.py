@@ -1,6 +1,6 @@
 """DIET-style VGG networks and the small convnet for 28x28 inputs.
 
-Layout (SPEC §1): ``features`` is a list of 3x3 convolutions (stride 1,
+Layout (docs/methods/diet.md): ``features`` is a list of 3x3 convolutions (stride 1,
 padding 1, no bias), each followed by an optional BatchNorm and a LIF, with
 ``"A"`` entries for 2x2 average pooling; then ``classifier``: hidden linear
 layers (no bias), each followed by a LIF and dropout, then the output linear

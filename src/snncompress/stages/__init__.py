@@ -6,7 +6,7 @@ module         stages
 ``diet``       ``train_ann``, ``convert``, ``train_snn`` (DIET-SNN)
 ``stp``        ``prune_pca``, ``temporal`` (spatio-temporal pruning)
 ``quant``      ``quant_sweep`` (post-training weight quantization)
-``evaluate``   ``evaluate`` (the SPEC §6 measurement)
+``evaluate``   ``evaluate`` (the measurement of docs/measuring.md)
 =============  ==========================================================
 
 A new method adds a module here; :func:`~.base.stage_kinds` finds it.

@@ -1,4 +1,4 @@
-"""AGC stage (SPEC §3): ``train_ann_sparse``, the compressed ANN trained at a fixed density with attention transfer.
+"""AGC stage (docs/methods/agc.md): ``train_ann_sparse``, the compressed ANN trained at a fixed density with attention transfer.
 
 The student starts from scratch (the recipe's model, ``init: scratch``) or from the
 meta-model's weights (``init: meta``), gets masks at ``density`` (weight level,
@@ -51,12 +51,12 @@ class TrainANNSparseOptions(TrainOptions):
     beta: float = Field(1000.0, ge=0, description="attention-transfer weight (0: sparse learning alone)")
     attention_reduction: Literal["mean", "norm"] = Field(
         "mean", description="mean: squared differences averaged over map elements and batch (Zagoruyko's code, "
-                            "what beta = 1000 was set for); norm: SPEC §3's per-image L2 norm, batch mean")
+                            "what beta = 1000 was set for); norm: the AGC paper's per-image L2 norm, batch mean")
     blocks: list[int] | None = Field(None, description="indices of the block ends compared (default: all)")
     meta_checkpoint: str | None = Field(None, description="the dense meta-model (an ANN model.safetensors); "
                                                           "default: the run's train_ann model")
     method: Literal["sparse_momentum", "one_shot_magnitude"] = Field(
-        "sparse_momentum", description="sparse_momentum: prune / redistribute / regrow every epoch (SPEC §3); "
+        "sparse_momentum", description="sparse_momentum: prune / redistribute / regrow every epoch (docs/methods/agc.md); "
                                        "one_shot_magnitude: prune the meta-model once, fine-tune with the mask "
                                        "fixed (needs init meta, beta 0, structure irregular)")
     init: Literal["scratch", "meta"] = Field("scratch", description="student weights: fresh, or the meta-model's")

@@ -135,7 +135,7 @@ class StageResult:
 
     model: SpikingNetwork | None
     metrics: dict = field(default_factory=dict)
-    full_metrics: bool = False  # True when metrics already hold the complete SPEC §7 measurement
+    full_metrics: bool = False  # True when metrics already hold the complete measurement (docs/measuring.md)
 
 
 @dataclass

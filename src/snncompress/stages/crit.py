@@ -1,4 +1,4 @@
-"""CRIT stages (SPEC §4): ``prune_criticality`` (unstructured or structured) and ``prune_imp`` (its baseline).
+"""CRIT stages (docs/methods/crit.md): ``prune_criticality`` (unstructured or structured) and ``prune_imp`` (its baseline).
 
 * ``prune_criticality``, ``mode: unstructured``: train ``epochs`` (the pruning phase) while
   pruning every ``dt`` steps along the cubic schedule to ``final_sparsity`` (global
@@ -117,12 +117,12 @@ class PruneCriticalityOptions(_PruneOptions):
         "global", description="unstructured: global (the most critical units over all layers) or per_layer (each "
                               "layer regrows in proportion to the live weights magnitude took from it in the event)")
     regrow_decay: Literal["constant", "cosine"] = Field(
-        "constant", description="unstructured: the ratio of each event: regrow_ratio at every event (SPEC), or "
+        "constant", description="unstructured: the ratio of each event: regrow_ratio at every event (the paper), or "
                                 "annealed by a cosine to 0 at the last event (GraNet, RigL), so the final mask "
                                 "holds no weights regrown at zero")
     regrow_by: Literal["criticality", "random"] = Field(
         "criticality", description="unstructured: which pruned weights regrow: those feeding the most critical "
-                                   "units (SPEC), or the same count at random (the control: does criticality "
+                                   "units (the paper), or the same count at random (the control: does criticality "
                                    "matter?)")
     # structured
     prune_fraction: float = Field(0.65, ge=0, lt=1, description="structured: fraction of BatchNorm channels removed")
@@ -134,10 +134,10 @@ class PruneCriticalityOptions(_PruneOptions):
     min_channels: int = Field(1, ge=1, description="structured: fewest channels a layer keeps")
     # criticality
     score: Literal["derivative", "soft_spike"] = Field(
-        "derivative", description="atan surrogate derivative at u - thr (SPEC), or the atan soft spike")
+        "derivative", description="atan surrogate derivative at u - thr (the paper), or the atan soft spike")
     alpha: float = Field(2.0, gt=0, description="atan shape parameter a")
     normalized: bool = Field(False, description="score at u/thr - 1 instead of u - thr")
-    spatial: Literal["max", "mean"] = Field("max", description="a conv channel's score per sample: max (SPEC) or "
+    spatial: Literal["max", "mean"] = Field("max", description="a conv channel's score per sample: max (the paper) or "
                                                                "mean over its spatial positions")
 
     @property

@@ -1,4 +1,4 @@
-"""DIET-SNN stages (SPEC §1): ``train_ann``, ``convert`` (threshold calibration), ``train_snn`` (BPTT)."""
+"""DIET-SNN stages (docs/methods/diet.md): ``train_ann``, ``convert`` (threshold calibration), ``train_snn`` (BPTT)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``evaluate`` stage: the complete SPEC §6 measurement of the previous model on the test split."""
+"""The ``evaluate`` stage: the complete measurement (docs/measuring.md) of the previous model on the test split."""
 
 from __future__ import annotations
 
@@ -49,13 +49,13 @@ class EvaluateOptions(StageOptions):
 
 @register_stage("evaluate", EvaluateOptions)
 def evaluate(ctx: StageContext, opts: EvaluateOptions) -> StageResult:
-    """Measure the previous model completely (SPEC §6); writes no new checkpoint."""
+    """Measure the previous model completely (docs/measuring.md); writes no new checkpoint."""
     model = ctx.require_model("evaluate")
     return StageResult(None, measure(ctx, model, opts.measure_options()), full_metrics=True)
 
 
 def measure(ctx: StageContext, model: SpikingNetwork, options: dict) -> dict:
-    """The full SPEC §6 measurement of ``model`` on the test split (the baseline's footprint gives the ratio)."""
+    """The full measurement (docs/measuring.md) of ``model`` on the test split (the baseline's footprint gives the ratio)."""
     from ..metrics import measure_model
 
     baseline = next((r["metrics"].get("footprint_bytes") for r in ctx.previous

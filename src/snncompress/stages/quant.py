@@ -1,4 +1,4 @@
-"""The ``quant_sweep`` stage (STP, SPEC §2): post-training weight quantization over bit widths.
+"""The ``quant_sweep`` stage (STP, docs/methods/stp.md): post-training weight quantization over bit widths.
 
 Uniform symmetric per-layer quantizers (:class:`~snncompress.compress.quantizers.UniformQuantizer`)
 are attached to every conv/linear weight of a copy of the model at each bit

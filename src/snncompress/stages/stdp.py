@@ -1,4 +1,4 @@
-"""tinySNN's own network (SPEC §5): the Diehl & Cook STDP network's stages.
+"""tinySNN's own network (docs/methods/tiny.md): the Diehl & Cook STDP network's stages.
 
 ``train_stdp``  a fresh ``arch: diehl_cook`` network (the recipe's ``model``; ``neurons`` may
                 override its size) learns by STDP from ``samples`` training images

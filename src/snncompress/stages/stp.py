@@ -1,4 +1,4 @@
-"""STP stages (SPEC §2): ``prune_pca`` and ``temporal`` (``quant_sweep`` is in :mod:`.quant`).
+"""STP stages (docs/methods/stp.md): ``prune_pca`` and ``temporal`` (``quant_sweep`` is in :mod:`.quant`).
 
 * ``prune_pca``: PCA significance of every spiking layer -> a physically
   narrower network with ``k_l`` channels per layer (coupled ResNet channels

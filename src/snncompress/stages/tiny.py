@@ -1,4 +1,4 @@
-"""tinySNN quantization (SPEC §5): the ``quantize`` stage and ``snncompress quantize CHECKPOINT``.
+"""tinySNN quantization (docs/methods/tiny.md): the ``quantize`` stage and ``snncompress quantize CHECKPOINT``.
 
 Both run :func:`snncompress.compress.exploration.explore` over scheme x bits per group x rounding
 on the validation split, keep the smallest model within ``max_memory_kb`` (KiB, 1024 bytes) and

@@ -1,4 +1,4 @@
-"""Unsupervised STDP training of the Diehl & Cook network (:mod:`snncompress.models.stdp`), SPEC §5.
+"""Unsupervised STDP training of the Diehl & Cook network (:mod:`snncompress.models.stdp`), docs/methods/tiny.md.
 
 The rule (pair-based with traces, BindsNET's ``PostPre``), per synapse ``w[j, i]`` from input ``i``
 to excitatory neuron ``j``::
