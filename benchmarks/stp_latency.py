@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from snncompress import load
+from snncompress.deploy import build_inference_plan
 from snncompress.metrics.latency import LATENCY_FORMS, measure_latency
 
 
@@ -57,7 +58,8 @@ def main() -> None:
     for r in range(args.rounds):
         for role, model in models.items():
             for form in LATENCY_FORMS:
-                timed = measure_latency(model, images, repeats=args.passes, warmup=20 if r == 0 else 3, form=form)
+                timed = measure_latency(model, images, repeats=args.passes, warmup=20 if r == 0 else 3, form=form,
+                                        build_plan=build_inference_plan)
                 key = f"{role} {timed['latency_form']}"
                 per_round.setdefault(key, []).append(timed["latency_ms"])
                 threads_used.setdefault(key, set()).add(timed["latency_threads"])

@@ -21,7 +21,7 @@ from snncompress.convert import calibrate_thresholds
 from snncompress.data import TensorBatchLoader
 from snncompress.models import build_model
 from snncompress.training import Callback, TrainConfig, seed_everything, train
-from snncompress.training.callbacks import TrainState
+from snncompress.hooks import TrainState
 
 
 def tiny_loader(n=64, batch=8, seed=3) -> TensorBatchLoader:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis.errors import InvalidArgument
 from hypothesis import strategies as st
 
-import snncompress.evaluate
+import snncompress.commands
 import snncompress.metrics
 import snncompress.pipeline
 import snncompress.report
@@ -96,7 +96,7 @@ def workdir(tmp_path_factory):
         mp.setattr(Run, "execute", lambda self: None)
         mp.setattr(snncompress.metrics, "measure_model", lambda *a, **k: {})
         mp.setattr(snncompress.report, "write_report", lambda *a, **k: None)
-        for module in (snncompress.pipeline, snncompress.evaluate):  # a valid recipe loads its data once
+        for module in (snncompress.pipeline, snncompress.commands):  # a valid recipe loads its data once
             mp.setattr(module, "load_data", _memoized(module.load_data))
         yield base
 

@@ -80,22 +80,22 @@ def test_plan_declines_what_it_does_not_cover():
     ann = build_model("convnet", 10, (1, 12, 12), 2, features=[4, "A"], classifier=[8]).ann_twin()
     for model in (resnet, poisson, ann):
         assert build_inference_plan(model) is None
-        assert inference_form(model, "plan")[1] == "eager"
+        assert inference_form(model, "plan", build_inference_plan)[1] == "eager"
 
 
 @needs_cext
 def test_latency_reports_the_form_it_timed():
     model = _convnet(1)
     images = torch.randn(1, 1, 12, 12)
-    assert measure_latency(model, images, repeats=2, warmup=1)["latency_form"] == "plan"
-    assert measure_latency(model, images, repeats=2, warmup=1, form="eager")["latency_form"] == "eager"
+    assert measure_latency(model, images, repeats=2, warmup=1, build_plan=build_inference_plan)["latency_form"] == "plan"
+    assert measure_latency(model, images, repeats=2, warmup=1, form="eager", build_plan=build_inference_plan)["latency_form"] == "eager"
     with pytest.raises(ValueError, match="latency form"):
-        measure_latency(model, images, repeats=1, form="fast")
+        measure_latency(model, images, repeats=1, form="fast", build_plan=build_inference_plan)
     assert cpu.cext_available()
 
 
 def test_subnormal_values_are_flushed_for_deployment():
-    from snncompress.deploy.prepare import flush_subnormals_
+    from snncompress.compress.state import flush_subnormals_
 
     model = _convnet(2)
     with torch.no_grad():
@@ -122,6 +122,6 @@ def test_plan_runs_at_its_tuned_thread_count_and_restores_the_process_setting():
     with torch.inference_mode():
         assert torch.equal(plan(images), model(images))
     assert torch.get_num_threads() == process
-    measured = measure_latency(model, images, repeats=2, warmup=1)
+    measured = measure_latency(model, images, repeats=2, warmup=1, build_plan=build_inference_plan)
     assert 1 <= measured["latency_threads"] <= measured["latency_threads_available"] == process
     assert measured["latency_subnormals_flushed"] == 0

@@ -9,6 +9,7 @@ import torch
 
 from snncompress.compress import UniformQuantizer, attach_quantizer, set_mask
 from snncompress import build_model
+from snncompress.deploy import build_inference_plan
 from snncompress.errors import UserError
 from snncompress.metrics import (ENERGY_PRESETS, SpikeMeter, count_synops, energy_uj, footprint,
                                  measure_model, noise_robustness, sigma_key, sparse_format_bits)
@@ -231,7 +232,7 @@ def test_measure_model_returns_the_spec_metrics():
                         neuron={"threshold": 0.3})
     images, labels = torch.randn(24, 1, 8, 8), torch.randint(0, 4, (24,))
     loader = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 24, 8)]
-    m = measure_model(model, loader, baseline_footprint=4096, energy_preset="int8", noise_sigmas=(0.0, 0.2),
+    m = measure_model(model, loader, baseline_footprint=4096, build_plan=build_inference_plan, energy_preset="int8", noise_sigmas=(0.0, 0.2),
                       robustness_images=None, ops_images=16, latency_batch=2, latency_repeats=2)
     for key in ("accuracy", "timesteps", "params", "nonzero_params", "footprint_bytes", "spikes_per_image",
                 "firing_rate", "synops", "energy_uj", "ann_energy_uj", "energy_preset", "latency_ms",
@@ -279,7 +280,7 @@ def reference_loader(reference, correct: int = 10, total: int = 16):
     return [(images[i:i + 8], labels[i:i + 8]) for i in range(0, total, 8)]
 
 
-MEASURE_OPTS = dict(noise_sigmas=(0.0, 0.1, 0.5), robustness_images=None, ops_images=None, latency_repeats=1,
+MEASURE_OPTS = dict(build_plan=build_inference_plan, noise_sigmas=(0.0, 0.1, 0.5), robustness_images=None, ops_images=None, latency_repeats=1,
                     latency_warmup=0)
 
 

@@ -10,6 +10,7 @@ import torch
 from snncompress.compress import set_mask
 from snncompress import build_model
 from snncompress.errors import UserError
+from snncompress.deploy import build_inference_plan
 from snncompress.metrics import measure_model
 from snncompress.report import (METRIC_KEYS, PLOT_FILES, REPORT_KEYS, _num, _pct, compare_runs, missing_keys,
                                 pareto_front, plot_energy_layers, plot_robustness, write_report)
@@ -24,7 +25,7 @@ def measured():
     model = build_model("convnet", 4, (1, 8, 8), 3, features=[4, "A"], classifier=[8], neuron={"threshold": 0.3})
     images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     loader = [(images[:8], labels[:8]), (images[8:], labels[8:])]
-    opts = dict(noise_sigmas=(0.0, 0.1, 0.3), robustness_images=16, ops_images=8, latency_repeats=2)
+    opts = dict(build_plan=build_inference_plan, noise_sigmas=(0.0, 0.1, 0.3), robustness_images=16, ops_images=8, latency_repeats=2)
     base = measure_model(model, loader, **opts)
     weight = model.classifier[0].weight
     set_mask(model, "classifier.0.weight", torch.rand(weight.shape) < 0.5)
@@ -41,7 +42,7 @@ def measured_ref():
     trained = build_model("convnet", 4, (1, 8, 8), 3, features=[8, "A"], classifier=[16]).set_spiking(False)
     images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     loader = [(images[:8], labels[:8]), (images[8:], labels[8:])]
-    opts = dict(noise_sigmas=(0.0, 0.1, 0.3), robustness_images=16, ops_images=8, latency_repeats=2,
+    opts = dict(build_plan=build_inference_plan, noise_sigmas=(0.0, 0.1, 0.3), robustness_images=16, ops_images=8, latency_repeats=2,
                 reference_ann=trained)
     base = measure_model(model, loader, **opts)
     model.timesteps = 2

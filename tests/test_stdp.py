@@ -169,7 +169,7 @@ def test_quantized_learning_keeps_weights_on_the_grid_and_stores_them_at_that_wi
     train_stdp(model, [(images, torch.zeros(3, dtype=torch.long))],
                STDPConfig(samples=3, weight_bits=6, rounding="stochastic"), log=lambda s: None)
     from snncompress.compress.masks import original
-    from snncompress.metrics.footprint import footprint
+    from snncompress.compress.footprint import footprint
     stored = original(model.synapses, "weight")
     scale = 2.0 ** -5  # 6 bits, signed: q_max 31, the finest power of two with 31 * scale >= 1
     assert torch.equal(stored, torch.round(stored / scale) * scale)

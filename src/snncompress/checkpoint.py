@@ -5,7 +5,7 @@ Format 2. The safetensors metadata key ``"snncompress"`` holds JSON with
 each stored tensor is encoded), ``state_quantizers`` (each LIF's membrane-state
 quantizer: its configuration and scale) and ``info`` (free-form provenance). Each
 tensor of :func:`snncompress.compress.state.stored_tensors` is written in the
-format :func:`snncompress.metrics.footprint.tensor_cost` chose for it:
+format :func:`snncompress.compress.footprint.tensor_cost` chose for it:
 
 =====================  ====================================================================
 tensor                 stored as
@@ -53,7 +53,7 @@ from .compress.quantizers import (Quantizer, UniformQuantizer, attach_quantizer,
 from .compress.state import StoredTensor, bookkeeping, stored_tensors
 from .errors import UserError
 from .io import atomic_write
-from .metrics.footprint import index_bits, tensor_cost
+from .compress.footprint import index_bits, tensor_cost
 from .models import SpikingNetwork, build_from_spec
 
 FORMAT = 2

@@ -39,14 +39,14 @@ def cmd_demo(args) -> dict:
 
 
 def cmd_evaluate(args) -> dict:
-    from .evaluate import evaluate_checkpoint
+    from .commands import evaluate_checkpoint
 
     return evaluate_checkpoint(args.checkpoint, args.out, dataset=args.dataset, data_dir=args.data_dir,
                                overrides=args.set or [])
 
 
 def cmd_quantize(args) -> dict:
-    from .stages.tiny import quantize_command
+    from .commands import quantize_command
 
     if not 0 <= args.max_accuracy_drop <= 100:
         raise UserError(f"--max-accuracy-drop is in points, 0 to 100, got {args.max_accuracy_drop:g}")

@@ -214,6 +214,11 @@ def lif_multistep(
 #: Backends of :func:`lif_multistep` by name; :mod:`snncompress.kernels` adds faster ones.
 LIF_BACKENDS: dict[str, Callable] = {"reference": lif_multistep}
 
+#: Faster loops of the Diehl & Cook population step (:meth:`snncompress.models.stdp.DiehlCookNetwork.run_steps`)
+#: by name; :mod:`snncompress.kernels` registers its C kernel as ``"cpu"``. A kernel returns None where it
+#: does not apply (then the tensor loop runs). Filled from above, like :data:`LIF_BACKENDS`.
+POPULATION_KERNELS: dict[str, Callable] = {}
+
 
 def select_backend(name: str, current: torch.Tensor, return_membrane: bool) -> Callable:
     """Pick the implementation of :func:`lif_multistep` for this call.

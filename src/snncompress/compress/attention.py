@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.callbacks import Callback, TrainState
+from ..hooks import Callback, TrainState
 
 
 def attention_map(activation: torch.Tensor) -> torch.Tensor:

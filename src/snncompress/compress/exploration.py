@@ -27,7 +27,7 @@ with the quantized forward pass) x one rounding x one bit width per group. :func
 3. **ITQ** (optional): the ``itq_candidates`` smallest joint candidates that failed under PTQ and
    are smaller than the PTQ choice are trained with ``train(model, candidate)`` and re-evaluated.
 
-Memory is what the checkpoint stores (:func:`~snncompress.metrics.footprint.footprint`): codes at
+Memory is what the checkpoint stores (:func:`~snncompress.compress.footprint.footprint`): codes at
 their width plus one float32 scale per tensor (per channel), with or without one membrane
 potential per neuron at the state width (32 bits when the state is not quantized). Stochastic
 rounding is drawn once with a generator seeded by ``space.seed`` (the same model every time);
@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..metrics.footprint import footprint
+from .footprint import footprint
 from .quantizers import (ROUNDINGS, FixedPointQuantizer, PowerOfTwoQuantizer, UniformQuantizer, attach_quantizer,
                          snap_to_grid_, weight_names)
 

@@ -40,22 +40,6 @@ class WeightMask(nn.Module):
         return f"kept={int(self.mask.sum())}/{self.mask.numel()}"
 
 
-def own_classes(root: nn.Module) -> nn.Module:
-    """Give every parametrized module under ``root`` a class of its own; returns ``root``.
-
-    ``torch.nn.utils.parametrize`` puts a module's tensor properties on a class made for
-    that module, and ``copy.deepcopy`` keeps the class: a copy and its original then share
-    it, so adding or removing a parametrization on the copy would add or remove the
-    property on the original too. Call this on a fresh deep copy (``SpikingNetwork`` does).
-    """
-    for module in root.modules():
-        if parametrize.is_parametrized(module):
-            cls = type(module)
-            namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-    return root
-
-
 def split_name(name: str) -> tuple[str, str]:
     """``"features.0.weight"`` -> ``("features.0", "weight")``."""
     module, _, tensor = name.rpartition(".")

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..training.callbacks import Callback, TrainState
+from ..hooks import Callback, TrainState
 from .criticality import CriticalityMeter, weight_units
 from .masks import get_mask, original, owner, set_mask, set_masks
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..training.callbacks import Callback
+from ..hooks import Callback
 from .structure import ChannelGroup, projection_conflicts
 
 

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..training.callbacks import Callback, TrainState
+from ..hooks import Callback, TrainState
 from .masks import WeightMask, find, get_mask, original, owner, set_mask, set_masks
 from .pruning import global_magnitude, reset_optimizer_state_
 from .structure import ChannelGroup, channel_groups

@@ -1,7 +1,7 @@
 """What a compressed model stores: each tensor with the mask and quantizer attached to it.
 
 :func:`stored_tensors` is the one enumeration that the footprint
-(:mod:`snncompress.metrics.footprint`) costs and the checkpoint
+(:mod:`snncompress.compress.footprint`) costs and the checkpoint
 (:mod:`snncompress.checkpoint`) writes, so the two cannot disagree about what
 is stored. Buffers of the compression parts themselves (a mask's bits, a
 quantizer's scale) belong to the tensor they act on; integer bookkeeping
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .masks import WeightMask, own_classes
+from ..parametrization import own_classes
+from .masks import WeightMask
 from .quantizers import Quantizer
 
 
@@ -86,3 +87,22 @@ def _parametrized(modules: dict[str, nn.Module], module_path: str, tensor: str) 
         values = values * mask.to(values.dtype)
     name = f"{module_path}.{tensor}" if module_path else tensor
     return StoredTensor(name, values, module, mask, quantizer)
+
+
+@torch.no_grad()
+def flush_subnormals_(model: nn.Module) -> int:
+    """Set every subnormal floating-point value of ``model``'s tensors to zero; returns how many there were.
+
+    Trained weights decay into the subnormal range (|w| < ``torch.finfo(dtype).tiny``, 1.2e-38 in
+    float32); x86 CPUs handle such operands in microcode, which made a trained Fashion-MNIST
+    convnet's CPU forward up to 2x slower than the same shapes with normal values. Their products
+    are below 1e-38, far under any accumulated current, so a deployed model drops them, as
+    flush-to-zero arithmetic would.
+    """
+    flushed = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tiny = (tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)
+            flushed += int(tiny.sum())
+            tensor.masked_fill_(tiny, 0.0)
+    return flushed

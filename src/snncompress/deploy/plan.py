@@ -29,12 +29,11 @@ float32/float64, no C compiler); callers then use the eager model.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import torch
 from torch import nn
 
+from ..metrics.latency import median_ms
 from ..neuron import LIF
 from ..kernels import cpu
 
@@ -126,22 +125,6 @@ class InferencePlan(nn.Module):
             if has_time:
                 return x if self.timesteps == 1 else x.view(self.timesteps, -1, *x.shape[1:]).sum(0)
             return x * self.timesteps
-
-
-def median_ms(call, repeats: int, warmup: int, sync=None) -> float:
-    """Median wall-clock milliseconds of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones;
-    ``sync()`` (e.g. a CUDA synchronize) runs before each clock read."""
-    times = []
-    for i in range(warmup + max(int(repeats), 1)):
-        if sync is not None:
-            sync()
-        start = time.perf_counter()
-        call()
-        if sync is not None:
-            sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
 
 
 def _pool_size(m: nn.AvgPool2d) -> int | None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..neuron import LIF
-from ..training.memory import _swap_pools
+from ..training.memory import swap_pools
 
 
 def _to_channels_last(module, args):
@@ -52,7 +52,7 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True, backend:
     if isinstance(spec, dict):
         spec.setdefault("neuron", {})["backend"] = backend
     if fast_pool:
-        _swap_pools(model, True)
+        swap_pools(model, True)
     handle = model.__dict__.pop("_snn_cl_handle", None)
     if handle is not None:
         handle.remove()
@@ -87,23 +87,4 @@ def tune_cpu_allocator(keep_freed_memory: bool = True) -> bool:
     else:
         ok = mallopt(M_MMAP_MAX, 65536) and mallopt(M_TRIM_THRESHOLD, 128 * 1024)
     return bool(ok)
-
-
-@torch.no_grad()
-def flush_subnormals_(model: nn.Module) -> int:
-    """Set every subnormal floating-point value of ``model``'s tensors to zero; returns how many there were.
-
-    Trained weights decay into the subnormal range (|w| < ``torch.finfo(dtype).tiny``, 1.2e-38 in
-    float32); x86 CPUs handle such operands in microcode, which made a trained Fashion-MNIST
-    convnet's CPU forward up to 2x slower than the same shapes with normal values. Their products
-    are below 1e-38, far under any accumulated current, so a deployed model drops them, as
-    flush-to-zero arithmetic would.
-    """
-    flushed = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point():
-            tiny = (tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)
-            flushed += int(tiny.sum())
-            tensor.masked_fill_(tiny, 0.0)
-    return flushed
 

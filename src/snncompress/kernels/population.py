@@ -4,7 +4,7 @@
 computes (same spikes, same state, float32) in one call per chunk of steps instead of ~20 tensor
 operations per step; :func:`population_library` says when it applies (CPU float32 tensors, no
 membrane quantizer, the C library built). Importing this module registers it in
-:data:`snncompress.models.stdp.POPULATION_KERNELS` (``snncompress.kernels`` imports it).
+:data:`snncompress.neuron.POPULATION_KERNELS` (``snncompress.kernels`` imports it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from ..models.stdp import POPULATION_KERNELS
+from ..neuron import POPULATION_KERNELS
 from .cpu import load_library
 
 

@@ -11,7 +11,7 @@ parts are usable alone:
 """
 
 from .energy import ENERGY_PRESETS, energy_pj, energy_uj, layer_energy_uj
-from .footprint import SPARSE_FORMATS, count_params, footprint, sparse_format_bits
+from ..compress.footprint import SPARSE_FORMATS, count_params, footprint, sparse_format_bits
 from .latency import measure_latency
 from .measure import measure_model
 from .ops import POOLED_SPIKE_CONVENTIONS, SpikeMeter, SynOpsMeter, count_synops

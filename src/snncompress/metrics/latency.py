@@ -20,10 +20,30 @@ count up to the process's (``latency_threads`` of ``latency_threads_available``)
 
 from __future__ import annotations
 
+import statistics
+import time
+from typing import Callable
+
 import torch
 from torch import nn
 
-from ..compress.state import frozen
+from ..compress.state import flush_subnormals_, frozen
+
+
+def median_ms(call, repeats: int, warmup: int, sync=None) -> float:
+    """Median wall-clock milliseconds of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones;
+    ``sync()`` (e.g. a CUDA synchronize) runs before each clock read."""
+    times = []
+    for i in range(warmup + max(int(repeats), 1)):
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        call()
+        if sync is not None:
+            sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
 
 
 def latency_images(loader, batch: int) -> torch.Tensor:
@@ -51,30 +71,37 @@ def _sync(device: torch.device) -> None:
 LATENCY_FORMS = ("plan", "eager")
 
 
-def inference_form(model: nn.Module, form: str = "plan") -> tuple[nn.Module, str]:
-    """``(module to time, its name)``: the inference plan when ``form == "plan"`` and it applies, else the model."""
+def inference_form(model: nn.Module, form: str = "plan",
+                   build_plan: Callable[[nn.Module], nn.Module | None] | None = None) -> tuple[nn.Module, str]:
+    """``(module to time, its name)``: the inference plan when ``form == "plan"`` and it applies, else the model.
+
+    ``build_plan`` (e.g. :func:`snncompress.deploy.build_inference_plan`, handed in by the layer above
+    that owns it) returns the plan of a model, or None where no plan applies; form ``"plan"`` needs it.
+    """
     if form not in LATENCY_FORMS:
         raise ValueError(f"latency form must be 'plan' or 'eager', got {form!r}")
     if form == "plan":
-        from ..deploy.plan import build_inference_plan  # deploy loads the C kernels: not at package import
-
-        plan = build_inference_plan(model)
+        if build_plan is None:
+            raise ValueError("latency form 'plan' needs build_plan (snncompress.deploy.build_inference_plan)")
+        plan = build_plan(model)
         if plan is not None:
             return plan, "plan"
     return model, "eager"
 
 
 def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20, warmup: int = 3,
-                    device="cpu", form: str = "plan") -> dict:
+                    device="cpu", form: str = "plan",
+                    build_plan: Callable[[nn.Module], nn.Module | None] | None = None) -> dict:
     """Median wall-clock milliseconds per image of ``model(images)``.
 
     Args:
         images: one batch ``[B, C, H, W]``; B is the reported ``latency_batch``.
         repeats: timed forward passes (>= 1); warmup: untimed passes before them.
         form: ``"plan"`` or ``"eager"`` (module docstring); the model must already be on ``device``.
+        build_plan: the inference-plan builder form ``"plan"`` times (see :func:`inference_form`).
 
     What is timed is the deployed form: a copy of the model with masks and quantizers burned
-    in and subnormal values set to zero (:func:`~snncompress.deploy.prepare.flush_subnormals_`);
+    in and subnormal values set to zero (:func:`~snncompress.compress.state.flush_subnormals_`);
     the plan runs at its fastest thread count up to the process's (:meth:`InferencePlan.tune_threads`).
 
     Returns:
@@ -82,13 +109,10 @@ def measure_latency(model: nn.Module, images: torch.Tensor, *, repeats: int = 20
         "latency_threads_available" (the process's intra-op threads), "latency_device",
         "latency_repeats", "latency_form", "latency_subnormals_flushed"}``.
     """
-    from ..deploy.plan import median_ms  # deploy loads the C kernels: not at package import
-    from ..deploy.prepare import flush_subnormals_
-
     device = torch.device(device)
     model = frozen(model)
     flushed = flush_subnormals_(model)
-    timed, form_used = inference_form(model, form) if device.type == "cpu" else (model, "eager")
+    timed, form_used = inference_form(model, form, build_plan) if device.type == "cpu" else (model, "eager")
     images = images.to(device)
     available = int(torch.get_num_threads())
     repeats = max(int(repeats), 1)

@@ -8,7 +8,7 @@ is not moved or changed):
 2. synaptic operations on the first ``ops_images`` test images
    (:class:`~snncompress.metrics.ops.SynOpsMeter`); the ANN references' dense MACs;
 3. energy for the chosen preset (:mod:`~snncompress.metrics.energy`);
-4. memory footprint (:mod:`~snncompress.metrics.footprint`);
+4. memory footprint (:mod:`~snncompress.compress.footprint`);
 5. latency (:mod:`~snncompress.metrics.latency`);
 6. robustness to Gaussian input noise, SNN and ANN references
    (:mod:`~snncompress.metrics.robustness`).
@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import UserError
 from .energy import ENERGY_PRESETS, dense_ann_energy, energy_uj, layer_energy_uj, preset_costs
-from .footprint import count_params, footprint
+from ..compress.footprint import count_params, footprint
 from .latency import LATENCY_FORMS, latency_images, measure_latency
 from .ops import POOLED_SPIKE_CONVENTIONS, SpikeMeter, SynOpsMeter, count_synops
 from .robustness import DEFAULT_SIGMAS, limited_batches, noise_robustness
@@ -136,7 +136,7 @@ def measure_model(model, test_loader, *, baseline_footprint: int | None = None,
                   noise_sigmas=DEFAULT_SIGMAS, robustness_images: int | None = 2000,
                   ops_images: int | None = 512, latency_batch: int = 1, latency_repeats: int = 20,
                   device="cpu", include_state: bool = False, pooled_spikes: str = "mac",
-                  state_bits: int = 32, latency_warmup: int = 3, latency_form: str = "plan",
+                  state_bits: int = 32, latency_warmup: int = 3, latency_form: str = "plan", build_plan=None,
                   seed: int = 0, reference_ann: nn.Module | None = None) -> dict:
     """Every report-contract metric of ``model`` (all but ``checkpoint``, which the caller adds).
 
@@ -151,6 +151,8 @@ def measure_model(model, test_loader, *, baseline_footprint: int | None = None,
         ops_images: first N test images for synaptic operations (None: all).
         latency_batch / latency_repeats / latency_warmup / latency_form: latency protocol
             (:mod:`~snncompress.metrics.latency`).
+        build_plan: the inference-plan builder that latency form ``"plan"`` times
+            (:func:`snncompress.deploy.build_inference_plan`; handed in from the layer that owns it).
         device: where to run (the model is copied there).
         include_state: count membrane potentials in ``footprint_bytes``.
         pooled_spikes: ``"mac"`` (NeuroBench, default) or ``"ac"``; see
@@ -179,6 +181,8 @@ def measure_model(model, test_loader, *, baseline_footprint: int | None = None,
         ValueError: ``reference_ann`` is in SNN mode (``spiking == True``).
     """
     _check_options(energy_preset, pooled_spikes, latency_batch, latency_repeats, latency_form)
+    if latency_form == "plan" and build_plan is None:
+        raise ValueError("latency_form 'plan' needs build_plan (snncompress.deploy.build_inference_plan)")
     if reference_ann is not None and getattr(reference_ann, "spiking", False):
         raise ValueError("reference_ann must be the trained ANN in ANN mode (spiking == False), "
                          "got a network in SNN mode")
@@ -204,7 +208,8 @@ def measure_model(model, test_loader, *, baseline_footprint: int | None = None,
         trained, accuracy_and_spikes(trained, test_loader, device)[0], one_image, energy["energy_uj"],
         robustness["trained_ann"], energy_preset)
     latency = measure_latency(snn, latency_images(test_loader, latency_batch), repeats=latency_repeats,
-                              warmup=latency_warmup, device=device, form=latency_form)
+                              warmup=latency_warmup, device=device, form=latency_form,
+                              build_plan=build_plan)
     return {
         "accuracy": accuracy, "ann_accuracy": ann_accuracy,
         "timesteps": int(snn.timesteps) if spiking else 1, "spiking": spiking,

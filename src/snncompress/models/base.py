@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from ..compress.masks import own_classes
+from ..parametrization import own_classes
 from ..encoding import encode
 from ..neuron import LIF
 

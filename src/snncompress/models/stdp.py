@@ -41,19 +41,17 @@ spiking layer: ``votes = class means of relu(W @ pixels)``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from ..neuron import POPULATION_KERNELS
 from .base import FamilyOptions, SpikingNetwork
 
 ARCH = "diehl_cook"
 
-#: Faster loops of :meth:`DiehlCookNetwork.run_steps` by name; :mod:`snncompress.kernels` registers
-#: its C kernel as ``"cpu"``. A kernel returns None where it does not apply (then the tensor loop runs).
-POPULATION_KERNELS: dict[str, Callable] = {}
 
 
 class DiehlCookOptions(FamilyOptions):

@@ -56,9 +56,10 @@ def evaluate(ctx: StageContext, opts: EvaluateOptions) -> StageResult:
 
 def measure(ctx: StageContext, model: SpikingNetwork, options: dict) -> dict:
     """The full measurement (docs/measuring.md) of ``model`` on the test split (the baseline's footprint gives the ratio)."""
+    from ..deploy.plan import build_inference_plan  # loads the C kernels: only when a stage measures
     from ..metrics import measure_model
 
     baseline = next((r["metrics"].get("footprint_bytes") for r in ctx.previous
                      if r.get("baseline") and r["metrics"].get("footprint_bytes")), None)
     return measure_model(model, ctx.test_loader, baseline_footprint=baseline, device=ctx.device,
-                         reference_ann=ctx.reference_ann, **options)
+                         reference_ann=ctx.reference_ann, build_plan=build_inference_plan, **options)

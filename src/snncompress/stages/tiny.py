@@ -11,7 +11,6 @@ widths plus scales, and the membrane-state quantizers in the metadata.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -19,12 +18,11 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import Field, field_validator, model_validator
 
-from ..compress.exploration import GROUPS, Candidate, Exploration, QuantSpace, explore, quantize_model
+from ..compress.exploration import GROUPS, Candidate, Exploration, QuantSpace, explore
 from ..errors import UserError
 from ..io import save_figure, write_bytes, write_json
-from ..metrics.footprint import footprint
 from ..metrics.ops import SpikeMeter
-from ..training import QuantizeAfterStep, evaluate_accuracy, train
+from ..training import QuantizeAfterStep, evaluate_accuracy
 from .base import StageContext, StageResult, TrainOptions, fit, register_stage
 
 Rounding = Literal["nearest", "half_up", "truncate", "stochastic"]
@@ -246,94 +244,3 @@ def quantize(ctx: StageContext, opts: QuantizeOptions) -> StageResult:
     metrics = {**chosen_metrics(result), "plot": ctx.relative(ctx.stage_dir / plot),
                "include_state": opts.include_state}
     return StageResult(result.chosen_model.eval(), metrics)
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def quantize_command(checkpoint, out, *, max_memory_kb: float | None, max_accuracy_drop: float,
-                     dataset: str | None = None, data_dir: str | None = None, val_fraction: float = 0.1,
-                     seed: int = 0, overrides: list[str] | None = None, test_weight_bits: list[int] | None = None,
-                     log=print) -> dict:
-    """``snncompress quantize``: explore, then write model.safetensors, report.json/.md and pareto.png in ``out``.
-
-    Everything is validated and computed before the first file is written; nothing is written when nothing fits.
-    """
-    from pydantic import ValidationError
-
-    from ..checkpoint import load_checkpoint, save_checkpoint, stored_bytes
-    from ..data import hold_out_validation
-    from ..evaluate import checkpoint_data
-    from ..errors import format_validation_error
-    from ..recipe import apply_overrides
-
-    raw = apply_overrides({}, overrides or [])
-    raw.update({k: v for k, v in (("max_memory_kb", max_memory_kb), ("max_accuracy_drop", max_accuracy_drop))
-                if v is not None})
-    try:
-        opts = QuantizeOptions(**raw)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(exc, "quantize")) from None
-    loaded = load_checkpoint(checkpoint)
-    model = loaded.model
-    if not getattr(model, "spiking", True):
-        raise UserError(f"{checkpoint} holds an ANN; quantize needs a spiking model")
-    train_loader, test_loader, info = checkpoint_data(loaded, checkpoint, dataset, data_dir, 64, seed=seed,
-                                                      test_batch_size=512)
-    train_loader, val_loader = hold_out_validation(train_loader, val_fraction, seed, 512)
-    device = torch.device("cpu")
-    start = time.perf_counter()
-
-    def train_fn(candidate_model, candidate):
-        train(candidate_model, train_loader, val_loader, opts.train_config(seed), device=device, desc="itq",
-              callbacks=itq_callbacks(opts))
-        return candidate_model
-
-    result = run_exploration(model, opts, val_loader, device, train_fn if "itq" in opts.schemes else None, log)
-    seconds = time.perf_counter() - start
-    chosen = result.chosen_model.eval()
-    log("[quantize] test split (read once, to report)")
-    test = {"float": evaluate_accuracy(model, test_loader, device), "chosen": evaluate_accuracy(chosen, test_loader, device)}
-    extra_rows = []
-    for bits in test_weight_bits or []:
-        for rounding in opts.roundings:
-            candidate = Candidate.of({"weights": bits}, rounding)
-            acc = evaluate_accuracy(quantize_model(model, candidate, opts.space()), test_loader, device)
-            test[candidate.label] = acc
-            extra_rows.append(f"| {candidate.label} | {acc * 100:.2f}% | {(acc - test['float']) * 100:+.2f} |")
-    out = Path(out)
-    ckpt = out / "model.safetensors"
-    info_ = {"stage": "quantize", "kind": "quantize", "dataset": info.name, "recipe": loaded.info.get("recipe"),
-             "source": Path(checkpoint).name, "accuracy": test["chosen"], "candidate": result.chosen.candidate.label}
-    save_checkpoint(ckpt, chosen, info=info_)
-    again = load_checkpoint(ckpt).model
-    images, _ = next(iter(val_loader))
-    with torch.inference_mode():
-        bit_exact = bool(torch.equal(again(images), chosen(images)))
-    fp = footprint(chosen)
-    metrics = {**chosen_metrics(result), "checkpoint": "model.safetensors", "accuracy": test["chosen"],
-               "float_accuracy": test["float"], "accuracy_drop_points": (test["float"] - test["chosen"]) * 100,
-               "test_accuracy": test, "timesteps": getattr(chosen, "timesteps", None),
-               "footprint_bytes": fp["bytes"], "stored_tensor_bytes": stored_bytes(ckpt),
-               "reload_bit_exact": bit_exact, "seconds": seconds, "threads": torch.get_num_threads()}
-    baseline = {"checkpoint": Path(checkpoint).name, "accuracy": test["float"], "val_accuracy": result.baseline.accuracy,
-                "footprint_bytes": result.baseline.bytes, "footprint_bytes_with_state": result.baseline.bytes_with_state,
-                "timesteps": getattr(model, "timesteps", None)}
-    report = {"schema": 1, "dataset": info.name, "model": model.spec.get("arch"), "recipe": loaded.info.get("recipe"),
-              "stages": [{"name": "quantize", "kind": "quantize", "seconds": seconds, "metrics": metrics}],
-              "baseline": baseline, "final": metrics, "exploration": exploration_record(result),
-              "options": opts.model_dump(mode="json")}
-    test_lines = ["## Test split (read once, to report)", "", "| model | test accuracy | vs float (points) |",
-                  "|---|---|---|", f"| float32 | {test['float'] * 100:.2f}% | - |",
-                  f"| chosen: {result.chosen.candidate.label} | {test['chosen'] * 100:.2f}% | "
-                  f"{(test['chosen'] - test['float']) * 100:+.2f} |", *extra_rows, "",
-                  f"Stored: {stored_bytes(ckpt)} tensor bytes in model.safetensors (footprint {fp['bytes']} bytes); "
-                  f"reload gives the same logits bit for bit: {bit_exact}. {seconds:.0f} s, "
-                  f"{torch.get_num_threads()} threads, CPU."]
-    plot_pareto(result, out / "pareto.png")
-    write_bytes(out / "report.md", exploration_markdown(result, f"snncompress quantize {Path(checkpoint).name}",
-                                                        "\n".join(test_lines)).encode())
-    write_json(out / "report.json", report)
-    log(f"[quantize] wrote {out / 'model.safetensors'}, report.json, report.md, pareto.png; test accuracy "
-        f"{test['float'] * 100:.2f}% -> {test['chosen'] * 100:.2f}%, footprint {result.baseline.bytes / result.chosen.bytes:.2f}x smaller")
-    return report

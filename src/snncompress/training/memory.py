@@ -209,7 +209,7 @@ class LeanConv2d(nn.Conv2d):
 _LEAN_CLASSES = {nn.AvgPool2d: LeanAvgPool2d, nn.Conv2d: LeanConv2d}
 
 
-def _swap_pools(model: nn.Module, enable: bool) -> None:
+def swap_pools(model: nn.Module, enable: bool) -> None:
     """Switch ``nn.AvgPool2d`` modules to :class:`LeanAvgPool2d` (or back)."""
     _swap(model, enable, (nn.AvgPool2d,))
 

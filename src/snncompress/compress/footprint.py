@@ -37,7 +37,7 @@ import math
 import torch
 from torch import nn
 
-from ..compress.state import StoredTensor, stored_tensors
+from .state import StoredTensor, stored_tensors
 from ..neuron import LIF
 
 SPARSE_FORMATS = ("dense", "bitmap", "csr")
