@@ -266,3 +266,30 @@ def test_state_quantizer_is_a_registered_submodule():
         lif.state_quantizer = lambda x: x  # not an nn.Module: would not be moved or saved
     lif.state_quantizer = None
     assert set(lif.state_dict()) == {"leak", "threshold"}
+
+
+def test_neuron_options_are_stated_once_and_every_one_reaches_the_lif():
+    """NeuronOptions is the one place of the neuron's defaults: LIF's signature agrees with it, and every
+    option set in a recipe's model.neuron (surrogate_scale included) arrives on every LIF of the network."""
+    import inspect
+
+    from snncompress.models import build_model
+    from snncompress.neuron import NeuronOptions
+    from snncompress.recipe import NeuronConfig
+
+    assert NeuronConfig is NeuronOptions
+    signature = inspect.signature(LIF.__init__).parameters
+    for name, field in NeuronOptions.model_fields.items():
+        assert signature[name].default == field.default, name
+    chosen = {"leak": 0.5, "threshold": 2.0, "reset": "hard", "surrogate": "atan", "surrogate_scale": 3.0,
+              "learn_leak": False, "learn_threshold": False, "per_channel": True, "backend": "reference"}
+    model = build_model("convnet", 10, (1, 8, 8), 2, neuron=chosen, features=[4, "A"], classifier=[8])
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    assert len(lifs) == 2
+    for lif in lifs:
+        assert (lif.reset, lif.surrogate, lif.surrogate_scale, lif.per_channel, lif.backend) == \
+            ("hard", "atan", 3.0, True, "reference")
+        assert torch.all(lif.leak == 0.5) and torch.all(lif.threshold == 2.0)
+        assert not isinstance(lif.leak, torch.nn.Parameter) and not isinstance(lif.threshold, torch.nn.Parameter)
+    assert model.spec["neuron"]["surrogate_scale"] == 3.0
+    assert "surrogate_scale" not in build_model("convnet", 10, (1, 8, 8), 2).spec["neuron"]

@@ -11,9 +11,10 @@ from snncompress.compress import set_mask
 from snncompress import build_model
 from snncompress.errors import UserError
 from snncompress.deploy import build_inference_plan
+from snncompress.compress.exploration import pareto_front
 from snncompress.metrics import measure_model
 from snncompress.report import (METRIC_KEYS, PLOT_FILES, REPORT_KEYS, _num, _pct, compare_runs, missing_keys,
-                                pareto_front, plot_energy_layers, plot_robustness, write_report)
+                                plot_energy_layers, plot_robustness, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -168,8 +169,10 @@ def test_write_report_tolerates_stages_without_metrics(tmp_path):
 
 
 def test_pareto_front():
-    points = [(10.0, 0.9), (5.0, 0.8), (20.0, 0.85), (5.0, 0.7), (1.0, 0.5)]
-    assert pareto_front(points) == [4, 1, 0]
+    """The one Pareto front (compress.exploration) that run comparisons and tinySNN's selection share."""
+    points = [(10.0, 0.9), (5.0, 0.8), (20.0, 0.85), (5.0, 0.7), (1.0, 0.5), (10.0, 0.9)]
+    front = pareto_front(range(len(points)), lambda i: points[i][0], lambda i: points[i][1])
+    assert front == [4, 1, 0]  # of two equal points the first is kept
 
 
 def test_compare_runs_tables_two_runs(tmp_path, measured):
@@ -223,3 +226,30 @@ def test_compare_runs_rejects_a_folder_without_report(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no report.json"):
         compare_runs([tmp_path / "empty"], tmp_path / "cmp")
+
+
+def test_every_committed_report_honours_the_published_schema():
+    """The report schema (report_schema.Report) accepts every report.json under results/, and its JSON
+    Schema requires the contract's top-level keys."""
+    from pathlib import Path
+
+    from snncompress.report_schema import Report, report_json_schema
+
+    reports = sorted((Path(__file__).resolve().parents[1] / "results").rglob("report.json"))
+    assert len(reports) >= 10
+    for path in reports:
+        Report.model_validate(json.loads(path.read_text()))
+    schema = report_json_schema()
+    assert set(schema["required"]) == {"dataset", "model", "recipe", "stages", "baseline", "final"}
+    assert "schema" in schema["properties"] and "ac" in schema["$defs"]["SynOps"]["properties"]
+
+
+def test_build_report_refuses_a_stage_without_its_seconds():
+    from snncompress.report_schema import build_report
+
+    stage = {"name": "s", "kind": "evaluate", "metrics": {"accuracy": 0.5}}
+    with pytest.raises(ValueError, match="seconds"):
+        build_report(dataset="mnist", model="convnet", recipe=None, stages=[stage], baseline={}, final={})
+    ok = build_report(dataset="mnist", model="convnet", recipe=None, stages=[{**stage, "seconds": 1.0}],
+                      baseline={}, final={"accuracy": 0.5}, device="cpu")
+    assert ok["schema"] == 1 and ok["device"] == "cpu" and ok["final"] == {"accuracy": 0.5}

@@ -19,6 +19,7 @@ from .data import hold_out_validation, load_data
 from .errors import UserError, format_validation_error
 from .io import write_bytes, write_json
 from .recipe import apply_overrides
+from .report_schema import build_report
 from .stages.evaluate import EvaluateOptions
 from .stages.tiny import (QuantizeOptions, chosen_metrics, exploration_markdown, exploration_record, itq_callbacks,
                           plot_pareto, run_exploration)
@@ -60,11 +61,10 @@ def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: 
     start = time.perf_counter()
     metrics = {"checkpoint": Path(path).name, **measure_model(loaded.model, test_loader, build_plan=build_inference_plan,
                                                                     **opts)}
-    report = {"schema": 1, "dataset": info.name, "model": loaded.model.spec.get("arch"),
-              "recipe": loaded.info.get("recipe"),
-              "stages": [{"name": "evaluate", "kind": "evaluate", "seconds": time.perf_counter() - start,
-                          "metrics": metrics}],
-              "baseline": metrics, "final": metrics}
+    report = build_report(dataset=info.name, model=loaded.model.spec.get("arch"), recipe=loaded.info.get("recipe"),
+                          stages=[{"name": "evaluate", "kind": "evaluate", "seconds": time.perf_counter() - start,
+                                   "metrics": metrics}],
+                          baseline=metrics, final=metrics)
     write_report(Path(out_dir), report)
     return report
 
@@ -129,10 +129,10 @@ def quantize_command(checkpoint, out, *, max_memory_kb: float | None, max_accura
     baseline = {"checkpoint": Path(checkpoint).name, "accuracy": test["float"], "val_accuracy": result.baseline.accuracy,
                 "footprint_bytes": result.baseline.bytes, "footprint_bytes_with_state": result.baseline.bytes_with_state,
                 "timesteps": getattr(model, "timesteps", None)}
-    report = {"schema": 1, "dataset": info.name, "model": model.spec.get("arch"), "recipe": loaded.info.get("recipe"),
-              "stages": [{"name": "quantize", "kind": "quantize", "seconds": seconds, "metrics": metrics}],
-              "baseline": baseline, "final": metrics, "exploration": exploration_record(result),
-              "options": opts.model_dump(mode="json")}
+    report = build_report(dataset=info.name, model=model.spec.get("arch"), recipe=loaded.info.get("recipe"),
+                          stages=[{"name": "quantize", "kind": "quantize", "seconds": seconds, "metrics": metrics}],
+                          baseline=baseline, final=metrics, exploration=exploration_record(result),
+                          options=opts.model_dump(mode="json"))
     test_lines = ["## Test split (read once, to report)", "", "| model | test accuracy | vs float (points) |",
                   "|---|---|---|", f"| float32 | {test['float'] * 100:.2f}% | - |",
                   f"| chosen: {result.chosen.candidate.label} | {test['chosen'] * 100:.2f}% | "

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 RESETS = ("soft", "hard")
@@ -213,6 +214,39 @@ def lif_multistep(
 
 #: Backends of :func:`lif_multistep` by name; :mod:`snncompress.kernels` adds faster ones.
 LIF_BACKENDS: dict[str, Callable] = {"reference": lif_multistep}
+
+class NeuronOptions(BaseModel):
+    """Every option of a network's :class:`LIF` layers, with its default: the one place they are stated.
+
+    A recipe's ``model.neuron`` section is this model; a spec's ``neuron`` dict holds its values
+    (``surrogate_scale`` only when set); :func:`snncompress.models.base.make_lif` builds each LIF from it.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    leak: float = Field(1.0, ge=0.0, le=1.0, description="initial leak (1: integrate-and-fire)")
+    threshold: float = Field(1.0, gt=0.0, description="initial firing threshold")
+    reset: Literal[RESETS] = Field("soft", description="soft: subtract the threshold; hard: to zero")
+    surrogate: Literal[SURROGATES] = Field("linear", description="surrogate gradient of the spike")
+    surrogate_scale: float | None = Field(
+        None, gt=0, description="the surrogate's shape parameter (gamma, alpha, slope); default: the "
+                                "surrogate's own (SURROGATE_DEFAULT_SCALE)")
+    learn_leak: bool = Field(True, description="leak is a trained parameter (else a fixed buffer)")
+    learn_threshold: bool = Field(True, description="threshold is a trained parameter (else a fixed buffer)")
+    per_channel: bool = Field(False, description="one leak and threshold per channel (else per layer)")
+    backend: str = Field("auto", description="LIF kernel: auto or a registered backend")
+
+    @field_validator("backend")
+    @classmethod
+    def known_backend(cls, value: str) -> str:
+        if value != "auto" and value not in LIF_BACKENDS:
+            raise ValueError(f"unknown LIF backend; choose one of {', '.join(['auto', *sorted(LIF_BACKENDS)])}")
+        return value
+
+    def spec(self) -> dict:
+        """The values a model spec stores (``surrogate_scale`` only when set, so older specs stay equal)."""
+        return self.model_dump(exclude_none=True)
+
 
 #: Faster loops of the Diehl & Cook population step (:meth:`snncompress.models.stdp.DiehlCookNetwork.run_steps`)
 #: by name; :mod:`snncompress.kernels` registers its C kernel as ``"cpu"``. A kernel returns None where it

@@ -39,6 +39,7 @@ from .errors import UserError
 from .io import atomic_write, folder_lock, write_json
 from .metrics import count_params, footprint
 from .recipe import Recipe, format_validation_error, load_recipe
+from .report_schema import build_report
 from .stages import StageContext, StageDef, stage_kinds
 from .stages.base import SNAPSHOT_SUFFIX
 from .stages.evaluate import EvaluateOptions, measure
@@ -127,7 +128,7 @@ def fingerprint(recipe: Recipe, opts, previous: str) -> str:
     """
     payload = {"version": __version__,
                "data": recipe.data.model_dump(exclude=DATA_NOT_IN_FINGERPRINT),
-               "model": recipe.model.model_dump(), "seed": recipe.seed,
+               "model": {**recipe.model.model_dump(), "neuron": recipe.model.neuron.spec()}, "seed": recipe.seed,
                "stage": opts.model_dump(exclude=_not_in_fingerprint(opts)), "inputs": opts.input_digest(),
                "previous": previous}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -299,14 +300,11 @@ class Run:
         baseline["baseline"] = True
         for record in dict.fromkeys(map(id, [baseline, records[-1]])):
             self._ensure_measured(next(r for r in records if id(r) == record), records)
-        report = {
-            "schema": 1, "dataset": self.info.name, "model": self.recipe.model.arch,
-            "recipe": self.recipe_label,
-            "stages": [{"name": r["name"], "kind": r["kind"], "seconds": r["seconds"], "metrics": r["metrics"]}
-                       for r in records],
-            "baseline": baseline["metrics"], "final": records[-1]["metrics"],
-            "device": str(self.device),
-        }
+        report = build_report(
+            dataset=self.info.name, model=self.recipe.model.arch, recipe=self.recipe_label,
+            stages=[{"name": r["name"], "kind": r["kind"], "seconds": r["seconds"], "metrics": r["metrics"]}
+                    for r in records],
+            baseline=baseline["metrics"], final=records[-1]["metrics"], device=str(self.device))
         write_report(self.out, report)
         return report
 

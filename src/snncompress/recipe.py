@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from .errors import UserError, format_validation_error
 from .models import MODEL_NAMES, build_model, family_options
-from .neuron import LIF_BACKENDS, RESETS, SURROGATES
+from .neuron import NeuronOptions
 
 #: Seeds go to torch.manual_seed and numpy, which take 0 <= seed < 2**32.
 SEED_LIMIT = 2**32
@@ -66,22 +66,8 @@ class DataConfig(Strict):
         "default: on a GPU"))
 
 
-class NeuronConfig(Strict):
-    leak: float = Field(1.0, ge=0.0, le=1.0)
-    threshold: float = Field(1.0, gt=0.0)
-    reset: Literal[RESETS] = "soft"
-    surrogate: Literal[SURROGATES] = "linear"
-    learn_leak: bool = True
-    learn_threshold: bool = True
-    per_channel: bool = False
-    backend: str = Field("auto", description="LIF kernel: auto or a registered backend")
-
-    @field_validator("backend")
-    @classmethod
-    def known_backend(cls, value: str) -> str:
-        if value != "auto" and value not in LIF_BACKENDS:
-            raise ValueError(f"unknown LIF backend; choose one of {', '.join(['auto', *sorted(LIF_BACKENDS)])}")
-        return value
+#: A recipe's ``model.neuron`` section: the neuron's one options model (:class:`snncompress.neuron.NeuronOptions`).
+NeuronConfig = NeuronOptions
 
 
 class ModelConfig(Strict):

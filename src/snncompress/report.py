@@ -46,11 +46,13 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from .compress.exploration import pareto_front
 from .errors import UserError
 from .io import save_figure, write_bytes
 from .repeats import pool_runs, repeat_lines
+from .report_schema import SCHEMA_VERSION, jsonable
 
-SCHEMA = 1
+SCHEMA = SCHEMA_VERSION
 REPORT_KEYS = ("schema", "dataset", "model", "recipe", "stages", "baseline", "final")
 STAGE_KEYS = ("name", "kind", "seconds", "metrics")
 METRIC_KEYS = ("checkpoint", "accuracy", "timesteps", "params", "nonzero_params", "footprint_bytes",
@@ -80,21 +82,6 @@ def missing_keys(report: dict) -> list[str]:
         if "synops" in metrics:
             missing += [f"{where}.synops.{k}" for k in SYNOPS_KEYS if k not in (metrics["synops"] or {})]
     return missing
-
-
-def _jsonable(obj):
-    """Plain JSON types: tensors and numpy scalars become numbers/lists, NaN and inf become null."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # torch tensors, numpy arrays and scalars
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def read_report(run_dir) -> dict:
@@ -486,7 +473,7 @@ def write_report(run_dir, report: dict) -> None:
     if absent:
         raise ValueError(f"report lacks the report contract's key(s) {absent}")
     run_dir = Path(run_dir)
-    report = _jsonable(report)
+    report = jsonable(report)
     write_bytes(run_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     write_bytes(run_dir / "report.md", render_markdown(report).encode())
     for name, plotter in PLOTTERS.items():
@@ -501,16 +488,6 @@ def _run_labels(run_dirs: list[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in run_dirs]
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated ``(cost, accuracy)`` points (lower cost, higher accuracy), by cost."""
-    front = []
-    for i, (cost, acc) in enumerate(points):
-        dominated = any(c <= cost and a >= acc and (c < cost or a > acc) for j, (c, a) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
-
-
 def _comparison_rows(labels: list[str], reports: list[dict]) -> list[dict]:
     rows = []
     for label, report in zip(labels, reports):
@@ -520,9 +497,9 @@ def _comparison_rows(labels: list[str], reports: list[dict]) -> list[dict]:
     for cost in ("footprint_bytes", "energy_uj"):
         valid = [i for i, r in enumerate(rows)
                  if isinstance(r.get(cost), (int, float)) and isinstance(r.get("accuracy"), (int, float))]
-        front = pareto_front([(rows[i][cost], rows[i]["accuracy"]) for i in valid])
-        for k, i in enumerate(valid):
-            rows[i][f"pareto_{cost}"] = k in front
+        front = pareto_front(valid, lambda i: rows[i][cost], lambda i: rows[i]["accuracy"])
+        for i in valid:
+            rows[i][f"pareto_{cost}"] = i in front
     return rows
 
 
@@ -602,7 +579,7 @@ def compare_runs(run_dirs: list, out_dir) -> None:
                                          "footprint_bytes", "energy_uj", "ann_energy_uj", "synops",
                                          "pareto_footprint_bytes", "pareto_energy_uj")},
                 **{k: r[k] for k in TRAINED_SUMMARY_KEYS if k in r}} for r in rows]
-    write_bytes(out_dir / "comparison.json", (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+    write_bytes(out_dir / "comparison.json", (json.dumps(jsonable(summary), indent=2) + "\n").encode())
     fig = Figure(figsize=(11, 4.2))
     _pareto_panel(fig.add_subplot(1, 2, 1), labels, reports, rows, "footprint_bytes", 1 / 1024,
                   "memory footprint (KiB)")

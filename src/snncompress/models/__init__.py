@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from ..encoding import ENCODINGS
+from ..neuron import NeuronOptions
 from ..errors import UserError, format_validation_error
 from .base import NEURON_DEFAULTS, FamilyOptions, SpikingNetwork
 from .stdp import ARCH as STDP_ARCH
@@ -53,13 +54,13 @@ def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
             family = resnet_spec(name, **options) if name in RESNET_LAYOUTS else vgg_spec(name, **options)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, f"bad option for model {name!r}")) from None
-    unknown = set(neuron or {}) - set(NEURON_DEFAULTS)
+    unknown = set(neuron or {}) - set(NeuronOptions.model_fields)
     if unknown:
-        raise UserError(f"unknown neuron option(s) {sorted(unknown)}; allowed: {sorted(NEURON_DEFAULTS)}")
+        raise UserError(f"unknown neuron option(s) {sorted(unknown)}; allowed: {sorted(NeuronOptions.model_fields)}")
     spec = {
         "arch": name, **family, "in_shape": [int(v) for v in in_shape],
         "num_classes": int(num_classes), "timesteps": int(timesteps), "encoding": encoding,
-        "neuron": {**NEURON_DEFAULTS, **(neuron or {})},
+        "neuron": {**NEURON_DEFAULTS, **{k: v for k, v in (neuron or {}).items() if v is not None}},
     }
     if name == STDP_ARCH:
         spec["encoding"] = "poisson"  # its own Poisson input (rates from pixel intensities)

@@ -30,12 +30,10 @@ from torch import nn
 
 from ..parametrization import own_classes
 from ..encoding import encode
-from ..neuron import LIF
+from ..neuron import LIF, NeuronOptions
 
-NEURON_DEFAULTS = {
-    "leak": 1.0, "threshold": 1.0, "reset": "soft", "surrogate": "linear",
-    "learn_leak": True, "learn_threshold": True, "per_channel": False, "backend": "auto",
-}
+#: The neuron options a spec stores by default (derived from :class:`~snncompress.neuron.NeuronOptions`).
+NEURON_DEFAULTS = NeuronOptions().spec()
 
 
 class FamilyOptions(BaseModel):
@@ -46,11 +44,7 @@ class FamilyOptions(BaseModel):
 
 def make_lif(neuron: dict, channels: int) -> LIF:
     """A :class:`LIF` configured from the spec's ``neuron`` dict for a layer of ``channels`` channels."""
-    opts = {**NEURON_DEFAULTS, **neuron}
-    return LIF(leak=opts["leak"], threshold=opts["threshold"], reset=opts["reset"],
-               surrogate=opts["surrogate"], learn_leak=opts["learn_leak"],
-               learn_threshold=opts["learn_threshold"], per_channel=opts["per_channel"],
-               num_channels=channels, backend=opts["backend"])
+    return LIF(**NeuronOptions(**neuron).model_dump(), num_channels=channels)
 
 
 def fold_time(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import Field
@@ -168,31 +168,12 @@ def stage_kinds() -> dict[str, StageDef]:
 # ----------------------------------------------------------------------------- training options
 
 
-class TrainOptions(StageOptions):
-    """Options of every stage that trains (through :func:`snncompress.training.train`)."""
+class TrainOptions(StageOptions, TrainConfig):
+    """Options of every stage that trains: the loop's :class:`~snncompress.training.TrainConfig` (its one
+    definition: fields, defaults, checks) plus the stage's seed."""
 
     HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"seed"})
 
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    weight_decay: float = Field(5e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    lr_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="learning rate over the stage: cosine decay from lr to 0, or constant")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    max_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
-    lean_memory: bool = Field(False, description="keep spike tensors for backward as uint8 (exact)")
-    checkpoint_layers: bool = Field(False, description="recompute each spiking layer in backward")
-    snapshot_every_steps: int | None = Field(
-        None, ge=1, description="also write a resumable training snapshot every N steps (always after each epoch)")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: autocast convolutions and linear layers (LIF state stays float32)")
-    channels_last: bool = Field(False, description="NHWC weights and batches (faster convolutions on GPUs)")
-    compile: bool = Field(False, description="torch.compile the forward pass (eager fallback if it fails)")
-    time_budget_s: float | None = Field(
-        None, gt=0, description="stop training cleanly after this many seconds; after the first epoch the "
-                                "cosine schedule is shortened to the epochs that fit")
     seed: int | None = Field(
         None, ge=0, lt=SEED_LIMIT,
         description="this stage's own seed (repeats of a stage over seeds): it seeds torch and numpy, and "
@@ -214,7 +195,7 @@ class TrainOptions(StageOptions):
 
     def train_config(self, seed: int, **overrides) -> TrainConfig:
         """The loop's config from these options (``overrides`` replace single fields, e.g. ``epochs``)."""
-        values = {name: getattr(self, name) for name in TrainConfig.__dataclass_fields__ if hasattr(self, name)}
+        values = self.model_dump(include=set(TrainConfig.model_fields))
         return TrainConfig(**{**values, "seed": seed, **overrides})
 
 

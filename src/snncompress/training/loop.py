@@ -28,12 +28,13 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -43,39 +44,45 @@ from ..models import SpikingNetwork
 from .callbacks import Callback, ClampNeurons, EnforceMasks, TrainState
 from .memory import checkpoint_layers, lean_memory
 from .resume import Progress, load_snapshot, run_key, save_snapshot
-from .speed import PRECISIONS, CompiledForward, autocast, batch_layout, to_memory_format
+from .speed import CompiledForward, autocast, batch_layout, to_memory_format
 
 #: steps between two host reads of the loss sums on a GPU (a CPU reads after every step: it costs nothing)
 GPU_CHECK_EVERY = 50
 
 
-LR_SCHEDULES = ("cosine", "constant")
 
+class TrainConfig(BaseModel):
+    """Optimisation settings of one training run: the one definition, validated once.
 
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one training run.
-
-    lr is the peak learning rate; the cosine schedule decays it to 0 over all
-    steps of ``epochs``. ``max_batches`` limits the batches per epoch (tests).
+    A training stage's options (:class:`snncompress.stages.base.TrainOptions`) are this model plus
+    the stage's own fields, so a recipe's training keys, their defaults and their checks live here.
+    ``lr`` is the peak learning rate; the cosine schedule decays it to 0 over all steps of ``epochs``.
     """
 
-    epochs: int = 1
-    lr: float = 1e-3
-    optimizer: str = "adam"       # "adam" (amsgrad, as DIET) or "sgd" (momentum 0.9, nesterov)
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    lr_schedule: str = "cosine"   # "cosine" or "constant"
-    seed: int = 0
-    max_batches: int | None = None
-    label_smoothing: float = 0.0
-    lean_memory: bool = False         # spike tensors saved for backward as uint8 (exact)
-    checkpoint_layers: bool = False   # recompute each spiking layer in backward (exact)
-    snapshot_every_steps: int | None = None  # resumable snapshot every N steps (always after each epoch)
-    precision: str = "fp32"           # "fp32" or "bf16" (autocast; LIF state stays float32), see .speed
-    channels_last: bool = False       # NHWC weights and batches
-    compile: bool = False             # torch.compile the forward, eager fallback
-    time_budget_s: float | None = None  # stop cleanly (and shorten the schedule) to fit this many seconds
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="adam (amsgrad, as DIET-SNN) or sgd (momentum, Nesterov)")
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="learning rate over the stage: cosine decay from lr to 0, or constant")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    max_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
+    lean_memory: bool = Field(False, description="keep spike tensors for backward as uint8 (exact)")
+    checkpoint_layers: bool = Field(False, description="recompute each spiking layer in backward")
+    snapshot_every_steps: int | None = Field(
+        None, ge=1, description="also write a resumable training snapshot every N steps (always after each epoch)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast convolutions and linear layers (LIF state stays float32)")
+    channels_last: bool = Field(False, description="NHWC weights and batches (faster convolutions on GPUs)")
+    compile: bool = Field(False, description="torch.compile the forward pass (eager fallback if it fails)")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop training cleanly after this many seconds; after the first epoch the "
+                                "cosine schedule is shortened to the epochs that fit")
+    seed: int = Field(0, ge=0, description="seeds torch and numpy and the data order")
 
 
 def seed_everything(seed: int) -> None:
@@ -156,10 +163,6 @@ def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
     :mod:`.speed`. Under ``torchrun`` the steps are data parallel
     (:mod:`snncompress.distributed`).
     """
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     seed_everything(cfg.seed)
     model.to(device).train()
     lean_memory(model, cfg.lean_memory)

@@ -60,7 +60,7 @@ def run_key(config, model: torch.nn.Module, batches_per_epoch: int) -> str:
 
     A snapshot resumes only its own run.
     """
-    settings = {k: v for k, v in asdict(config).items() if k != "snapshot_every_steps"}  # how often, not what
+    settings = config.model_dump(exclude={"snapshot_every_steps"})  # how often, not what
     shape = [settings, batches_per_epoch, distributed.world_size()]  # one RNG row per rank
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
