@@ -70,24 +70,10 @@ def attention_loss(student: list[torch.Tensor], meta: list[torch.Tensor], beta: 
 def block_ends(model: nn.Module) -> list[tuple[str, int | None]]:
     """``[(module name, channels or None)]``: modules whose input is a block-end activation (module docstring).
 
-    ``channels`` is set where the input arrives flattened (``classifier.0``): ``[B, C*H*W]`` -> ``[B, C, H*W]``.
+    The model's family says which (:meth:`snncompress.models.SpikingNetwork.block_ends`); ``channels`` is
+    set where the input arrives flattened (``classifier.0``): ``[B, C*H*W]`` -> ``[B, C, H*W]``.
     """
-    family = model.spec.get("family")
-    if family == "vgg":
-        ends, channels, last_pool = [], None, False
-        for i, module in enumerate(model.features):
-            if isinstance(module, nn.AvgPool2d):
-                ends.append((f"features.{i}", None))
-                last_pool = True
-            elif isinstance(module, nn.Conv2d):
-                channels, last_pool = module.out_channels, False
-        if not last_pool and channels is not None:
-            ends.append(("classifier.0", channels))
-        return ends
-    if family == "resnet":
-        n = len(model.blocks)
-        return [(f"blocks.{b + 1}.conv1", None) for b in range(n - 1)] + [("pool", None)]
-    raise ValueError(f"attention transfer does not know model family {family!r}")
+    return model.block_ends()
 
 
 class ActivationTap:

@@ -32,127 +32,26 @@ what the dense one did.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from ..models import SpikingNetwork, build_from_spec
+from ..models import ChannelGroup, SpikingNetwork, build_from_spec
 from .masks import set_masks
 from .quantizers import attach_quantizer, quantizer_from_config
 from .state import bookkeeping, stored_tensors
-from ..neuron import LIF
-
-
-@dataclass
-class ChannelGroup:
-    """Channels kept or removed together; see the module docstring for the fields."""
-
-    name: str
-    size: int
-    spec_paths: list[tuple] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-    inputs: list[tuple[str, int]] = field(default_factory=list)
-    lifs: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- structure discovery
 
 
 def channel_groups(model: SpikingNetwork) -> list[ChannelGroup]:
-    """The channel groups of a VGG/convnet or ResNet, in forward order."""
-    family = model.spec.get("family")
-    if family == "vgg":
-        return _vgg_groups(model)
-    if family == "resnet":
-        return _resnet_groups(model)
-    raise ValueError(f"channel surgery does not know model family {family!r}")
-
-
-def _has_neuron(following: list[tuple[str, nn.Module]]) -> bool:
-    """True when a LIF comes after a conv/linear layer before the next conv/linear layer."""
-    for _, module in following:
-        if isinstance(module, LIF):
-            return True
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            return False
-    return False
-
-
-def _sequential_groups(seq: nn.Sequential, prefix: str, spec_key: str, spec_indices: list[int],
-                       current: ChannelGroup | None, spatial: list[int]) -> tuple[list[ChannelGroup], ChannelGroup | None]:
-    """Walk conv/linear, BN, LIF, pooling modules of ``seq``: each conv/linear followed by a LIF starts a group.
-
-    ``spec_indices[j]`` is the position in ``spec[spec_key]`` of the j-th
-    layer that starts a group; ``spatial`` = ``[H, W]`` of the current
-    feature map, updated by pooling (a flatten happens before the first linear).
-    """
-    groups, modules, j = [], list(seq.named_children()), 0
-    for i, (name, module) in enumerate(modules):
-        full = f"{prefix}.{name}"
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            positions = spatial[0] * spatial[1] if isinstance(module, nn.Linear) else 1
-            if isinstance(module, nn.Linear):
-                spatial[:] = [1, 1]
-            if current is not None:
-                current.inputs.append((full, positions))
-            if not _has_neuron(modules[i + 1:]):
-                current = None  # the output layer: no neuron, its channels are the classes
-                continue
-            current = ChannelGroup(full, module.weight.shape[0], [(spec_key, spec_indices[j])], [full])
-            groups.append(current)
-            j += 1
-        elif isinstance(module, nn.AvgPool2d):
-            spatial[:] = [spatial[0] // 2, spatial[1] // 2]
-        elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d | LIF) and current is not None:
-            current.outputs.append(full)
-            if isinstance(module, LIF):
-                current.lifs.append(full)
-    return groups, current
-
-
-def _vgg_groups(model: SpikingNetwork) -> list[ChannelGroup]:
-    spec = model.spec
-    conv_positions = [i for i, item in enumerate(spec["features"]) if item != "A"]
-    spatial = list(spec["in_shape"][1:])
-    groups, current = _sequential_groups(model.features, "features", "features", conv_positions, None, spatial)
-    head, _ = _sequential_groups(model.classifier, "classifier", "classifier",
-                                 list(range(len(spec["classifier"]))), current, spatial)
-    return groups + head
-
-
-def _resnet_groups(model: SpikingNetwork) -> list[ChannelGroup]:
-    spec = model.spec
-    groups, current = _sequential_groups(model.stem, "stem", "stem", list(range(len(spec["stem"]))),
-                                         None, list(spec["in_shape"][1:]))
-    for b, block in enumerate(model.blocks):
-        p = f"blocks.{b}"
-        current.inputs.append((f"{p}.conv1", 1))
-        current.spec_paths.append(("blocks", b, "in"))
-        mid = ChannelGroup(f"{p}.mid", block.conv1.out_channels, [("blocks", b, "mid")],
-                           [f"{p}.conv1", f"{p}.bn1", f"{p}.lif1"], [(f"{p}.conv2", 1)], [f"{p}.lif1"])
-        groups.append(mid)
-        if len(block.shortcut):  # projection: a new channel space
-            current.inputs.append((f"{p}.shortcut.0", 1))
-            current = ChannelGroup(f"{p}.out", block.conv2.out_channels, [],
-                                   [f"{p}.shortcut.0", f"{p}.shortcut.1"])
-            groups.append(current)
-        current.spec_paths.append(("blocks", b, "out"))
-        current.outputs += [f"{p}.conv2", f"{p}.bn2", f"{p}.lif2"]
-        current.lifs.append(f"{p}.lif2")
-    head, _ = _sequential_groups(model.classifier, "classifier", "classifier",
-                                 list(range(len(spec.get("classifier", [])))), current, [1, 1])
-    return groups + head
+    """The channel groups of ``model``, in forward order: its family says (:meth:`SpikingNetwork.channel_groups`)."""
+    return model.channel_groups()
 
 
 def projection_conflicts(model: SpikingNetwork, groups: list[ChannelGroup]) -> list[tuple[str, str]]:
-    """``(in group, out group)`` of every stride-1 projection block: their widths must differ after narrowing."""
-    if model.spec.get("family") != "resnet":
-        return []
-    by_path = {path: g.name for g in groups for path in g.spec_paths}
-    return [(by_path[("blocks", b, "in")], by_path[("blocks", b, "out")])
-            for b, block in enumerate(model.blocks)
-            if len(block.shortcut) and int(model.spec["blocks"][b]["stride"]) == 1]
+    """``(in group, out group)`` pairs whose widths must differ after narrowing (the family says; see the module docstring)."""
+    return model.projection_conflicts(groups)
 
 
 # ----------------------------------------------------------------------------- widths and channels

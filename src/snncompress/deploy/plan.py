@@ -168,9 +168,8 @@ def build_inference_plan(model: nn.Module) -> InferencePlan | None:
 
     The model is put in eval mode (nothing else about it changes).
     """
-    from ..models.vgg import SpikingVGG
 
-    if type(model) is not SpikingVGG or not model.spiking:
+    if "plan" not in getattr(model, "EXPORTS", ()) or not model.spiking:
         return None
     if model.spec.get("encoding", "direct") != "direct" or cpu.load_library() is None:
         return None

@@ -7,21 +7,28 @@ from pydantic import ValidationError
 from ..encoding import ENCODINGS
 from ..neuron import NeuronOptions
 from ..errors import UserError, format_validation_error
-from .base import NEURON_DEFAULTS, FamilyOptions, SpikingNetwork
+from .base import NEURON_DEFAULTS, ChannelGroup, FamilyOptions, SpikingNetwork
 from .stdp import ARCH as STDP_ARCH
 from .stdp import DiehlCookNetwork, DiehlCookOptions, diehl_cook_spec
 from .resnet import RESNET_LAYOUTS, ResNetOptions, SpikingResNet, resnet_spec
 from .vgg import VGG_FEATURES, SpikingVGG, VGGOptions, vgg_spec
 
-MODEL_NAMES = tuple(VGG_FEATURES) + tuple(RESNET_LAYOUTS) + (STDP_ARCH,)
-FAMILIES = {"vgg": SpikingVGG, "resnet": SpikingResNet, "stdp": DiehlCookNetwork}
+#: Every model family, by its name in specs; each class says which archs it builds and how.
+FAMILIES: dict[str, type[SpikingNetwork]] = {cls.FAMILY: cls for cls in (SpikingVGG, SpikingResNet, DiehlCookNetwork)}
+MODEL_NAMES = tuple(name for cls in FAMILIES.values() for name in cls.ARCHS)
+
+
+def family_of(name: str) -> type[SpikingNetwork]:
+    """The family class that builds arch ``name`` (``UserError`` for an unknown name)."""
+    for cls in FAMILIES.values():
+        if name in cls.ARCHS:
+            return cls
+    raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def family_options(name: str) -> type[FamilyOptions]:
     """The options model of the named network's family (what ``model.options`` may hold)."""
-    if name == STDP_ARCH:
-        return DiehlCookOptions
-    return ResNetOptions if name in RESNET_LAYOUTS else VGGOptions
+    return family_of(name).Options
 
 
 def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
@@ -45,13 +52,9 @@ def build_model(name: str, num_classes: int, in_shape, timesteps: int, *,
         a network whose ``forward(images [B, C, H, W])`` returns logits
         ``[B, num_classes]``; ``.ann_twin()`` gives its ReLU twin.
     """
-    if name not in MODEL_NAMES:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    family_class = family_of(name)
     try:
-        if name == STDP_ARCH:
-            family = diehl_cook_spec(name, **options)
-        else:
-            family = resnet_spec(name, **options) if name in RESNET_LAYOUTS else vgg_spec(name, **options)
+        family = family_class.make_spec(name, **options)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, f"bad option for model {name!r}")) from None
     unknown = set(neuron or {}) - set(NeuronOptions.model_fields)
@@ -81,4 +84,7 @@ def build_from_spec(spec: dict) -> SpikingNetwork:
         raise UserError(f"model spec is not valid: {exc}") from None
 
 
-__all__ = ["MODEL_NAMES", "SpikingNetwork", "build_model", "build_from_spec", "family_options"]
+__all__ = ["FAMILIES", "MODEL_NAMES", "ChannelGroup", "DiehlCookNetwork", "DiehlCookOptions", "FamilyOptions",
+           "RESNET_LAYOUTS", "ResNetOptions", "STDP_ARCH", "SpikingNetwork", "SpikingResNet", "SpikingVGG",
+           "VGGOptions", "VGG_FEATURES", "build_from_spec", "build_model", "diehl_cook_spec", "family_of",
+           "family_options", "resnet_spec", "vgg_spec"]

@@ -21,7 +21,8 @@ or not.
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,31 @@ class SpikingNetwork(nn.Module):
     Subclasses implement :meth:`run_layers(x, has_time)` on encoded input and
     return logits ``[T, B, K]`` (SNN) or ``[B, K]`` (ANN).
     """
+
+    #: The family's name in specs (``spec["family"]``), the arch names it builds, its options model, and
+    #: what it can be exported to ("plan": the PyTorch inference plan, "nir"); set by each family class.
+    FAMILY: ClassVar[str] = ""
+    ARCHS: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[FamilyOptions]] = FamilyOptions
+    EXPORTS: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def make_spec(cls, name: str, **options) -> dict:
+        """The family's part of the spec of arch ``name`` (``options`` validated by :attr:`Options`)."""
+        raise NotImplementedError
+
+    def channel_groups(self) -> list["ChannelGroup"]:
+        """Channels pruned together (:class:`ChannelGroup`), in forward order; used by channel surgery."""
+        raise ValueError(f"channel surgery does not know model family {self.spec.get('family')!r}")
+
+    def projection_conflicts(self, groups: list["ChannelGroup"]) -> list[tuple[str, str]]:
+        """``(in group, out group)`` pairs whose widths must differ after narrowing (none by default)."""
+        return []
+
+    def block_ends(self) -> list[tuple[str, int | None]]:
+        """``[(module name, channels or None)]``: modules whose input is a block-end activation
+        (attention transfer's taps; ``channels`` set where that input arrives flattened)."""
+        raise ValueError(f"attention transfer does not know model family {self.spec.get('family')!r}")
 
     def __init__(self, spec: dict):
         super().__init__()
@@ -165,3 +191,59 @@ class SpikingNetwork(nn.Module):
         for _, lif in self.spiking_layers():
             lif.backend = backend
         self.spec.setdefault("neuron", {})["backend"] = backend
+
+
+@dataclass
+class ChannelGroup:
+    """Channels kept or removed together (see :mod:`snncompress.compress.structure` for the fields):
+    ``spec_paths`` where the width sits in the spec, ``outputs`` modules indexed along dim 0,
+    ``inputs`` ``(module, positions)`` indexed along dim 1, ``lifs`` the spiking layers of the channels."""
+
+    name: str
+    size: int
+    spec_paths: list[tuple] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    inputs: list[tuple[str, int]] = field(default_factory=list)
+    lifs: list[str] = field(default_factory=list)
+
+
+def _has_neuron(following: list[tuple[str, nn.Module]]) -> bool:
+    """True when a LIF comes after a conv/linear layer before the next conv/linear layer."""
+    for _, module in following:
+        if isinstance(module, LIF):
+            return True
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            return False
+    return False
+
+
+def sequential_channel_groups(seq: nn.Sequential, prefix: str, spec_key: str, spec_indices: list[int],
+                       current: ChannelGroup | None, spatial: list[int]) -> tuple[list[ChannelGroup], ChannelGroup | None]:
+    """Walk conv/linear, BN, LIF, pooling modules of ``seq``: each conv/linear followed by a LIF starts a group.
+
+    ``spec_indices[j]`` is the position in ``spec[spec_key]`` of the j-th
+    layer that starts a group; ``spatial`` = ``[H, W]`` of the current
+    feature map, updated by pooling (a flatten happens before the first linear).
+    """
+    groups, modules, j = [], list(seq.named_children()), 0
+    for i, (name, module) in enumerate(modules):
+        full = f"{prefix}.{name}"
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            positions = spatial[0] * spatial[1] if isinstance(module, nn.Linear) else 1
+            if isinstance(module, nn.Linear):
+                spatial[:] = [1, 1]
+            if current is not None:
+                current.inputs.append((full, positions))
+            if not _has_neuron(modules[i + 1:]):
+                current = None  # the output layer: no neuron, its channels are the classes
+                continue
+            current = ChannelGroup(full, module.weight.shape[0], [(spec_key, spec_indices[j])], [full])
+            groups.append(current)
+            j += 1
+        elif isinstance(module, nn.AvgPool2d):
+            spatial[:] = [spatial[0] // 2, spatial[1] // 2]
+        elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d | LIF) and current is not None:
+            current.outputs.append(full)
+            if isinstance(module, LIF):
+                current.lifs.append(full)
+    return groups, current

@@ -24,7 +24,8 @@ from pydantic import Field
 from torch import nn
 
 from ..neuron import LIF
-from .base import FamilyOptions, SpikingNetwork, TimeDropout, init_weights, make_lif
+from .base import (ChannelGroup, FamilyOptions, SpikingNetwork, TimeDropout, init_weights, make_lif,
+                   sequential_channel_groups)
 
 #: (stem widths, stem pool, stages as (width, blocks, stride), classifier hidden widths)
 RESNET_LAYOUTS = {
@@ -58,6 +59,47 @@ class BasicBlock(nn.Module):
 
 class SpikingResNet(SpikingNetwork):
     """ResNet built from its spec; see the module docstring for the layout."""
+
+    FAMILY = "resnet"
+    ARCHS = tuple(RESNET_LAYOUTS)
+
+    @classmethod
+    def make_spec(cls, name: str, **options) -> dict:
+        return resnet_spec(name, **options)
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        spec = self.spec
+        groups, current = sequential_channel_groups(self.stem, "stem", "stem", list(range(len(spec["stem"]))),
+                                             None, list(spec["in_shape"][1:]))
+        for b, block in enumerate(self.blocks):
+            p = f"blocks.{b}"
+            current.inputs.append((f"{p}.conv1", 1))
+            current.spec_paths.append(("blocks", b, "in"))
+            mid = ChannelGroup(f"{p}.mid", block.conv1.out_channels, [("blocks", b, "mid")],
+                               [f"{p}.conv1", f"{p}.bn1", f"{p}.lif1"], [(f"{p}.conv2", 1)], [f"{p}.lif1"])
+            groups.append(mid)
+            if len(block.shortcut):  # projection: a new channel space
+                current.inputs.append((f"{p}.shortcut.0", 1))
+                current = ChannelGroup(f"{p}.out", block.conv2.out_channels, [],
+                                       [f"{p}.shortcut.0", f"{p}.shortcut.1"])
+                groups.append(current)
+            current.spec_paths.append(("blocks", b, "out"))
+            current.outputs += [f"{p}.conv2", f"{p}.bn2", f"{p}.lif2"]
+            current.lifs.append(f"{p}.lif2")
+        head, _ = sequential_channel_groups(self.classifier, "classifier", "classifier",
+                                     list(range(len(spec.get("classifier", [])))), current, [1, 1])
+        return groups + head
+
+    def projection_conflicts(self, groups: list[ChannelGroup]) -> list[tuple[str, str]]:
+        """``(in group, out group)`` of every stride-1 projection block: their widths must differ after narrowing."""
+        by_path = {path: g.name for g in groups for path in g.spec_paths}
+        return [(by_path[("blocks", b, "in")], by_path[("blocks", b, "out")])
+                for b, block in enumerate(self.blocks)
+                if len(block.shortcut) and int(self.spec["blocks"][b]["stride"]) == 1]
+
+    def block_ends(self) -> list[tuple[str, int | None]]:
+        n = len(self.blocks)
+        return [(f"blocks.{b + 1}.conv1", None) for b in range(n - 1)] + [("pool", None)]
 
     def __init__(self, spec: dict):
         super().__init__(spec)
@@ -138,3 +180,6 @@ def resnet_spec(name: str, **options) -> dict:
         "batchnorm": (name == "resnet19") if opts.batchnorm is None else opts.batchnorm,
         "dropout": opts.dropout,
     }
+
+
+SpikingResNet.Options = ResNetOptions

@@ -129,6 +129,13 @@ class ExcitatoryPopulation(nn.Module):
 class DiehlCookNetwork(SpikingNetwork):
     """The network of the module docstring; ``spec`` from :func:`diehl_cook_spec` plus data fields."""
 
+    FAMILY = "stdp"
+    ARCHS = (ARCH,)
+
+    @classmethod
+    def make_spec(cls, name: str, **options) -> dict:
+        return diehl_cook_spec(name, **options)
+
     def __init__(self, spec: dict):
         super().__init__(spec)
         s = self.spec
@@ -292,3 +299,6 @@ class DiehlCookNetwork(SpikingNetwork):
 
     def run_layers(self, x, has_time):  # pragma: no cover - forward is overridden
         raise NotImplementedError
+
+
+DiehlCookNetwork.Options = DiehlCookOptions

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..errors import short_repr
 from ..neuron import LIF
-from .base import FamilyOptions, SpikingNetwork, TimeDropout, init_weights, make_lif
+from .base import (ChannelGroup, FamilyOptions, SpikingNetwork, TimeDropout, init_weights, make_lif,
+                   sequential_channel_groups)
 
 #: Feature configurations; "A" = 2x2 average pooling.
 VGG_FEATURES = {
@@ -45,6 +46,35 @@ VGG_CLASSIFIER = {
 
 class SpikingVGG(SpikingNetwork):
     """VGG / convnet built from its spec; see the module docstring for the layout."""
+
+    FAMILY = "vgg"
+    ARCHS = tuple(VGG_FEATURES)
+    EXPORTS = frozenset({"plan", "nir"})
+
+    @classmethod
+    def make_spec(cls, name: str, **options) -> dict:
+        return vgg_spec(name, **options)
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        spec = self.spec
+        conv_positions = [i for i, item in enumerate(spec["features"]) if item != "A"]
+        spatial = list(spec["in_shape"][1:])
+        groups, current = sequential_channel_groups(self.features, "features", "features", conv_positions, None, spatial)
+        head, _ = sequential_channel_groups(self.classifier, "classifier", "classifier",
+                                     list(range(len(spec["classifier"]))), current, spatial)
+        return groups + head
+
+    def block_ends(self) -> list[tuple[str, int | None]]:
+        ends, channels, last_pool = [], None, False
+        for i, module in enumerate(self.features):
+            if isinstance(module, nn.AvgPool2d):
+                ends.append((f"features.{i}", None))
+                last_pool = True
+            elif isinstance(module, nn.Conv2d):
+                channels, last_pool = module.out_channels, False
+        if not last_pool and channels is not None:
+            ends.append(("classifier.0", channels))
+        return ends
 
     def __init__(self, spec: dict):
         super().__init__(spec)
@@ -126,3 +156,6 @@ def vgg_spec(name: str, **options) -> dict:
         "classifier": list(opts.classifier if opts.classifier is not None else VGG_CLASSIFIER[name]),
         "batchnorm": opts.batchnorm, "dropout": opts.dropout, "conv_dropout": opts.conv_dropout,
     }
+
+
+SpikingVGG.Options = VGGOptions
