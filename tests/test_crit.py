@@ -12,7 +12,8 @@ from snncompress.compress.criticality import CriticalityMeter, criticality_score
 from snncompress.compress.masks import get_mask, get_masks
 from snncompress.compress.pruning import (PruneRegrow, attach_masks, cubic_schedule, cubic_sparsity, imp_sparsities,
                                           kept_count, live_count, prunable_weights, prune_and_regrow_, regrow_ratios)
-from snncompress.compress.slimming import GammaL1, select_channels_by_gamma
+from snncompress.compress.importance import per_group_mean
+from snncompress.compress.slimming import GammaL1, select_channels
 from snncompress.compress.structure import channel_groups
 from snncompress.data import TensorBatchLoader
 from snncompress.errors import UserError
@@ -428,13 +429,13 @@ def test_structured_regrowth_picks_the_channels_a_hand_example_predicts():
             "classifier.1": torch.zeros(3)}
     # 8 BN channels, prune 50%: keep 4; regrow round(0.25 * 4) = 1. By gamma: A0 0.9, B1 0.8, A2 0.5.
     # Left out: A1, A3, B0, B2, B3; the most critical of them is B2 (0.7), not B0 (0.3, next by gamma).
-    keep, summary = select_channels_by_gamma(model, groups, 0.5, 0.25, crit)
+    keep, summary = select_channels(model, groups, 0.5, 0.25, per_group_mean(groups, crit))
     assert {k: v.tolist() for k, v in keep.items()} == {"features.0": [0, 2], "features.4": [1, 2],
                                                        "classifier.0": [0, 1, 2]}      # no BN: kept whole
     assert summary["kept"] == 4 and summary["regrown"] == 1 and summary["regrown_by_group"] == {"features.4": 1}
-    keep, _ = select_channels_by_gamma(model, groups, 0.5, 0.0, crit)                  # gamma alone
+    keep, _ = select_channels(model, groups, 0.5, 0.0, per_group_mean(groups, crit))                  # gamma alone
     assert keep["features.4"].tolist() == [0, 1]
-    keep, _ = select_channels_by_gamma(model, groups, 0.9, 0.0, crit, min_channels=2)  # keep 1; floors to 2 each
+    keep, _ = select_channels(model, groups, 0.9, 0.0, per_group_mean(groups, crit), min_channels=2)  # keep 1; floors to 2 each
     assert keep["features.0"].tolist() == [0, 2] and keep["features.4"].tolist() == [0, 1]
 
 

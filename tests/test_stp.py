@@ -15,7 +15,7 @@ from snncompress.errors import UserError
 from snncompress.models import build_model
 from snncompress.neuron import LIF
 from snncompress.compress import get_quantizers, quantize_weights
-from snncompress.compress.importance import (as_samples, explained_variance_ratio, pca_significance,
+from snncompress.compress.pca import (as_samples, explained_variance_ratio, pca_significance,
                                              significant_dimension)
 from snncompress.compress.structure import (channel_groups, group_widths, narrow_model, projection_conflicts,
                                             select_channels)
@@ -80,7 +80,7 @@ def test_layer_pca_of_a_network_finds_the_rank_of_its_weights():
 def test_significance_ranks_the_channels_that_carry_variance():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1000, 6, generator=g) * torch.tensor([0.01, 5.0, 0.01, 3.0, 0.01, 0.01])
-    from snncompress.compress.importance import Scatter, layer_pca
+    from snncompress.compress.pca import Scatter, layer_pca
 
     scatter = Scatter(6)
     for part in x.split(300):                                     # streaming == one shot

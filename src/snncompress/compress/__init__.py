@@ -10,8 +10,17 @@ module             what
                    ``export()`` gives integer codes + scale
 ``state``          what a compressed model stores (one enumeration for the
                    footprint and the checkpoint)
-``structure``      channel groups and surgery into a physically narrower model
-``importance``     channel significance: PCA of membrane potentials (STP)
+``footprint``      the bits a compressed model stores (the checkpoint's storage model)
+``structure``      channel surgery into a physically narrower model (the groups come from the
+                   model's family)
+``importance``     one interface: scores per channel group (magnitude, BatchNorm gamma,
+                   criticality, PCA significance)
+``pca``            PCA of membrane potentials: significant dimensions (STP)
+``criticality``    closeness of membrane potentials to threshold (CRIT)
+``pruning``        global magnitude pruning, regeneration, IMP (CRIT)
+``slimming``       L1 on BatchNorm gamma and channel selection (structured CRIT)
+``sparse_momentum`` fixed-density sparse learning (AGC); ``attention``: attention transfer (AGC)
+``exploration``    tinySNN's design-space search and the one Pareto front
 ``temporal``       timestep reduction schedule (STP)
 =================  ==================================================================
 """

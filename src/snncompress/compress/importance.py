@@ -1,165 +1,103 @@
-"""PCA significance of spiking layers (STP spatial pruning, docs/methods/stp.md steps 1-2).
+"""One importance interface for structured pruning: scores per channel group.
 
-For each LIF layer l of an SNN:
+An :class:`Importance` is called as ``importance(model, groups)`` and returns
+``{group name: scores}``, one float64 CPU tensor ``[group.size]`` per group it can score (higher =
+more important; a group it cannot score, e.g. one without BatchNorm for :class:`GammaImportance`,
+is left out). Channel groups come from the model's family
+(:meth:`snncompress.models.SpikingNetwork.channel_groups`). The methods' scorers:
 
-1. record the pre-reset membrane potential ``u`` ``[T, B, C, H, W]`` (conv) or
-   ``[T, B, N]`` (linear) on a batch of training images, and accumulate it
-   over time: mean over t (default) or sum;
-2. arrange it as samples x features: conv ``[B, C, H, W] -> [B*H*W, C]``
-   (every pixel of every image is a sample of the C channels), linear
-   ``[B, N]``;
-3. centre the columns, take singular values ``s`` of the centred matrix (via
-   the eigenvalues of its scatter ``X_c^T X_c``, accumulated batch by batch);
-   explained-variance ratios ``r_i = s_i^2 / sum_j s_j^2`` (descending);
-4. the significant dimension ``k_l`` = the smallest k with
-   ``sum_{i<=k} r_i >= theta``.
+=====================  ==============================================  =========================
+class                  score of a channel                              used by
+=====================  ==============================================  =========================
+MagnitudeImportance    sum of squared weights that produce it          AGC's channel variant
+GammaImportance        mean |gamma| of its BatchNorms                  structured CRIT (slimming)
+CriticalityImportance  mean criticality of its spiking layers          structured CRIT regrowth
+PCAImportance          mean PCA significance of its spiking layers     STP (diagnostics; STP keeps
+                                                                       the most significant)
+=====================  ==============================================  =========================
 
-Channel significance (which channels to keep when the narrow model inherits
-the dense model's weights): ``sig_c = sum_{i<k} s_i^2 V[c, i]^2``, the
-variance of channel c that lies in the retained principal subspace (``V`` =
-right singular vectors, the loadings).
+Like Torch-Pruning's ``Importance``, a scorer knows nothing of how many channels are kept: the
+selection (:func:`snncompress.compress.slimming.select_channels`, the sparse-momentum channel
+masks, the STP narrowing) is a separate part.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from torch import nn
 
-from ..models import SpikingNetwork
-
-ACCUMULATIONS = ("mean", "sum")
-
-
-@dataclass
-class LayerPCA:
-    """PCA of one spiking layer: ``ratios`` [C] descending, ``significance`` [C], ``k``."""
-
-    channels: int
-    ratios: torch.Tensor
-    significance: torch.Tensor
-    k: int
-
-    def cumulative(self) -> torch.Tensor:
-        """Cumulative explained-variance ratio ``[C]`` (ends at 1)."""
-        return torch.cumsum(self.ratios, 0)
+from ..models import ChannelGroup
+from .criticality import criticality_scores
+from .masks import original, owner
+from .pca import pca_significance
 
 
-def as_samples(potential: torch.Tensor) -> torch.Tensor:
-    """Time-accumulated potential ``[B, C, H, W]`` or ``[B, N]`` -> samples x features ``[B*H*W, C]`` / ``[B, N]``."""
-    if potential.dim() == 2:
-        return potential
-    return potential.movedim(1, -1).reshape(-1, potential.shape[1])
+class Importance:
+    """Base: ``__call__(model, groups) -> {group name: float64 [size]}`` (module docstring)."""
+
+    def __call__(self, model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
 
-class Scatter:
-    """Streaming centred scatter matrix of samples ``[N, C]`` (float64; memory ``O(C^2)``, not ``O(N C)``).
-
-    ``X_c^T X_c = sum x x^T - N mu mu^T`` with ``X_c`` the column-centred
-    samples, so its eigenvalues are the squared singular values ``s_i^2`` of
-    ``X_c`` and its eigenvectors the right singular vectors ``V`` (loadings):
-    the same PCA as an SVD of the centred matrix, without holding all samples.
-    """
-
-    def __init__(self, channels: int):
-        self.count = 0
-        self.total = torch.zeros(channels, dtype=torch.float64)
-        self.gram = torch.zeros(channels, channels, dtype=torch.float64)
-
-    def add(self, samples: torch.Tensor) -> None:
-        """Accumulate samples ``[N, C]``."""
-        x = samples.detach().to(torch.float64).cpu()
-        self.count += x.shape[0]
-        self.total += x.sum(0)
-        self.gram += x.T @ x
-
-    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared singular values ``[C]`` (descending, >= 0) and loadings ``V`` ``[C, C]`` (columns)."""
-        mean = self.total / max(self.count, 1)
-        centred = self.gram - self.count * torch.outer(mean, mean)
-        power, vectors = torch.linalg.eigh((centred + centred.T) / 2)
-        return power.flip(0).clamp(min=0.0), vectors.flip(1)
+def producing_weights(model: nn.Module, group: ChannelGroup) -> list[str]:
+    """Names of the conv / linear weights whose rows (dim 0) are ``group``'s channels."""
+    modules = dict(model.named_modules())
+    return [f"{n}.weight" for n in group.outputs if isinstance(modules[n], nn.Conv2d | nn.Linear)]
 
 
-def principal_components(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared singular values ``[C]`` (descending) and loadings ``V`` ``[C, C]`` of the centred ``samples [N, C]``."""
-    scatter = Scatter(samples.shape[1])
-    scatter.add(samples)
-    return scatter.components()
+def channel_energy(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over the tensors of each channel's squared entries, float64 ``[C]`` (rows = dim 0)."""
+    return sum(t.detach().cpu().to(torch.float64).pow(2).flatten(1).sum(1) for t in tensors)
 
 
-def explained_variance_ratio(samples: torch.Tensor) -> torch.Tensor:
-    """Explained-variance ratios ``s_i^2 / sum s^2`` ``[C]`` of ``samples [N, C]``, descending, summing to 1.
-
-    A layer with no variance at all (e.g. never any input) gets all zeros.
-    """
-    power, _ = principal_components(samples)
-    total = power.sum()
-    return power / total if total > 0 else power
-
-
-def significant_dimension(ratios: torch.Tensor, theta: float) -> int:
-    """Smallest k whose cumulative ratio ``>= theta`` (1 for a layer without variance)."""
-    if not 0.0 < theta <= 1.0:
-        raise ValueError(f"theta must be in (0, 1], got {theta}")
-    cumulative = torch.cumsum(ratios.to(torch.float64), 0)
-    if cumulative.numel() == 0 or cumulative[-1] <= 0:
-        return 1
-    # tolerate float rounding of a cumulative sum that should reach exactly theta
-    hits = (cumulative >= theta - 1e-9).nonzero()
-    return int(hits[0]) + 1 if hits.numel() else int(ratios.numel())
+def per_group_mean(groups: list[ChannelGroup], lif_scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{group name: per-channel mean of its member LIFs' scores}`` (float64 [size]); groups with none are left out."""
+    out = {}
+    for g in groups:
+        member = [lif_scores[n].to(torch.float64).cpu().reshape(-1) for n in g.lifs if n in lif_scores]
+        if member:
+            out[g.name] = torch.stack(member).mean(0)
+    return out
 
 
-def layer_pca(scatter: Scatter, theta: float) -> LayerPCA:
-    """PCA of one layer from its scatter: ratios, channel significance and ``k`` at ``theta``."""
-    power, loadings = scatter.components()
-    total = power.sum()
-    ratios = power / total if total > 0 else power
-    k = significant_dimension(ratios, theta)
-    significance = (loadings[:, :k] ** 2 * power[:k]).sum(1)
-    return LayerPCA(channels=power.numel(), ratios=ratios.float(), significance=significance.float(), k=k)
+class MagnitudeImportance(Importance):
+    """Sum of squared (unmasked, stored) weights producing each channel."""
+
+    def __call__(self, model, groups):
+        return {g.name: channel_energy([original(*owner(model, n)) for n in producing_weights(model, g)])
+                for g in groups}
 
 
-def accumulate_time(membrane: torch.Tensor, accumulate: str) -> torch.Tensor:
-    """Pre-reset potentials ``[T, B, ...]`` -> ``[B, ...]``: mean or sum over t."""
-    if accumulate not in ACCUMULATIONS:
-        raise ValueError(f"accumulate must be one of {ACCUMULATIONS}, got {accumulate!r}")
-    return membrane.mean(0) if accumulate == "mean" else membrane.sum(0)
+class GammaImportance(Importance):
+    """Mean |gamma| of the BatchNorm layers that scale each channel (network slimming)."""
+
+    def __call__(self, model, groups):
+        modules = dict(model.named_modules())
+        out = {}
+        for g in groups:
+            bns = [modules[n] for n in g.outputs if isinstance(modules[n], nn.BatchNorm2d | nn.BatchNorm1d)]
+            if bns:
+                out[g.name] = torch.stack([bn.weight.detach().abs().to(torch.float64).cpu() for bn in bns]).mean(0)
+        return out
 
 
-@torch.no_grad()
-def layer_scatters(model: SpikingNetwork, images: torch.Tensor, accumulate: str = "mean",
-                   chunk: int = 64) -> dict[str, Scatter]:
-    """Each LIF layer's scatter of time-accumulated pre-reset potentials, ``{name: Scatter}`` in forward order.
+class CriticalityImportance(Importance):
+    """Mean criticality (:mod:`.criticality`) of each channel's spiking layers on ``images [N, C, H, W]``;
+    ``options`` go to :func:`~snncompress.compress.criticality.criticality_scores` (chunk, score, alpha, ...)."""
 
-    Args:
-        model: the SNN (run in eval mode at its own T; its mode is restored).
-        images: training images ``[N, C, H, W]``, normalised.
-        accumulate: ``"mean"`` or ``"sum"`` of ``u`` over the T timesteps.
-        chunk: images per forward pass (memory knob; the result does not depend on it).
-    """
-    accumulate_time(torch.zeros(1, 1), accumulate)  # validate before running anything
-    layers = list(model.spiking_layers())
-    was_training, was_spiking = model.training, model.spiking
-    model.set_spiking(True).eval()
-    scatters: dict[str, Scatter] = {}
-    try:
-        for _, lif in layers:
-            lif.record_membrane = True
-        for start in range(0, images.shape[0], chunk):
-            model(images[start:start + chunk])
-            for name, lif in layers:
-                samples = as_samples(accumulate_time(lif.last_membrane, accumulate))
-                scatters.setdefault(name, Scatter(samples.shape[1])).add(samples)
-    finally:
-        for _, lif in layers:
-            lif.record_membrane, lif.last_membrane = False, None
-        model.set_spiking(was_spiking).train(was_training)
-    return scatters
+    def __init__(self, images: torch.Tensor, **options):
+        self.images, self.options = images, options
+
+    def __call__(self, model, groups):
+        return per_group_mean(groups, criticality_scores(model, self.images, **self.options))
 
 
-def pca_significance(model: SpikingNetwork, images: torch.Tensor, theta: float = 0.99,
-                     accumulate: str = "mean", chunk: int = 64) -> dict[str, LayerPCA]:
-    """PCA of every LIF layer of ``model`` on ``images [N, C, H, W]``; ``{layer name: LayerPCA}`` in forward order."""
-    scatters = layer_scatters(model, images, accumulate, chunk)
-    return {name: layer_pca(scatter, theta) for name, scatter in scatters.items()}
+class PCAImportance(Importance):
+    """Mean PCA significance (:mod:`.pca`) of each channel's spiking layers on ``images [N, C, H, W]``."""
+
+    def __init__(self, images: torch.Tensor, accumulate: str = "mean", chunk: int = 64):
+        self.images, self.accumulate, self.chunk = images, accumulate, chunk
+
+    def __call__(self, model, groups):
+        pca = pca_significance(model, self.images, accumulate=self.accumulate, chunk=self.chunk)
+        return per_group_mean(groups, {name: layer.significance for name, layer in pca.items()})

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..hooks import Callback
+from .importance import GammaImportance, Importance
 from .structure import ChannelGroup, projection_conflicts
 
 
@@ -31,26 +32,6 @@ def batchnorms(model: nn.Module, group: ChannelGroup) -> list[nn.Module]:
     """The BatchNorm modules that scale ``group``'s channels."""
     modules = dict(model.named_modules())
     return [modules[n] for n in group.outputs if isinstance(modules[n], nn.BatchNorm2d | nn.BatchNorm1d)]
-
-
-def gamma_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
-    """``{group name: mean |gamma| per channel}`` (float64 ``[size]``) of every group that has BatchNorm."""
-    out = {}
-    for g in groups:
-        bns = batchnorms(model, g)
-        if bns:
-            out[g.name] = torch.stack([bn.weight.detach().abs().to(torch.float64).cpu() for bn in bns]).mean(0)
-    return out
-
-
-def group_criticality(groups: list[ChannelGroup], lif_scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{group name: per-channel criticality}``: the mean of its member LIFs' channel scores."""
-    out = {}
-    for g in groups:
-        member = [lif_scores[n].to(torch.float64).cpu().reshape(-1) for n in g.lifs if n in lif_scores]
-        if member:
-            out[g.name] = torch.stack(member).mean(0)
-    return out
 
 
 class GammaL1(Callback):
@@ -70,19 +51,21 @@ def _ranked(items: list[tuple[str, int]], *keys: dict[str, torch.Tensor]) -> lis
     return sorted(items, key=lambda gc: tuple(-float(k[gc[0]][gc[1]]) for k in keys))
 
 
-def select_channels_by_gamma(model: nn.Module, groups: list[ChannelGroup], prune_fraction: float,
-                             regrow_fraction: float, lif_scores: dict[str, torch.Tensor] | None = None,
-                             min_channels: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
+def select_channels(model: nn.Module, groups: list[ChannelGroup], prune_fraction: float,
+                    regrow_fraction: float, regrow_scores: dict[str, torch.Tensor] | None = None,
+                    min_channels: int = 1, importance: Importance | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The channels each group keeps (ascending int64 indices) and a summary of the choice.
 
-    See the module docstring. ``lif_scores``: ``{LIF name: [C] channel criticality}``;
-    without it (or with ``regrow_fraction = 0``) the choice is by |gamma| alone.
+    See the module docstring. Channels are ranked by ``importance`` (default :class:`GammaImportance`,
+    |gamma|); ``regrow_scores``: ``{group name: [size]}`` scores of the channels to regrow (e.g. a
+    :class:`CriticalityImportance`'s); without them (or with ``regrow_fraction = 0``) the choice is by
+    ``importance`` alone.
     """
     if not 0 <= prune_fraction < 1 or not 0 <= regrow_fraction < 1:
         raise ValueError(f"need 0 <= prune_fraction < 1 and 0 <= regrow_fraction < 1, "
                          f"got {prune_fraction}, {regrow_fraction}")
-    gamma = gamma_scores(model, groups)
-    crit = group_criticality(groups, lif_scores or {})
+    gamma = (importance or GammaImportance())(model, groups)
+    crit = regrow_scores or {}
     channels = [(g.name, c) for g in groups if g.name in gamma for c in range(g.size)]
     total = len(channels)
     kept = total - int(prune_fraction * total + 0.5)

@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import distributed
 from ..hooks import Callback, TrainState
+from .importance import channel_energy
 from .masks import WeightMask, find, get_mask, original, owner, set_mask, set_masks
 from .pruning import global_magnitude, reset_optimizer_state_
 from .structure import ChannelGroup, channel_groups
@@ -189,11 +190,6 @@ def set_channel_mask(model: nn.Module, group: ChannelGroup, alive: torch.Tensor)
         set_mask(model, name, alive.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).clone())
 
 
-def _per_channel(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over the tensors of each channel's squared entries ``[C]`` (rows = dim 0)."""
-    return sum(t.detach().cpu().to(torch.float64).pow(2).flatten(1).sum(1) for t in tensors)
-
-
 def init_channel_masks(model: nn.Module, groups: list[ChannelGroup], density: float, how: str = "random",
                        seed: int = 0, min_channels: int = 1) -> None:
     """Keep ``max(min_channels, round(density * C))`` channels of every group (random, or largest weight norm)."""
@@ -203,7 +199,7 @@ def init_channel_masks(model: nn.Module, groups: list[ChannelGroup], density: fl
     for g in groups:
         weights, _ = group_tensors(model, g)
         keep = min(g.size, max(min_channels, int(density * g.size + 0.5)))
-        score = (_per_channel([original(*owner(model, n)) for n in weights]) if how == "magnitude"
+        score = (channel_energy([original(*owner(model, n)) for n in weights]) if how == "magnitude"
                  else torch.rand(g.size, generator=gen))
         set_channel_mask(model, g, _top(score, torch.ones(g.size, dtype=torch.bool), keep, largest=True))
 
@@ -233,10 +229,10 @@ def prune_regrow_channels_(model: nn.Module, groups: list[ChannelGroup], rate: f
     after, pruned, mean_mom, mom_norm = {}, {}, [], {}
     for g in groups:
         weights, _ = group_tensors(model, g)
-        norm = _per_channel([original(*owner(model, n)) for n in weights]).sqrt()
+        norm = channel_energy([original(*owner(model, n)) for n in weights]).sqrt()
         mom = [momentum[n].detach().cpu().to(torch.float64) for n in weights]
         mom_norm[g.name] = (dead_scores[g.name].detach().cpu().to(torch.float64)
-                            if dead_scores is not None and g.name in dead_scores else _per_channel(mom).sqrt())
+                            if dead_scores is not None and g.name in dead_scores else channel_energy(mom).sqrt())
         per_weight = sum(m.abs().flatten(1).sum(1) for m in mom)
         count = sum(m[0].numel() for m in mom)
         live = alive[g.name]

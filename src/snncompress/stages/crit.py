@@ -44,7 +44,8 @@ from ..compress.criticality import criticality_scores
 from ..compress.masks import original, owner
 from ..compress.pruning import (PruneRegrow, StepCost, attach_masks, global_magnitude, imp_sparsities, kept_count,
                                 live_count, prunable_weights, rewind_)
-from ..compress.slimming import GammaL1, batchnorms, select_channels_by_gamma
+from ..compress.importance import per_group_mean
+from ..compress.slimming import GammaL1, batchnorms, select_channels
 from ..compress.structure import channel_groups, narrow_model
 from ..errors import UserError
 from ..io import write_json
@@ -300,8 +301,8 @@ def _structured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticality
     start, cpu = time.perf_counter(), time.process_time()
     images = calibration_images(ctx.train_loader, opts.score_images).to(ctx.device)
     scores = criticality_scores(model, images, opts.chunk, opts.score, opts.alpha, opts.normalized, opts.reduce)
-    keep, summary = select_channels_by_gamma(model, groups, opts.prune_fraction, opts.regrow_fraction, scores,
-                                             opts.min_channels)
+    keep, summary = select_channels(model, groups, opts.prune_fraction, opts.regrow_fraction,
+                                    per_group_mean(groups, scores), opts.min_channels)
     narrow = narrow_model(model, keep, groups)
     parts.append({"iterations": 0, "images": int(images.shape[0]), "seconds": time.perf_counter() - start,
                   "cpu_seconds": time.process_time() - cpu})

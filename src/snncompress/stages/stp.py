@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 from matplotlib.figure import Figure
 from pydantic import Field, field_validator, model_validator
 
-from ..compress.importance import LayerPCA, pca_significance
+from ..compress.pca import LayerPCA, pca_significance
 from ..compress.structure import (channel_groups, group_widths, narrow_fresh, narrow_model, projection_conflicts,
                                   select_channels)
 from ..compress.temporal import check_schedule, default_schedule, prune_timesteps, trials_table
