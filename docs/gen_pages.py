@@ -29,7 +29,7 @@ PACKAGE = ROOT / "src" / "snncompress"
 
 def _type_name(annotation) -> str:
     text = annotation.__name__ if isinstance(annotation, type) else repr(annotation)
-    return text.replace("typing.", "").replace("NoneType", "None")
+    return text.replace("typing.", "").replace("NoneType", "None").replace(" | ", " or ")
 
 
 def _default(field) -> str:
@@ -42,8 +42,21 @@ def _default(field) -> str:
     return repr(field.default)
 
 
+LIMIT_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
+
+
+def _limit(item) -> str:
+    """``Ge(ge=1)`` -> ``>= 1``; a pattern as itself; anything else as pydantic writes it."""
+    if getattr(item, "pattern", None):
+        return f"pattern `{item.pattern}`"
+    for attribute, sign in LIMIT_SIGNS.items():
+        if getattr(item, attribute, None) is not None:
+            return f"{sign} {getattr(item, attribute)}"
+    return f"`{item!r}`"
+
+
 def _limits(field) -> str:
-    return ", ".join(f"`{item}`" for item in field.metadata)
+    return ", ".join(_limit(item) for item in field.metadata)
 
 
 def _cell(text: str) -> str:
@@ -84,14 +97,11 @@ def options_page() -> str:
     for kind in sorted(kinds):
         stage = kinds[kind]
         options = stage.options
-        summary = inspect.getdoc(options) or ""
-        needs = options.needs or "nothing"
-        produces = options.produces or "the model it got"
-        lines += [f"### {kind}", "",
-                  f"Module `snncompress.stages.{stage.module}`; options model `{options.__name__}`. "
-                  f"Needs: {needs}; produces: {produces}.", ""]
+        summary = (inspect.getdoc(stage.run) or "").split("\n\n")[0].replace("\n", " ")
+        lines += [f"### {kind}", ""]
         if summary:
-            lines += [summary.splitlines()[0], ""]
+            lines += [summary, ""]
+        lines += [f"Module `snncompress.stages.{stage.module}`; options model `{options.__name__}`.", ""]
         lines += [options_table(options, skip=("kind",)), ""]
     return "\n".join(lines)
 

@@ -47,7 +47,7 @@ def test_options_page_lists_every_stage_kind_and_its_options(site):
         assert re.search(rf"\b{re.escape(kind)}\b", text), kind
     # train_snn's section holds its epochs option, with its default of 1 and its lower limit
     section = text[text.index("TrainSNNOptions"):]
-    assert re.search(r"\bepochs\s+int\s+1\s+Ge\(ge=1\)", section), section[:600]
+    assert re.search(r"\bepochs\s+int\s+1\s+&gt;= 1", section), section[:600]
 
 
 def test_api_reference_covers_every_module(site):
