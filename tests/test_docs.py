@@ -57,5 +57,7 @@ def test_api_reference_covers_every_module(site):
         if parts[-1] == "__init__":
             parts = parts[:-1]
         assert (api.joinpath(*parts) / "index.html").is_file(), source.name
-    # docstrings are rendered, not only headings
+    # docstrings are rendered, not only headings, and their Sphinx roles read as code
+    base = (api / "stages" / "base" / "index.html").read_text(encoding="utf-8")
     assert "Decorator: register" in _text(api / "stages" / "base" / "index.html")
+    assert "<code>stage_kinds</code>" in base and ":func:" not in base
