@@ -110,6 +110,21 @@ with mkdocs_gen_files.open("reference/options.md", "w") as page:
     page.write(options_page())
 
 
+def report_schema_page() -> str:
+    """The JSON Schema of report.json, from the pydantic model every report is built through."""
+    import json
+
+    from snncompress.report_schema import report_json_schema
+
+    return ("# report.json schema\n\nGenerated from `snncompress.report_schema.Report`, the model every "
+            "report is built and validated through (see [the report contract](report.md)).\n\n```json\n"
+            + json.dumps(report_json_schema(), indent=2) + "\n```\n")
+
+
+with mkdocs_gen_files.open("reference/report-schema.md", "w") as page:
+    page.write(report_schema_page())
+
+
 # ----------------------------------------------------------------------------- API reference
 
 nav = mkdocs_gen_files.Nav()
