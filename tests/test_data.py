@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from snncompress import data
+from snncompress.data import jpeg_cache
 from snncompress.data import (
     DATASET_NAMES,
     DatasetInfo,
@@ -262,7 +263,7 @@ def test_cifar10_jpg_decodes_into_cache(tmp_path, monkeypatch):
     assert abs(int(train.images[11, 0].float().mean()) - 21) <= 2
     assert len(list((tmp_path / "cache" / "cifar10-jpg").glob("*/*.npy"))) == 4
     assert not list((tmp_path / "cache").rglob("*.tmp"))
-    monkeypatch.setattr(data, "_decode_entries", lambda *a: pytest.fail("decoded again despite cache"))
+    monkeypatch.setattr(jpeg_cache, "_decode_entries", lambda *a: pytest.fail("decoded again despite cache"))
     again = load_data("cifar10-jpg", str(tmp_path / "data"))[0]
     assert torch.equal(again.images, train.images)
     x, y = next(iter(train))

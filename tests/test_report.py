@@ -13,8 +13,9 @@ from snncompress.errors import UserError
 from snncompress.deploy import build_inference_plan
 from snncompress.compress.exploration import pareto_front
 from snncompress.metrics import measure_model
-from snncompress.report import (METRIC_KEYS, PLOT_FILES, REPORT_KEYS, _num, _pct, compare_runs, missing_keys,
+from snncompress.report import (METRIC_KEYS, PLOT_FILES, REPORT_KEYS, compare_runs, missing_keys,
                                 plot_energy_layers, plot_robustness, write_report)
+from snncompress.report.cells import _num, _pct
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,8 +5,7 @@ timestep forward and ~20 in autograd's backward, each a full pass over
 ``[B, ...]`` memory, and saves 3-4 tensors per step. This module computes the
 same function with
 
-* a C kernel (compiled on first use with the system C compiler, cached, loaded
-  with :mod:`ctypes`; OpenMP threads shared with PyTorch's runtime). Forward
+* a C kernel (sources in ``csrc/``, built and loaded by :mod:`.library`). Forward
   reads ``I`` once and writes spikes ``o`` and the pre-reset potential ``u``
   once; backward reads ``grad_o`` and ``u`` once and writes ``grad_I`` once,
   reducing ``dL/dleak`` and ``dL/dthr`` per channel on the fly;
@@ -40,24 +39,16 @@ Environment: ``SNNCOMPRESS_NO_CEXT=1`` disables the C kernel,
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-from pathlib import Path
-
 import torch
 
 from ..neuron import RESETS, SURROGATES, lif_multistep, surrogate_grad, surrogate_scale
-from .population_c import POPULATION_C, declare_population
+from .library import build_error, cext_available, load_library
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "KERNEL_SURROGATES", "SURROGATE_IDS", "mark_keep", "load_library", "build_error", "cext_available",
+    "step_format", "channel_layout", "time_broadcast_base", "launch_forward", "lif_torch", "lif_cpu",
+    "pack_u8", "avgpool_forward", "avg_pool_fast",
+]
 
 #: How many surrogate formulas the C and Triton kernels implement (``KIND`` 0, 1, 2).
 KERNEL_SURROGATES = 3
@@ -71,394 +62,6 @@ def mark_keep(t: torch.Tensor) -> torch.Tensor:
     """Flag a tensor our kernels save (membrane potentials) so the lean-memory pack hook skips it."""
     t._snn_keep = True
     return t
-
-# --------------------------------------------------------------------------------------
-# C source. Elements of one timestep are split in tiles of TILE contiguous elements; a
-# tile walks all T steps with its state in L1, so every tensor is touched once.
-# -ffp-contract=off keeps u = leak*h + I two roundings, as in the reference (bit-exact
-# spikes).
-# --------------------------------------------------------------------------------------
-C_COMMON = r"""
-#include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#define TILE 512
-
-int snn_has_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-static inline int snn_tid(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-/* Lean storage of activations whose values are k/d, k in 0..255 (spikes, pooled spikes):
-   write k as uint8. Returns 1 on success, 0 as soon as a value does not fit. */
-int pack_u8_f32(const float* x, int64_t n, uint8_t* out, float d, int nthreads) {
-    int ok = 1;
-    int64_t nchunks = (n + 65535) / 65536;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t c = 0; c < nchunks; ++c) {
-        if (!__atomic_load_n(&ok, __ATOMIC_RELAXED)) continue;
-        int64_t a = c * 65536, b = a + 65536 < n ? a + 65536 : n;
-        int bad = 0;
-        for (int64_t i = a; i < b; ++i) {
-            float q = x[i] * d;
-            int k = (int)q;
-            bad |= (q != (float)k) | (k < 0) | (k > 255);
-            out[i] = (uint8_t)k;
-        }
-        if (bad) __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
-    }
-    return ok;
-}
-"""
-
-# One copy per dtype: SCALAR -> float / double, SUF -> f32 / f64.
-C_TEMPLATE = r"""
-/* Per-element leak / threshold / channel index of a tile of L elements starting at n0.
-   Element n of a timestep has channel (n / S) % C (C = 1 for scalar parameters). */
-static inline void gather_SUF(const SCALAR* leak, const SCALAR* thr, int64_t n0, int64_t L,
-                              int64_t C, int64_t S, SCALAR* lk, SCALAR* th, int32_t* ch) {
-    int64_t c = (n0 / S) % C, s = n0 % S;
-    /* Fill runs of one channel at a time: a constant fill vectorises, an element-wise
-       channel counter does not (it cost ~3 ns per element, more than the T = 1 update). */
-    for (int64_t i = 0; i < L;) {
-        int64_t run = S - s < L - i ? S - s : L - i;
-        const SCALAR a = leak[c], b = thr[c];
-        for (int64_t k = i; k < i + run; ++k) { lk[k] = a; th[k] = b; ch[k] = (int32_t)c; }
-        i += run; s = 0;
-        if (++c == C) c = 0;
-    }
-}
-
-/* One tile, all timesteps. HARD and SAVE are compile-time constants at every call site,
-   so each combination gets its own branch-free vector loop. */
-static inline __attribute__((always_inline)) void fwd_tile_SUF(
-        const SCALAR* restrict I, int64_t its, SCALAR* restrict out, SCALAR* restrict usave,
-        const SCALAR* restrict lk, const SCALAR* restrict th, int64_t Tn, int64_t N,
-        int64_t n0, int64_t L, const int HARD, const int SAVE) {
-    SCALAR h[TILE];
-    for (int64_t i = 0; i < L; ++i) h[i] = 0;
-    for (int64_t t = 0; t < Tn; ++t) {
-        const SCALAR* restrict it = I + t * its + n0;
-        SCALAR* restrict ot = out + t * N + n0;
-        SCALAR* restrict ut = SAVE ? usave + t * N + n0 : 0;
-        for (int64_t i = 0; i < L; ++i) {
-            SCALAR u = lk[i] * h[i]; u = u + it[i];         /* two roundings, as the reference */
-            SCALAR z = u / th[i] - (SCALAR)1;
-            SCALAR o = z >= (SCALAR)0 ? (SCALAR)1 : (SCALAR)0;
-            ot[i] = o;
-            if (SAVE) ut[i] = u;
-            h[i] = HARD ? u * ((SCALAR)1 - o) : u - th[i] * o;
-        }
-    }
-}
-
-/* Forward. I[t] at I + t*its (its = 0: input broadcast over time); out, usave [T, N];
-   usave NULL: nothing is saved (inference). */
-void lif_fwd_SUF(const SCALAR* I, int64_t its, SCALAR* out, SCALAR* usave,
-                 const SCALAR* leak, const SCALAR* thr,
-                 int64_t Tn, int64_t N, int64_t C, int64_t S, int hard, int nthreads) {
-    int64_t ntiles = (N + TILE - 1) / TILE;
-    int mode = (hard ? 2 : 0) + (usave ? 1 : 0);
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t tile = 0; tile < ntiles; ++tile) {
-        SCALAR lk[TILE], th[TILE]; int32_t ch[TILE];
-        int64_t n0 = tile * TILE, L = N - n0 < TILE ? N - n0 : TILE;
-        gather_SUF(leak, thr, n0, L, C, S, lk, th, ch);
-        switch (mode) {
-            case 0: fwd_tile_SUF(I, its, out, usave, lk, th, Tn, N, n0, L, 0, 0); break;
-            case 1: fwd_tile_SUF(I, its, out, usave, lk, th, Tn, N, n0, L, 0, 1); break;
-            case 2: fwd_tile_SUF(I, its, out, usave, lk, th, Tn, N, n0, L, 1, 0); break;
-            default: fwd_tile_SUF(I, its, out, usave, lk, th, Tn, N, n0, L, 1, 1); break;
-        }
-    }
-}
-
-/* Surrogate derivative at z; KIND 0 linear, 1 atan, 2 fast sigmoid (neuron.surrogate_grad). */
-static inline __attribute__((always_inline)) SCALAR surr_SUF(SCALAR z, const int KIND, SCALAR s) {
-    if (KIND == 0) { SCALAR a = z < 0 ? -z : z; SCALAR v = (SCALAR)1 - a; return v > 0 ? s * v : (SCALAR)0; }
-    if (KIND == 1) { SCALAR q = (SCALAR)1.5707963267948966 * s * z; return (s / (SCALAR)2) / ((SCALAR)1 + q * q); }
-    { SCALAR a = z < 0 ? -z : z; SCALAR d = (SCALAR)1 + s * a; return (SCALAR)1 / (d * d); }
-}
-
-/* Backward of one tile: t = T-1 .. 0 with carry = dL/dh[t] = leak * dL/du[t+1].
-   u[t-1] is read once per step and kept for the next one (z recomputed exactly). */
-static inline __attribute__((always_inline)) void bwd_tile_SUF(
-        const SCALAR* restrict G, int64_t gts, const SCALAR* restrict U, SCALAR* restrict dI,
-        const SCALAR* restrict lk, const SCALAR* restrict th, SCALAR* restrict al,
-        SCALAR* restrict at, int64_t Tn, int64_t N, int64_t n0, int64_t L, SCALAR s,
-        const int HARD, const int KIND, const int SUMT) {
-    SCALAR rt[TILE], carry[TILE], zc[TILE], uc[TILE], ds[TILE];
-    const SCALAR* restrict ul = U + (Tn - 1) * N + n0;
-    for (int64_t i = 0; i < L; ++i) {
-        rt[i] = (SCALAR)1 / th[i]; carry[i] = 0; al[i] = 0; at[i] = 0; ds[i] = 0;
-        uc[i] = ul[i]; zc[i] = ul[i] / th[i] - (SCALAR)1;
-    }
-    for (int64_t t = Tn - 1; t >= 0; --t) {
-        const SCALAR* restrict gt = G + t * gts + n0;
-        SCALAR* restrict dt = dI + (SUMT ? 0 : t * N) + n0;
-        const SCALAR* restrict up = U + (t > 0 ? t - 1 : 0) * N + n0;
-        const int prev = t > 0;
-        for (int64_t i = 0; i < L; ++i) {
-            SCALAR u = uc[i], z = zc[i], the = th[i], r = rt[i];
-            SCALAR o = z >= (SCALAR)0 ? (SCALAR)1 : (SCALAR)0;
-            SCALAR gz = gt[i] * surr_SUF(z, KIND, s) * r;        /* dL/du through the spike */
-            SCALAR du = gz + (HARD ? carry[i] * ((SCALAR)1 - o) : carry[i]);
-            if (SUMT) ds[i] += du; else dt[i] = du;
-            at[i] -= gz * u * r + (HARD ? (SCALAR)0 : carry[i] * o);
-            carry[i] = lk[i] * du;
-            SCALAR upv = up[i]; SCALAR zp = upv / the - (SCALAR)1;
-            SCALAR op = zp >= (SCALAR)0 ? (SCALAR)1 : (SCALAR)0;
-            SCALAR hp = HARD ? upv * ((SCALAR)1 - op) : upv - the * op;
-            al[i] += prev ? du * hp : (SCALAR)0;
-            uc[i] = upv; zc[i] = zp;
-        }
-    }
-    if (SUMT) { SCALAR* restrict d0 = dI + n0; for (int64_t i = 0; i < L; ++i) d0[i] = ds[i]; }
-}
-
-/* k x k average pooling with stride k, no padding, floor mode, on P contiguous planes
-   [H, W] -> [H/k, W/k]. Same summation order as PyTorch's kernel (row by row, then one
-   division by k*k), so results are bit-identical. */
-void avgpool_fwd_SUF(const SCALAR* x, SCALAR* y, int64_t P, int64_t H, int64_t W, int64_t k,
-                     int nthreads) {
-    int64_t Ho = H / k, Wo = W / k;
-    const SCALAR div = (SCALAR)(k * k);
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t p = 0; p < P; ++p) {
-        const SCALAR* xp = x + p * H * W;
-        SCALAR* yp = y + p * Ho * Wo;
-        if (k == 2) {
-            for (int64_t i = 0; i < Ho; ++i) {
-                const SCALAR* r0 = xp + (2 * i) * W;
-                const SCALAR* r1 = r0 + W;
-                SCALAR* yr = yp + i * Wo;
-                for (int64_t j = 0; j < Wo; ++j) {
-                    SCALAR s = (SCALAR)0;
-                    s += r0[2 * j]; s += r0[2 * j + 1]; s += r1[2 * j]; s += r1[2 * j + 1];
-                    yr[j] = s / div;
-                }
-            }
-        } else {
-            for (int64_t i = 0; i < Ho; ++i)
-                for (int64_t j = 0; j < Wo; ++j) {
-                    SCALAR s = (SCALAR)0;
-                    for (int64_t a = 0; a < k; ++a)
-                        for (int64_t b = 0; b < k; ++b) s += xp[(i * k + a) * W + j * k + b];
-                    yp[i * Wo + j] = s / div;
-                }
-        }
-    }
-}
-
-/* Its backward: every input position gets grad/(k*k) of its window (0 outside windows). */
-void avgpool_bwd_SUF(const SCALAR* g, SCALAR* dx, int64_t P, int64_t H, int64_t W, int64_t k,
-                     int nthreads) {
-    int64_t Ho = H / k, Wo = W / k;
-    const SCALAR div = (SCALAR)(k * k);
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t p = 0; p < P; ++p) {
-        const SCALAR* gp = g + p * Ho * Wo;
-        SCALAR* dp = dx + p * H * W;
-        for (int64_t r = 0; r < H; ++r) {
-            SCALAR* dr = dp + r * W;
-            int64_t i = r / k;
-            if (i >= Ho) { for (int64_t c = 0; c < W; ++c) dr[c] = (SCALAR)0; continue; }
-            const SCALAR* gr = gp + i * Wo;
-            if (k == 2) {
-                for (int64_t j = 0; j < Wo; ++j) { SCALAR v = gr[j] / div; dr[2 * j] = v; dr[2 * j + 1] = v; }
-            } else {
-                for (int64_t j = 0; j < Wo; ++j) { SCALAR v = gr[j] / div; for (int64_t b = 0; b < k; ++b) dr[j * k + b] = v; }
-            }
-            for (int64_t c = Wo * k; c < W; ++c) dr[c] = (SCALAR)0;
-        }
-    }
-}
-
-/* Backward. G[t] at G + t*gts; U [T, N] saved pre-reset potentials; dI [T, N] out, or
-   [N] = sum over t when sum_t (input broadcast over time: its gradient is that sum).
-   dleak / dthr: nthreads x C doubles (zeroed by the caller) or NULL when not needed. */
-void lif_bwd_SUF(const SCALAR* G, int64_t gts, const SCALAR* U, SCALAR* dI,
-                 const SCALAR* leak, const SCALAR* thr, double* dleak, double* dthr,
-                 int64_t Tn, int64_t N, int64_t C, int64_t S,
-                 int hard, int kind, double scale, int sum_t, int nthreads) {
-    int64_t ntiles = (N + TILE - 1) / TILE;
-    const SCALAR s = (SCALAR)scale;
-    int mode = (hard ? 3 : 0) + kind + (sum_t ? 6 : 0);
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t tile = 0; tile < ntiles; ++tile) {
-        SCALAR lk[TILE], th[TILE], al[TILE], at[TILE]; int32_t ch[TILE];
-        int64_t n0 = tile * TILE, L = N - n0 < TILE ? N - n0 : TILE;
-        gather_SUF(leak, thr, n0, L, C, S, lk, th, ch);
-#define BWD(H, K, ST) bwd_tile_SUF(G, gts, U, dI, lk, th, al, at, Tn, N, n0, L, s, H, K, ST)
-        switch (mode) {
-            case 0: BWD(0, 0, 0); break;   case 1: BWD(0, 1, 0); break;   case 2: BWD(0, 2, 0); break;
-            case 3: BWD(1, 0, 0); break;   case 4: BWD(1, 1, 0); break;   case 5: BWD(1, 2, 0); break;
-            case 6: BWD(0, 0, 1); break;   case 7: BWD(0, 1, 1); break;   case 8: BWD(0, 2, 1); break;
-            case 9: BWD(1, 0, 1); break;   case 10: BWD(1, 1, 1); break;  default: BWD(1, 2, 1); break;
-        }
-#undef BWD
-        int tid = snn_tid();
-        if (dleak) { double* acc = dleak + (int64_t)tid * C;
-            for (int64_t i = 0; i < L; ++i) acc[ch[i]] += (double)al[i]; }
-        if (dthr) { double* acc = dthr + (int64_t)tid * C;
-            for (int64_t i = 0; i < L; ++i) acc[ch[i]] += (double)at[i]; }
-    }
-}
-"""
-
-C_SOURCE = C_COMMON + "".join(
-    C_TEMPLATE.replace("SCALAR", ctype).replace("SUF", suf)
-    for ctype, suf in (("float", "f32"), ("double", "f64"))) + POPULATION_C
-
-
-# --------------------------------------------------------------------------------------
-# Build and load
-# --------------------------------------------------------------------------------------
-_lib = None
-_lib_error: str | None = None
-_lib_lock = threading.Lock()
-
-BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("SNNCOMPRESS_CACHE")
-    if env:
-        return Path(env) / "kernels"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "snncompress" / "kernels"
-
-
-def _cpu_fingerprint() -> str:
-    """Identifies the host CPU, so that a ``-march=native`` build is never reused on another one."""
-    text = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    text += line
-                    if line.startswith(("flags", "Features")):
-                        break
-    except OSError:
-        pass
-    return text
-
-
-def _compiler() -> str | None:
-    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cand and shutil.which(cand):
-            return cand
-    return None
-
-
-def _try_build(cc: str, flags: list[str], out: Path) -> str | None:
-    """Compile C_SOURCE into ``out`` atomically; returns an error message or None."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "lif_cpu.c"
-        src.write_text(C_SOURCE)
-        so = Path(tmp) / out.name
-        proc = subprocess.run([cc, *flags, str(src), "-o", str(so)], capture_output=True, text=True,
-                              timeout=120)
-        if proc.returncode != 0:
-            return (proc.stderr or proc.stdout).strip()[-2000:]
-        os.replace(so, out)  # atomic: a concurrent builder never sees a half-written library
-    return None
-
-
-def _declare(lib) -> None:
-    P, I64, INT, DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    for suf in ("f32", "f64"):
-        fwd = getattr(lib, f"lif_fwd_{suf}")
-        fwd.argtypes = [P, I64, P, P, P, P, I64, I64, I64, I64, INT, INT]
-        fwd.restype = None
-        bwd = getattr(lib, f"lif_bwd_{suf}")
-        bwd.argtypes = [P, I64, P, P, P, P, P, P, I64, I64, I64, I64, INT, INT, DBL, INT, INT]
-        bwd.restype = None
-    for suf in ("f32", "f64"):
-        for name in ("avgpool_fwd", "avgpool_bwd"):
-            fn = getattr(lib, f"{name}_{suf}")
-            fn.argtypes = [P, P, I64, I64, I64, I64, INT]
-            fn.restype = None
-    lib.pack_u8_f32.argtypes = [P, I64, P, ctypes.c_float, INT]
-    lib.pack_u8_f32.restype = INT
-    lib.snn_has_openmp.restype = INT
-    declare_population(lib)
-
-
-def load_library():
-    """The compiled kernel library (ctypes.CDLL), building it on first use; None if impossible.
-
-    Tries ``-march=native -fopenmp`` first, then without OpenMP, then portable flags.
-    The reason for a failure is kept in :func:`build_error`.
-    """
-    global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
-        return _lib
-    with _lib_lock:
-        if _lib is not None or _lib_error is not None:
-            return _lib
-        if os.environ.get("SNNCOMPRESS_NO_CEXT", "") not in ("", "0"):
-            _lib_error = "disabled by SNNCOMPRESS_NO_CEXT"
-            return None
-        if not sys.platform.startswith(("linux", "darwin")):
-            _lib_error = f"no C kernel build on {sys.platform}"
-            return None
-        cc = _compiler()
-        if cc is None:
-            _lib_error = "no C compiler found (set CC)"
-            return None
-        errors = []
-        variants = [["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []]
-        for extra in variants:
-            flags = BASE_FLAGS + extra
-            key = hashlib.sha256("\0".join([C_SOURCE, cc, *flags, _cpu_fingerprint(),
-                                            torch.__version__]).encode()).hexdigest()[:16]
-            path = _cache_dir() / f"lif_cpu_{key}.so"
-            try:
-                if not path.exists():
-                    try:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                    except OSError:  # read-only home: build under the temp folder instead
-                        path = Path(tempfile.gettempdir()) / f"snncompress-{os.getuid()}" / path.name
-                if not path.exists():
-                    err = _try_build(cc, flags, path)
-                    if err:
-                        errors.append(f"{' '.join(extra) or 'plain'}: {err.splitlines()[-1] if err else ''}")
-                        continue
-                lib = ctypes.CDLL(str(path))
-                _declare(lib)
-                _lib = lib
-                log.debug("snncompress LIF C kernel loaded from %s", path)
-                return _lib
-            except (OSError, subprocess.SubprocessError, AttributeError) as exc:
-                errors.append(f"{' '.join(extra) or 'plain'}: {exc}")
-        _lib_error = "; ".join(errors) or "unknown build failure"
-        log.warning("snncompress: C LIF kernel unavailable, using the PyTorch fallback (%s)", _lib_error)
-        return None
-
-
-def build_error() -> str | None:
-    """Why the C kernel is not in use (None while it is, or before the first attempt)."""
-    return _lib_error
-
-
-def cext_available() -> bool:
-    """True if the compiled C kernel can be (and now is) loaded."""
-    return load_library() is not None
 
 
 # --------------------------------------------------------------------------------------
@@ -581,7 +184,8 @@ def launch_forward(current, its, lk, th, hard, layout, steps, out, u=None) -> No
     """
     c, s = layout
     n = out.numel() // steps
-    fn = _lib.lif_fwd_f32 if current.dtype == torch.float32 else _lib.lif_fwd_f64
+    lib = load_library()
+    fn = lib.lif_fwd_f32 if current.dtype == torch.float32 else lib.lif_fwd_f64
     fn(_ptr(current), its, _ptr(out), _ptr(u), _ptr(lk), _ptr(th), steps, n, c, s, int(hard),
        _threads(steps * n))
 
@@ -631,7 +235,8 @@ class _LIFCext(torch.autograd.Function):
         acc_leak = torch.zeros(nthreads, c, dtype=torch.float64) if need_leak else None
         acc_thr = torch.zeros(nthreads, c, dtype=torch.float64) if need_thr else None
         grad_in = torch.empty_like(u[0]) if bcast else _empty_steps(u)
-        fn = _lib.lif_bwd_f32 if u.dtype == torch.float32 else _lib.lif_bwd_f64
+        lib = load_library()
+        fn = lib.lif_bwd_f32 if u.dtype == torch.float32 else lib.lif_bwd_f64
         fn(_ptr(grad_out), gts, _ptr(u), _ptr(grad_in), _ptr(lk), _ptr(th), _ptr(acc_leak),
            _ptr(acc_thr), steps, n, c, s, int(hard), SURROGATE_IDS[kind], float(scale), int(bcast),
            nthreads)
@@ -801,7 +406,8 @@ def avgpool_forward(x: torch.Tensor, k: int) -> torch.Tensor:
     lead, (h, w) = x.shape[:-2], x.shape[-2:]
     planes = x.numel() // (h * w) if h * w else 0
     y = torch.empty(*lead, h // k, w // k, dtype=x.dtype)
-    fn = _lib.avgpool_fwd_f32 if x.dtype == torch.float32 else _lib.avgpool_fwd_f64
+    lib = load_library()
+    fn = lib.avgpool_fwd_f32 if x.dtype == torch.float32 else lib.avgpool_fwd_f64
     fn(x.data_ptr(), y.data_ptr(), planes, h, w, k, _threads(x.numel()))
     return y
 
@@ -821,7 +427,8 @@ class _AvgPoolCext(torch.autograd.Function):
         h, w = ctx.shape[-2:]
         planes = g.numel() // max(1, g.shape[-2] * g.shape[-1]) if g.dim() >= 2 else 0
         dx = torch.empty(ctx.shape, dtype=g.dtype)
-        fn = _lib.avgpool_bwd_f32 if g.dtype == torch.float32 else _lib.avgpool_bwd_f64
+        lib = load_library()
+        fn = lib.avgpool_bwd_f32 if g.dtype == torch.float32 else lib.avgpool_bwd_f64
         fn(g.data_ptr(), dx.data_ptr(), planes, h, w, ctx.k, _threads(dx.numel()))
         return dx, None
 

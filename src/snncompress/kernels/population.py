@@ -1,4 +1,4 @@
-"""The Diehl & Cook population loop on CPU: the C kernel of :mod:`.population_c` behind a tensor call.
+"""The Diehl & Cook population loop on CPU: the C kernel of ``csrc/population.c`` behind a tensor call.
 
 :func:`run_steps_c` computes what :meth:`~snncompress.models.stdp.DiehlCookNetwork.run_steps_torch`
 computes (same spikes, same state, float32) in one call per chunk of steps instead of ~20 tensor
@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from ..neuron import POPULATION_KERNELS
-from .cpu import load_library
+from .library import load_library
 
 
 def population_library(currents: torch.Tensor, model=None):

@@ -1,18 +1,4 @@
-"""C source of the Diehl & Cook population loop (built into the library of :mod:`.cpu`).
 
-One call runs ``k`` steps of the excitatory population (adaptive thresholds, refractory period,
-one spike per sample) and its lateral inhibition (inhibitory layer or direct) for ``B`` samples,
-from feed-forward currents computed beforehand. It computes exactly what
-:meth:`snncompress.models.stdp.DiehlCookNetwork.run_steps` computes with tensor operations (same
-operations in the same order, float32, no fused multiply-add); the one-spike choice reads
-pre-drawn uniform noise, so both give the same spikes.
-"""
-
-from __future__ import annotations
-
-import ctypes
-
-POPULATION_C = r"""
 /* state arrays [B, N]; current/noise/spikes/traces [k, B, N]; threshold [N]; scratch [N] */
 void dc_population_f32(int64_t k, int64_t B, int64_t N, const float* current, const float* noise,
                        float* v, float* countdown, float* inh_v, float* inh_countdown,
@@ -74,12 +60,3 @@ void dc_population_f32(int64_t k, int64_t B, int64_t N, const float* current, co
             for (int64_t j = 0; j < N; ++j) threshold[j] = threshold[j] + theta_plus * scratch[j];
     }
 }
-"""
-
-
-def declare_population(lib) -> None:
-    """ctypes signature of ``dc_population_f32``."""
-    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn = lib.dc_population_f32
-    fn.argtypes = [I64, I64, I64, P, P, P, P, P, P, P, P, P, P, P, P, P, P, P, P, INT, INT]
-    fn.restype = None

@@ -1,0 +1,120 @@
+"""What export and import share: the format constants, the ``nir`` import, the ``dt`` check and the layer walk."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from ...errors import UserError
+from ...models import SpikingNetwork
+from ...models.base import TimeDropout
+from ...models.vgg import SpikingVGG
+from ...neuron import LIF
+
+#: The simulation step a consumer should use (snnTorch's NIR importer hard-codes 1e-4).
+DEFAULT_DT = 1e-4
+#: Version of the metadata layout written here.
+NIR_FORMAT = 1
+SOFT_RESET_MODES = ("annotate", "refuse")
+LEAK_ONE_MODES = ("if", "lif")
+#: ``tau / dt`` of a leak-1 neuron written as a LIF (``leak_one="lif"``): ``1 - 1e-8`` is 1.0 in float32.
+LEAK_ONE_TAU_STEPS = 1e8
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+#: How far ``1 - dt/tau`` (recomputed from float32 fields) may sit from the metadata's exact leak.
+LEAK_TOLERANCE = 1e-5
+
+
+def require_nir():
+    """The ``nir`` module, or a UserError saying how to install it."""
+    try:
+        import nir
+    except ImportError:
+        raise UserError("NIR export needs the 'nir' package: pip install 'snncompress[nir]' "
+                        "(or: pip install nir nirtorch)") from None
+    return nir
+
+
+def _check_dt(dt: float) -> float:
+    dt = float(dt)
+    if not math.isfinite(dt) or dt <= 0:
+        raise UserError(f"dt must be a positive number of seconds, got {dt}")
+    return dt
+
+
+# ----------------------------------------------------------------------------- the layer walk
+
+
+@dataclass
+class Layer:
+    """One NIR node of the chain: module name (= node name), kind, module, shapes without the batch dimension."""
+
+    name: str
+    kind: str  # conv | batchnorm | lif | pool | flatten | linear
+    module: nn.Module | None
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _conv_out(shape, kernel, stride, padding, dilation) -> tuple[int, int]:
+    return tuple(int(math.floor((shape[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) / stride[i] + 1))
+                 for i in range(2))
+
+
+def layers(model: SpikingNetwork) -> list[Layer]:
+    """The model's layers in forward order as NIR nodes will hold them (dropout left out: identity in eval).
+
+    Raises UserError for what cannot be exported (see the module docstring).
+    """
+    if not isinstance(model, SpikingVGG):
+        arch = model.spec.get("arch", model.spec.get("family"))
+        raise UserError(f"NIR export supports the VGG family (vgg5/9/11/16, convnet); {arch} is not supported yet "
+                        f"(its residual sums would need multi-input nodes)")
+    if not model.spiking:
+        raise UserError("the model is in ANN mode (ReLU twin); NIR export needs a spiking model")
+    shape: tuple[int, ...] = tuple(int(v) for v in model.spec["in_shape"])
+    found: list[Layer] = []
+    for part in ("features", "classifier"):
+        if part == "classifier":
+            flat = (int(np.prod(shape)),)
+            found.append(Layer("flatten", "flatten", None, shape, flat))
+            shape = flat
+        for i, m in enumerate(getattr(model, part)):
+            name = f"{part}.{i}"
+            if isinstance(m, TimeDropout):
+                continue
+            if isinstance(m, nn.Conv2d):
+                k, s, p, d = _pair(m.kernel_size), _pair(m.stride), m.padding, _pair(m.dilation)
+                if isinstance(p, str):
+                    raise UserError(f"{name}: string padding {p!r} is not exported")
+                out = (m.out_channels, *_conv_out(shape[1:], k, s, _pair(p), d))
+                found.append(Layer(name, "conv", m, shape, out))
+            elif isinstance(m, nn.BatchNorm2d):
+                if getattr(m, "parametrizations", None):
+                    raise UserError(f"{name}: masked or quantized BatchNorm parameters are not exported")
+                if m.running_mean is None:
+                    raise UserError(f"{name}: BatchNorm without running statistics has no inference form")
+                found.append(Layer(name, "batchnorm", m, shape, shape))
+            elif isinstance(m, LIF):
+                if m.state_quantizer is not None:
+                    raise UserError(f"{name}: a membrane-state quantizer cannot be expressed in NIR "
+                                    f"(its neurons hold real-valued state)")
+                found.append(Layer(name, "lif", m, shape, shape))
+            elif isinstance(m, nn.AvgPool2d):
+                k, s = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
+                if _pair(m.padding) != (0, 0) or m.ceil_mode:
+                    raise UserError(f"{name}: average pooling with padding or ceil_mode is not exported")
+                out = (shape[0], *_conv_out(shape[1:], k, s, (0, 0), (1, 1)))
+                found.append(Layer(name, "pool", m, shape, out))
+            elif isinstance(m, nn.Linear):
+                found.append(Layer(name, "linear", m, shape, (m.out_features,)))
+            else:
+                raise UserError(f"{name}: {type(m).__name__} has no NIR node here")
+            shape = found[-1].out_shape
+    return found
