@@ -259,14 +259,24 @@ def test_quantize_command_writes_the_chosen_model_and_its_report(tmp_path):
 def test_quantize_stage_in_a_recipe(tmp_path, tiny_recipe):
     from snncompress.pipeline import run_recipe
 
-    text = tiny_recipe.read_text().replace(
-        "measure:", "  - {kind: quantize, max_accuracy_drop: 1.0, val_batches: 1, roundings: [truncate],\n"
-                    "     bits: {weights: [6, 3], neurons: [6]}}\nmeasure:")
+    # a full epoch of ANN training at 1e-2 so that quantizing the neurons changes a prediction: on the 26
+    # validation images the float model scores 3/26, 6-bit truncated thresholds and leaks 2/26 (-3.8 points)
+    text = tiny_recipe.read_text().replace("lr: 1.0e-3, max_batches: 2", "lr: 1.0e-2, max_batches: 8").replace(
+        "measure:", "  - {kind: quantize, max_accuracy_drop: 0.02, val_batches: 1, roundings: [truncate],\n"
+                    "     bits: {weights: [6, 3], neurons: [6, 4]}}\nmeasure:")
     tiny_recipe.write_text(text)
     report = run_recipe(tiny_recipe, tmp_path / "run", [])
     stage = report["stages"][-1]
     assert stage["kind"] == "quantize" and stage["metrics"]["chosen"]["bits"] == {"weights": 3}
     folder = next((tmp_path / "run" / "stages").glob("*-quantize"))
     assert {"pareto.png", "exploration.json", "exploration.md", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    # the 2-point gate: the weights pass at the float accuracy, 6-bit neurons fall 1 image (3.8 points) below it
+    # and are rejected, so their 4 bits are never tried and no joint candidate quantizes the neurons
+    record = json.loads((folder / "exploration.json").read_text())
+    assert record["max_accuracy_drop"] == 0.02
+    base = record["baseline"]["val_accuracy"]
+    verdicts = {c["label"]: (round((c["val_accuracy"] - base) * 26), c["passed"]) for c in record["candidates"]}
+    assert verdicts == {"ptq truncate w6": (0, True), "ptq truncate w3": (0, True), "ptq truncate n6": (-1, False)}
+    assert record["pruned"]["fewer_bits_after_failure"] == 1
     with pytest.raises(UserError, match="no candidate fits"):
         run_recipe(tiny_recipe, tmp_path / "run2", ["stages.quantize.max_memory_kb=0.01"])
