@@ -57,7 +57,19 @@ def test_stochastic_rounding_is_unbiased_and_seeded():
     q.generator = torch.Generator().manual_seed(7)
     first = q(x)
     assert set(first.unique().tolist()) == {0.25, 0.5}
-    assert abs(first.mean().item() - 0.3) < 0.005                       # unbiased; std of the mean ~ 0.0008
+    # unbiased: SE of the mean = 0.25 * sqrt(0.2 * 0.8 / 20000) = 0.00071; bound 3.5 SE, seed fixed
+    assert abs(first.mean().item() - 0.3) < 3.5 * 0.25 * (0.2 * 0.8 / 20000) ** 0.5
+    # per value (step 1/4, one row of 100000 draws each): only the two neighbours on the grid, and the mean
+    # within 3.5 SE = 3.5 * 0.25 * sqrt(p (1 - p) / 1e5) of x (SE 0.00035 to 0.0004; a rounding biased by
+    # 1 % of a step, 0.0025, is off by 6 SE or more)
+    values = torch.tensor([0.05, 0.3, 0.6, 0.95, -0.45, -1.2, 1.6])   # fractions p 0.2 to 0.8 of a step
+    q.generator = torch.Generator().manual_seed(11)
+    draws = q(values[:, None].expand(-1, 100000).contiguous())
+    low = torch.floor(values * 4) / 4
+    p = (values - low) * 4
+    assert ((draws == low[:, None]) | (draws == low[:, None] + 0.25)).all()
+    se = 0.25 * (p * (1 - p) / 100000).sqrt()
+    assert ((draws.mean(1) - values).abs() < 3.5 * se).all(), (draws.mean(1) - values) / se
     q.generator = torch.Generator().manual_seed(7)
     assert torch.equal(q(x), first)                                     # same seed, same draws
     q.generator = torch.Generator().manual_seed(8)
