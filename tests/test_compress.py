@@ -90,9 +90,17 @@ def test_rounding_modes_on_hand_values():
     assert round_codes(r, "nearest", False).tolist() == [-2.0, -0.0, 0.0, 1.0, 3.0, 3.0]     # ties to even
     assert round_codes(r, "half_up", False).tolist() == [-1.0, -0.0, 1.0, 1.0, 3.0, 3.0]
     assert round_codes(r, "truncate", False).tolist() == [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]    # on-grid 3 stays 3
-    draws = torch.stack([round_codes(torch.full((1,), 0.25, dtype=torch.float64), "stochastic", True)
-                         for _ in range(4000)])
-    assert set(draws.unique().tolist()) == {0.0, 1.0} and abs(draws.mean().item() - 0.25) < 0.03
+    # stochastic: up w.p. the fraction, per value; 40000 seeded draws each, SE = sqrt(p (1 - p) / 40000)
+    # (0.0022 at p = 0.25), bound 3.5 SE; a bias of 0.01 in the up-probability is off by 4.5 SE or more
+    r = torch.tensor([0.25, -1.5, 2.9, -0.1, 7.6], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    draws = round_codes(r[:, None].expand(-1, 40000), "stochastic", True, gen)
+    low, p = torch.floor(r), r - torch.floor(r)
+    assert ((draws == low[:, None]) | (draws == low[:, None] + 1)).all()
+    se = (p * (1 - p) / 40000).sqrt()
+    assert ((draws.mean(1) - r).abs() < 3.5 * se).all(), (draws.mean(1) - r) / se
+    again = round_codes(r[:, None].expand(-1, 40000), "stochastic", True, torch.Generator().manual_seed(3))
+    assert torch.equal(again, draws)                                                         # seeded
 
 
 def test_uniform_quantizer_scale_codes_and_straight_through_gradient():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -74,9 +75,35 @@ def test_channels_last_trains_the_same_weights_and_hands_back_the_default_layout
 
 
 def test_compile_switch_gives_the_eager_weights(monkeypatch):
-    monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")  # the same graph capture without a C++ build
+    # a backend that records each graph dynamo hands it and each call of the compiled code (no C++ build);
+    # CompiledForward signals a fallback by a RuntimeWarning and by dropping its compiled callable (None)
+    graphs, calls, forwards = [], [], []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            calls.append(len(graphs))
+            return gm.forward(*args)
+        return run
+
+    class Recorded(speed.CompiledForward):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            forwards.append(self)
+
+    torch._dynamo.reset()  # no graph cached by an earlier test stands in for this compile
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", counting_backend)
+    monkeypatch.setattr(loop, "CompiledForward", Recorded)
     eager, _ = trained(TrainConfig(epochs=1, lr=1e-2))
-    compiled, _ = trained(TrainConfig(epochs=1, lr=1e-2, compile=True))
+    assert not forwards and not graphs                       # the switch off compiles nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)        # a fallback would warn: fail on it
+        compiled, _ = trained(TrainConfig(epochs=1, lr=1e-2, compile=True))
+    assert len(forwards) == 1 and forwards[0].compiled is not None   # no fallback recorded
+    # dynamo captured the forward (conv layers included) and the 4 training batches ran the captured code
+    assert graphs and any("conv2d" in str(g.graph) for g in graphs)
+    assert len(calls) >= 4
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
 

@@ -43,10 +43,39 @@ def test_conv1_runs_once_per_image_with_direct_input():
 
 def test_poisson_encoding_changes_with_time_and_runs():
     model = build_model("convnet", 10, (1, 28, 28), 4, encoding="poisson")
-    shapes = []
-    model.features[0].register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
-    model(torch.rand(3, 1, 28, 28))
-    assert shapes == [(12, 1, 28, 28)]
+    inputs = []
+    model.features[0].register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    images = torch.rand(3, 1, 28, 28) * 2 - 1
+    model(images)
+    assert [tuple(x.shape) for x in inputs] == [(12, 1, 28, 28)]
+    frames = inputs[0].reshape(4, 3, 1, 28, 28)
+    assert set(frames.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert (frames * images.sign() >= 0).all()                       # a spike carries its pixel's sign
+    for t in range(1, 4):
+        assert not torch.equal(frames[t], frames[0]), t               # a fresh draw every step
+
+
+def test_poisson_encoding_is_a_signed_spike_train_at_rate_abs_x():
+    from snncompress.encoding import encode
+
+    x = torch.tensor([[0.0, 0.1, 0.5, 0.9, 1.0, -0.3, -0.8, -1.0]])
+    spikes = encode(x, 20000, "poisson", torch.Generator().manual_seed(4))
+    assert spikes.shape == (20000, 1, 8)
+    assert set(spikes.unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert torch.equal(spikes[:, 0, 0], torch.zeros(20000))           # x = 0: never fires
+    assert torch.equal(spikes[:, 0, 4], torch.ones(20000)) and torch.equal(spikes[:, 0, 7], -torch.ones(20000))
+    assert (spikes[:, 0, 1:5] >= 0).all() and (spikes[:, 0, 5:] <= 0).all()  # the sign of x, every step
+    # rate per pixel = |x|: 20000 steps, SE = sqrt(|x| (1 - |x|) / 20000) <= 0.0036; bound 3.5 SE
+    rate, p = spikes.abs().mean(0)[0], x.abs()[0]
+    se = (p * (1 - p) / 20000).sqrt()
+    assert ((rate - p).abs() <= 3.5 * se).all(), (rate - p) / se
+    # frames differ over t and the draws are independent from step to step: P(spike at t and t+1) = x^2
+    assert (spikes[1:] != spikes[:-1]).any(0)[0, 1:4].all()
+    # (overlapping pairs: variance per pair p^2 (1 - p^2) + 2 p^3 (1 - p) = 0.3125 at p = 0.5, SE 0.0040)
+    both = (spikes[1:, 0, 2] != 0) & (spikes[:-1, 0, 2] != 0)
+    assert abs(both.double().mean().item() - 0.25) < 3.5 * (0.3125 / 19999) ** 0.5
+    again = encode(x, 20000, "poisson", torch.Generator().manual_seed(4))
+    assert torch.equal(again, spikes)                                 # seeded
 
 
 def test_dropout_mask_is_fixed_over_time():

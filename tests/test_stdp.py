@@ -225,7 +225,7 @@ def test_pipeline_trains_labels_and_measures_the_network(tmp_path):
 
     out, path = tmp_path / "run", tmp_path / "stdp.yaml"
     stages = ("  - {kind: train_stdp, samples: 40, label_samples: 100}\n"
-              "  - {kind: quantize, bits: {weights: [6]}, roundings: [nearest], max_accuracy_drop: 1.0}")
+              "  - {kind: quantize, bits: {weights: [6, 3]}, roundings: [truncate], max_accuracy_drop: 0.0005}")
     path.write_text(recipe(stages=stages))
     run_recipe(path, out)
     report = json.loads((out / "report.json").read_text())
@@ -237,6 +237,13 @@ def test_pipeline_trains_labels_and_measures_the_network(tmp_path):
     assert trained["footprint_bytes"] == (7840 + 10 + 1 + 10) * 4
     # 6-bit weights (+ one float32 scale): 7840 * 6 / 8 + 4 bytes; the rest stays float32
     assert quantized["footprint_bytes"] == 7840 * 6 // 8 + 4 + (10 + 1 + 10) * 4
+    # the accuracy gate (0.05 points on 1200 validation images, float 10.75%) picks 6 bits: 3-bit truncated
+    # weights score 10.67%, one image under it, and are rejected although they are half the size
+    record = json.loads(next((out / "stages").glob("*-quantize")).joinpath("exploration.json").read_text())
+    base = record["baseline"]["val_accuracy"]
+    assert base == pytest.approx(0.1075)
+    verdicts = {c["label"]: (round((c["val_accuracy"] - base) * 1200), c["passed"]) for c in record["candidates"]}
+    assert verdicts == {"ptq truncate w6": (16, True), "ptq truncate w3": (-1, False)}
 
 
 @pytest.mark.parametrize("name, kinds", [

@@ -57,7 +57,19 @@ def test_stochastic_rounding_is_unbiased_and_seeded():
     q.generator = torch.Generator().manual_seed(7)
     first = q(x)
     assert set(first.unique().tolist()) == {0.25, 0.5}
-    assert abs(first.mean().item() - 0.3) < 0.005                       # unbiased; std of the mean ~ 0.0008
+    # unbiased: SE of the mean = 0.25 * sqrt(0.2 * 0.8 / 20000) = 0.00071; bound 3.5 SE, seed fixed
+    assert abs(first.mean().item() - 0.3) < 3.5 * 0.25 * (0.2 * 0.8 / 20000) ** 0.5
+    # per value (step 1/4, one row of 100000 draws each): only the two neighbours on the grid, and the mean
+    # within 3.5 SE = 3.5 * 0.25 * sqrt(p (1 - p) / 1e5) of x (SE 0.00035 to 0.0004; a rounding biased by
+    # 1 % of a step, 0.0025, is off by 6 SE or more)
+    values = torch.tensor([0.05, 0.3, 0.6, 0.95, -0.45, -1.2, 1.6])   # fractions p 0.2 to 0.8 of a step
+    q.generator = torch.Generator().manual_seed(11)
+    draws = q(values[:, None].expand(-1, 100000).contiguous())
+    low = torch.floor(values * 4) / 4
+    p = (values - low) * 4
+    assert ((draws == low[:, None]) | (draws == low[:, None] + 0.25)).all()
+    se = 0.25 * (p * (1 - p) / 100000).sqrt()
+    assert ((draws.mean(1) - values).abs() < 3.5 * se).all(), (draws.mean(1) - values) / se
     q.generator = torch.Generator().manual_seed(7)
     assert torch.equal(q(x), first)                                     # same seed, same draws
     q.generator = torch.Generator().manual_seed(8)
@@ -259,14 +271,24 @@ def test_quantize_command_writes_the_chosen_model_and_its_report(tmp_path):
 def test_quantize_stage_in_a_recipe(tmp_path, tiny_recipe):
     from snncompress.pipeline import run_recipe
 
-    text = tiny_recipe.read_text().replace(
-        "measure:", "  - {kind: quantize, max_accuracy_drop: 1.0, val_batches: 1, roundings: [truncate],\n"
-                    "     bits: {weights: [6, 3], neurons: [6]}}\nmeasure:")
+    # a full epoch of ANN training at 1e-2 so that quantizing the neurons changes a prediction: on the 26
+    # validation images the float model scores 3/26, 6-bit truncated thresholds and leaks 2/26 (-3.8 points)
+    text = tiny_recipe.read_text().replace("lr: 1.0e-3, max_batches: 2", "lr: 1.0e-2, max_batches: 8").replace(
+        "measure:", "  - {kind: quantize, max_accuracy_drop: 0.02, val_batches: 1, roundings: [truncate],\n"
+                    "     bits: {weights: [6, 3], neurons: [6, 4]}}\nmeasure:")
     tiny_recipe.write_text(text)
     report = run_recipe(tiny_recipe, tmp_path / "run", [])
     stage = report["stages"][-1]
     assert stage["kind"] == "quantize" and stage["metrics"]["chosen"]["bits"] == {"weights": 3}
     folder = next((tmp_path / "run" / "stages").glob("*-quantize"))
     assert {"pareto.png", "exploration.json", "exploration.md", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    # the 2-point gate: the weights pass at the float accuracy, 6-bit neurons fall 1 image (3.8 points) below it
+    # and are rejected, so their 4 bits are never tried and no joint candidate quantizes the neurons
+    record = json.loads((folder / "exploration.json").read_text())
+    assert record["max_accuracy_drop"] == 0.02
+    base = record["baseline"]["val_accuracy"]
+    verdicts = {c["label"]: (round((c["val_accuracy"] - base) * 26), c["passed"]) for c in record["candidates"]}
+    assert verdicts == {"ptq truncate w6": (0, True), "ptq truncate w3": (0, True), "ptq truncate n6": (-1, False)}
+    assert record["pruned"]["fewer_bits_after_failure"] == 1
     with pytest.raises(UserError, match="no candidate fits"):
         run_recipe(tiny_recipe, tmp_path / "run2", ["stages.quantize.max_memory_kb=0.01"])
