@@ -1,0 +1,300 @@
+/* snncompress C engine runtime (see snn_runtime.h). The numpy reference
+ * (snncompress.deploy.c.reference) mirrors every operation here, in the same order. */
+#include "snn_model.h"
+
+#ifdef SNN_TRACE
+#include <stdio.h>
+#endif
+
+#ifdef SNN_COUNT_OPS
+uint64_t snn_ops_add, snn_ops_mul;
+#define COUNT(adds, muls) (snn_ops_add += (uint64_t)(adds), snn_ops_mul += (uint64_t)(muls))
+#else
+#define COUNT(adds, muls) ((void)0)
+#endif
+
+#define SNN_LEAK_BITS 16
+#define SNN_INPUT_BITS 16
+
+static uint32_t spike_counts[SNN_SPIKING_LAYERS];
+static int32_t event_count[SNN_LAYERS];
+static snn_value_t logit_sum[SNN_CLASSES];
+
+const uint32_t *snn_last_spikes(void) { return spike_counts; }
+
+/* Which of the taps before / after position p (of n) fall inside: bit 0 before, bit 1 after. */
+static int border_class(int32_t p, int32_t n) { return (p > 0) | ((p < n - 1) << 1); }
+
+/* The first layer's current, once per image, channels-last into cur. */
+static void input_current(const snn_layer_t *L, const uint8_t *image, snn_value_t *cur)
+{
+    int32_t y, x, co, ci, ky, kx;
+    for (y = 0; y < L->out_h; y++) {
+        for (x = 0; x < L->out_w; x++) {
+            int cls = border_class(y, L->out_h) * 4 + border_class(x, L->out_w);
+            snn_value_t *out = cur + (y * L->out_w + x) * L->out_c;
+            for (co = 0; co < L->out_c; co++) {
+#if SNN_INTEGER
+                int64_t total = 0;
+                for (ci = 0; ci < L->in_c; ci++) {
+                    int32_t part = 0;
+                    const snn_weight_t *w = L->weights + (co * L->in_c + ci) * 9;
+                    const uint8_t *plane = image + ci * L->in_h * L->in_w;
+                    for (ky = 0; ky < 3; ky++) {
+                        int32_t iy = y + ky - 1;
+                        if (iy < 0 || iy >= L->in_h) continue;
+                        for (kx = 0; kx < 3; kx++) {
+                            int32_t ix = x + kx - 1;
+                            if (ix < 0 || ix >= L->in_w || w[ky * 3 + kx] == 0) continue;
+                            part += (int32_t)w[ky * 3 + kx] * plane[iy * L->in_w + ix];
+                            COUNT(1, 1);
+                        }
+                    }
+                    total += L->input_scale[ci] * part;
+                    COUNT(1, 1);
+                }
+                out[co] = (int32_t)((total + ((int64_t)1 << (SNN_INPUT_BITS - 1))) >> SNN_INPUT_BITS)
+                          + L->border_bias[co * 16 + cls];
+                COUNT(2, 0);
+#else
+                float acc = L->border_bias[co * 16 + cls];
+                for (ci = 0; ci < L->in_c; ci++) {
+                    const snn_weight_t *w = L->weights + (co * L->in_c + ci) * 9;
+                    const uint8_t *plane = image + ci * L->in_h * L->in_w;
+                    for (ky = 0; ky < 3; ky++) {
+                        int32_t iy = y + ky - 1;
+                        if (iy < 0 || iy >= L->in_h) continue;
+                        for (kx = 0; kx < 3; kx++) {
+                            int32_t ix = x + kx - 1;
+                            if (ix < 0 || ix >= L->in_w || w[ky * 3 + kx] == 0.0f) continue;
+                            acc += w[ky * 3 + kx] * (float)plane[iy * L->in_w + ix];
+                            COUNT(1, 1);
+                        }
+                    }
+                }
+                out[co] = acc;
+#endif
+            }
+        }
+    }
+}
+
+/* u = leak * u_hat (+ bias) (+ extra: the first layer's current), per neuron. */
+static void leak_pass(const snn_layer_t *L, const snn_value_t *extra)
+{
+    int32_t pos, c, positions = L->out_h * L->out_w;
+    snn_value_t *m = L->mem;
+    for (pos = 0; pos < positions; pos++, m += L->out_c) {
+        const snn_value_t *e = extra ? extra + pos * L->out_c : 0;
+        for (c = 0; c < L->out_c; c++) {
+#if SNN_INTEGER
+            int32_t u = m[c];
+            if (!L->leak_one) {
+                u = (int32_t)(((int64_t)L->leak[c] * u + (1 << (SNN_LEAK_BITS - 1))) >> SNN_LEAK_BITS);
+                COUNT(1, 1);
+            }
+            if (L->bias) { u += L->bias[c]; COUNT(1, 0); }
+            if (e) { u += e[c]; COUNT(1, 0); }
+            m[c] = u;
+#else
+            if (e) {
+                m[c] = L->leak_one ? m[c] + e[c] : L->leak[c] * m[c] + e[c];
+                COUNT(1, !L->leak_one);
+            } else if (L->bias) {
+                m[c] = L->leak[c] * m[c] + L->bias[c];
+                COUNT(1, 1);
+            } else if (!L->leak_one) {
+                m[c] = L->leak[c] * m[c];
+                COUNT(0, 1);
+            }
+#endif
+        }
+    }
+}
+
+#if SNN_INTEGER
+#define CONTRIB(w, k, F) ((k) == 1 ? (int32_t)((uint32_t)(int32_t)(w) << (F)) \
+                                   : (int32_t)((uint32_t)((int32_t)(w) * (k)) << (F)))
+#else
+#define CONTRIB(w, k, F) ((k) == 1 ? (w) : (w) * (float)(k))
+#endif
+
+/* Add one run of weights (dense: out_c of them; sparse: the kept ones) times count k at m. */
+static void add_run(const snn_layer_t *L, int32_t group, int32_t k, snn_value_t *m)
+{
+    int32_t e, F = L->frac_bits;
+    (void)F; /* the float engine has no fraction bits */
+    if (!L->ptr) {
+        const snn_weight_t *w = L->weights + group * L->out_c;
+        for (e = 0; e < L->out_c; e++) m[e] += CONTRIB(w[e], k, F);
+        COUNT(L->out_c, k == 1 ? 0 : L->out_c);
+    } else {
+        int32_t lo = L->ptr[group], hi = L->ptr[group + 1];
+        for (e = lo; e < hi; e++) m[L->targets[e]] += CONTRIB(L->weights[e], k, F);
+        COUNT(hi - lo, k == 1 ? 0 : hi - lo);
+    }
+}
+
+/* Accumulate the events of layer P into layer L's membrane (or accumulator); clear P's counts. */
+static void add_events(const snn_layer_t *L, const snn_layer_t *P, int32_t events)
+{
+    int32_t e, ky, kx;
+    for (e = 0; e < events; e++) {
+        int32_t index = (int32_t)P->events[e];
+        int32_t k = P->pool > 1 ? P->counts[index] : 1;
+        if (L->kind == SNN_LINEAR) {
+            add_run(L, index, k, L->mem);
+            continue;
+        }
+        {
+            int32_t ci = index % L->in_c, pos = index / L->in_c;
+            int32_t y = pos / L->in_w, x = pos % L->in_w;
+            for (ky = 0; ky < 3; ky++) {
+                int32_t oy = y + 1 - ky;
+                if (oy < 0 || oy >= L->out_h) continue;
+                for (kx = 0; kx < 3; kx++) {
+                    int32_t ox = x + 1 - kx;
+                    if (ox < 0 || ox >= L->out_w) continue;
+                    add_run(L, ci * 9 + ky * 3 + kx, k, L->mem + (oy * L->out_w + ox) * L->out_c);
+                }
+            }
+        }
+    }
+    if (P->pool > 1)
+        for (e = 0; e < events; e++) P->counts[P->events[e]] = 0;
+}
+
+/* Membrane quantizer: u -> code * step (round half away from zero, saturating). */
+static snn_value_t quantize_state(const snn_layer_t *L, int32_t c, snn_value_t u)
+{
+#if SNN_INTEGER
+    int32_t code = (int32_t)(((int64_t)u * L->state_mul[c] + ((int64_t)1 << (L->state_shift - 1))) >> L->state_shift);
+    if (code > L->state_qmax) code = L->state_qmax;
+    if (code < -L->state_qmax) code = -L->state_qmax;
+    COUNT(2, 2);
+    return code * L->state_back[c];
+#else
+    float r = u / L->state_mul[c], limit = (float)(L->state_qmax + 1);
+    int32_t code;
+    if (r > limit) r = limit;
+    if (r < -limit) r = -limit;
+    code = (int32_t)(r >= 0.0f ? r + 0.5f : r - 0.5f);
+    if (code > L->state_qmax) code = L->state_qmax;
+    if (code < -L->state_qmax) code = -L->state_qmax;
+    COUNT(1, 2);
+    return (float)code * L->state_mul[c];
+#endif
+}
+
+/* Spike, reset, quantize; emit the (pooled) events; returns how many events. */
+static int32_t fire(const snn_layer_t *L, uint32_t *spikes)
+{
+    int32_t y, x, c, n = 0;
+    snn_value_t *m = L->mem;
+    for (y = 0; y < L->out_h; y++) {
+        for (x = 0; x < L->out_w; x++, m += L->out_c) {
+            int32_t py = y / L->pool, px = x / L->pool;
+            int pooled = L->pool > 1 && py < L->pool_h && px < L->pool_w;
+            for (c = 0; c < L->out_c; c++) {
+                snn_value_t u = m[c];
+#if SNN_INTEGER
+                int spike = u >= L->threshold[c];
+#else
+                int spike = u / L->threshold[c] - 1.0f >= 0.0f;
+                COUNT(1, 1);
+#endif
+                if (spike) {
+                    u = L->hard_reset ? (snn_value_t)0 : u - L->threshold[c];
+                    COUNT(!L->hard_reset, 0);
+                    (*spikes)++;
+#ifdef SNN_TRACE
+                    printf(" %ld", (long)((y * L->out_w + x) * L->out_c + c));
+#endif
+                    if (L->pool == 1) {
+                        L->events[n++] = (snn_index_t)((y * L->out_w + x) * L->out_c + c);
+                    } else if (pooled) {
+                        int32_t cell = (py * L->pool_w + px) * L->out_c + c;
+                        if (L->counts[cell]++ == 0) L->events[n++] = (snn_index_t)cell;
+                    }
+                }
+                m[c] = L->state_mul ? quantize_state(L, c, u) : u;
+            }
+        }
+    }
+    return n;
+}
+
+#ifdef SNN_TRACE
+static void trace(int t, int l, const snn_layer_t *L)
+{
+    int32_t i, size = L->out_h * L->out_w * L->out_c;
+    printf("\nM %d %d", t, l);
+    for (i = 0; i < size; i++) {
+#if SNN_INTEGER
+        printf(" %ld", (long)L->mem[i]);
+#else
+        union { float f; uint32_t u; } bits;
+        bits.f = L->mem[i];
+        printf(" %08lx", (unsigned long)bits.u);
+#endif
+    }
+    printf("\n");
+}
+#endif
+
+int snn_predict(const uint8_t *image, snn_logit_t *logits)
+{
+    int32_t t, l, i, best = 0, spiking;
+#ifdef SNN_COUNT_OPS
+    snn_ops_add = snn_ops_mul = 0;
+#endif
+    for (l = 0; l < SNN_LAYERS; l++) {
+        const snn_layer_t *L = &snn_layers[l];
+        int32_t size = L->out_h * L->out_w * L->out_c;
+        for (i = 0; i < size; i++) L->mem[i] = 0;
+        event_count[l] = 0;
+    }
+    for (l = 0; l < SNN_SPIKING_LAYERS; l++) spike_counts[l] = 0;
+    for (i = 0; i < SNN_CLASSES; i++) logit_sum[i] = 0;
+#if SNN_T > 1
+    input_current(&snn_layers[0], image, snn_input_current);
+#else
+    input_current(&snn_layers[0], image, snn_layers[0].mem); /* u = leak*0 + I = I */
+#endif
+    for (t = 0; t < SNN_T; t++) {
+        spiking = 0;
+        for (l = 0; l < SNN_LAYERS; l++) {
+            const snn_layer_t *L = &snn_layers[l];
+            if (L->kind == SNN_INPUT_CONV) {
+#if SNN_T > 1
+                leak_pass(L, snn_input_current);
+#endif
+            } else if (L->spiking) {
+                leak_pass(L, 0);
+                add_events(L, &snn_layers[l - 1], event_count[l - 1]);
+            } else {
+                for (i = 0; i < L->out_c; i++) L->mem[i] = 0;
+                add_events(L, &snn_layers[l - 1], event_count[l - 1]);
+                for (i = 0; i < L->out_c; i++) logit_sum[i] += L->mem[i];
+                COUNT(L->out_c, 0);
+                continue;
+            }
+#ifdef SNN_TRACE
+            printf("S %d %d", (int)t, (int)l);
+#endif
+            event_count[l] = fire(L, &spike_counts[spiking++]);
+#ifdef SNN_TRACE
+            trace(t, l, L);
+#endif
+        }
+    }
+    for (i = 0; i < SNN_CLASSES; i++) {
+#if SNN_INTEGER
+        logits[i] = (int32_t)((int64_t)logit_sum[i] * snn_logit_mul[i]);
+#else
+        logits[i] = logit_sum[i];
+#endif
+        if (logits[i] > logits[best]) best = i;
+    }
+    return best;
+}
