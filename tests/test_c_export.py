@@ -270,3 +270,26 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     target.write_text("keep")
     assert main(["export", str(ckpt), "--format", "c", "--out", str(target)]) == 2
     assert "not a folder" in capsys.readouterr().err and target.read_text() == "keep"
+
+
+def test_export_stage_format_c_writes_the_folder_and_checks_predictions(tmp_path):
+    from types import SimpleNamespace
+
+    from snncompress.stages.base import StageContext
+    from snncompress.stages.export import ExportOptions, export
+
+    model = make_model(timesteps=3)
+    pixels = torch.from_numpy(random_images(8, seed=4))
+    images = (pixels.float() / 255 - MEAN[0]) / STD[0]
+    stage_dir = tmp_path / "stages" / "04-export"
+    ctx = StageContext(recipe=None, run_dir=tmp_path, stage_dir=stage_dir, device=torch.device("cpu"),
+                       train_loader=None, val_loader=[(images, torch.zeros(8, dtype=torch.long))], test_loader=None,
+                       info=SimpleNamespace(mean=MEAN, std=STD), model=model)
+    result = export(ctx, ExportOptions(name="export", format="c"))
+    assert result.model is None
+    assert sorted(p.name for p in (stage_dir / "c").iterdir()) == sorted(EXPORT_FILES)
+    assert result.metrics["c_verify_images"] == 8 and result.metrics["c_integer"] is False
+    expected = torch_logits(model, pixels.numpy()).argmax(1)
+    engine = compile_engine(model, MEAN, STD)
+    agree = sum(run_reference(engine, p).prediction == int(e) for p, e in zip(pixels.numpy(), expected))
+    assert result.metrics["c_agreeing_predictions"] == agree >= 7
