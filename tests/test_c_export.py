@@ -293,3 +293,15 @@ def test_export_stage_format_c_writes_the_folder_and_checks_predictions(tmp_path
     engine = compile_engine(model, MEAN, STD)
     agree = sum(run_reference(engine, p).prediction == int(e) for p, e in zip(pixels.numpy(), expected))
     assert result.metrics["c_agreeing_predictions"] == agree >= 7
+
+
+def test_firing_point_is_exactly_pytorchs_spike_test():
+    from snncompress.deploy.c.engine import firing_point
+
+    rng = np.random.default_rng(0)
+    for thr in [np.float32(v) for v in (0.3, 1.0, 0.818, 2.2, 1e-3, 7.77)] + list(rng.random(200, dtype=np.float32) + 1e-3):
+        u = firing_point(thr)
+        below = np.nextafter(u, np.float32(0))
+        assert u / thr - np.float32(1) >= 0 and below / thr - np.float32(1) < 0
+        near = np.float32(thr) + np.arange(-8, 9, dtype=np.float32) * np.spacing(thr)
+        assert np.array_equal(near >= u, near / thr - np.float32(1) >= 0)

@@ -98,13 +98,14 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
                  f"{', pool %d' % layer.pool if layer.pool > 1 else ''}"
                  f"{', %d kept weights' % layer.weights.size if not layer.dense else ''} */\n")
         c.append(_array("snn_weight_t", f"w{i}", layer.weights, integer))
-        fields = {"weights": f"w{i}", "ptr": "0", "targets": "0", "leak": "0", "threshold": "0", "bias": "0",
+        fields = {"weights": f"w{i}", "ptr": "0", "targets": "0", "leak": "0", "threshold": "0", "fire_at": "0",
+                  "bias": "0",
                   "input_scale": "0", "border_bias": "0", "state_mul": "0", "state_back": "0"}
         if not layer.dense:
             c.append(_array("int32_t", f"ptr{i}", layer.ptr))
             c.append(_array("snn_target_t", f"tgt{i}", layer.targets))
             fields.update(ptr=f"ptr{i}", targets=f"tgt{i}")
-        for name in ("leak", "threshold", "bias", "border_bias"):
+        for name in ("leak", "threshold", "fire_at", "bias", "border_bias"):
             values = getattr(layer, name)
             if values is not None:
                 c.append(_array(value, f"{name}{i}", values, integer))
@@ -129,7 +130,8 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
             f"    {{{kind}, {ic}, {ih}, {iw}, {oc}, {oh}, {ow}, {int(layer.spiking)}, {int(layer.hard_reset)}, "
             f"{int(layer.leak_one)}, {layer.pool}, {ph}, {pw}, {layer.frac_bits},\n"
             f"     {fields['weights']}, {fields['ptr']}, {fields['targets']}, {fields['leak']}, "
-            f"{fields['threshold']}, {fields['bias']}, {fields['input_scale']}, {fields['border_bias']},\n"
+            f"{fields['threshold']}, {fields['fire_at'] if layer.fire_at is not None else fields['threshold']}, "
+            f"{fields['bias']}, {fields['input_scale']}, {fields['border_bias']},\n"
             f"     {fields['state_mul']}, {fields['state_back']}, {layer.state_shift}, {layer.state_qmax}, "
             f"mem{i}, counts{i}, events{i}}}")
     if engine.timesteps > 1:

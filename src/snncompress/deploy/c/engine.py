@@ -23,7 +23,8 @@ Layer kinds:
   the dense run of all output channels and stores no targets.
 
 Arithmetic. A float model runs float32: ``u = leak*u_hat [+ bias]``, then each event adds
-``w*k``; spike when ``u/thr - 1 >= 0`` (PyTorch's test); soft reset ``u - thr``, hard ``0``.
+``w*k``; spike when ``u/thr - 1 >= 0`` (PyTorch's test, which the runtime evaluates without a
+division as ``u >= fire_at``, :func:`firing_point`); soft reset ``u - thr``, hard ``0``.
 A model whose every conv/linear weight is quantized runs integer-only: weights are their
 integer codes, the membrane of layer ``l`` is an int32 in units ``unit_c * 2^-F_l`` where
 ``unit_c = |scale_c * bn_gain_c| / pool_divisor`` (one fixed-point scale per layer, F_l chosen
@@ -77,6 +78,7 @@ class EngineLayer:
     border_bias: np.ndarray | None = None  # [out_c, 16] input conv: normalisation + BN shift
     leak: np.ndarray | None = None      # [out_c] float32, or int32 Q16
     threshold: np.ndarray | None = None  # [out_c] float32, or int32 in membrane units
+    fire_at: np.ndarray | None = None   # [out_c] float engine: least u with u/thr - 1 >= 0 in float32
     hard_reset: bool = False
     leak_one: bool = False              # every leak is exactly 1 and no bias: the leak pass is skipped
     pool: int = 1                       # k of the k x k average pooling after the spikes (1: none)
@@ -331,6 +333,22 @@ def _compile_input(layer: EngineLayer, weight, shift, unit_c, mean, std, integer
         layer.input_scale = scale_in.astype(np.float32)
 
 
+def firing_point(threshold: np.float32) -> np.float32:
+    """The least float32 ``u`` with ``u / threshold - 1 >= 0`` in float32 arithmetic (``threshold > 0``).
+
+    ``fl(u / thr)`` is non-decreasing in ``u``, so the spike test ``u/thr - 1 >= 0`` (PyTorch's) is
+    exactly ``u >= firing_point(thr)``: the engine compares without dividing.
+    """
+    thr = np.float32(threshold)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    u = thr
+    while u / thr - one < zero:  # rounding may need a slightly larger u
+        u = np.nextafter(u, np.float32(np.inf))
+    while np.nextafter(u, zero) / thr - one >= zero:  # or allow a slightly smaller one
+        u = np.nextafter(u, zero)
+    return u
+
+
 def _compile_neuron(layer: EngineLayer, lif: LIF, unit_c, integer: bool, t: int, divisor: int) -> None:
     out_c = layer.out_shape[0]
     leak = np.clip(_per_channel(lif.leak, out_c), 0.0, 1.0)
@@ -340,6 +358,7 @@ def _compile_neuron(layer: EngineLayer, lif: LIF, unit_c, integer: bool, t: int,
     real_bias = layer.bias
     if not integer:
         layer.leak, layer.threshold = leak.astype(np.float32), thr.astype(np.float32)
+        layer.fire_at = np.array([firing_point(v) for v in layer.threshold], dtype=np.float32)
         layer.bias = None if real_bias is None else real_bias.astype(np.float32)
         layer.leak_one = bool(np.all(layer.leak == 1.0)) and layer.bias is None
         if state is not None:

@@ -35,6 +35,7 @@ typedef struct {
     const snn_target_t *targets;   /* sparse: [kept] output channel (conv) or output (linear) */
     const snn_value_t *leak;       /* [out_c]: float, or Q16 */
     const snn_value_t *threshold;  /* [out_c] */
+    const snn_value_t *fire_at;    /* [out_c] spike when u >= fire_at (float: u/thr - 1 >= 0 exactly) */
     const snn_value_t *bias;       /* [out_c] or NULL */
     const snn_scale_t *input_scale;   /* input conv: [in_c] */
     const snn_value_t *border_bias;   /* input conv: [out_c][16] */
