@@ -82,6 +82,7 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
          f"#define SNN_INPUT_SIZE {int(np.prod(engine.in_shape))}\n",
          f"#define SNN_CLASSES {engine.num_classes}\n#define SNN_LAYERS {len(engine.layers)}\n",
          f"#define SNN_SPIKING_LAYERS {spiking}\n",
+         f"#define SNN_FIRST_CHANNELS {engine.layers[0].out_shape[0]}\n",
          f"/* real logit = integer logit * SNN_LOGIT_SCALE (integer engine) */\n"
          f"#define SNN_LOGIT_SCALE {engine.logit_scale!r}\n\n",
          f"typedef {weight_type} snn_weight_t;\ntypedef {target_type} snn_target_t;\n"
@@ -97,7 +98,8 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
         c.append(f"/* layer {i}: {layer.name} ({layer.kind}) {layer.in_shape} -> {layer.out_shape}"
                  f"{', pool %d' % layer.pool if layer.pool > 1 else ''}"
                  f"{', %d kept weights' % layer.weights.size if not layer.dense else ''} */\n")
-        c.append(_array("snn_weight_t", f"w{i}", layer.weights, integer))
+        stored = layer.weights.transpose(1, 2, 3, 0) if layer.kind == "input_conv" else layer.weights
+        c.append(_array("snn_weight_t", f"w{i}", stored, integer))
         fields = {"weights": f"w{i}", "ptr": "0", "targets": "0", "leak": "0", "threshold": "0", "fire_at": "0",
                   "bias": "0",
                   "input_scale": "0", "border_bias": "0", "state_mul": "0", "state_back": "0"}

@@ -30,56 +30,61 @@ const uint32_t *snn_last_spikes(void) { return spike_counts; }
 /* Which of the taps before / after position p (of n) fall inside: bit 0 before, bit 1 after. */
 static int border_class(int32_t p, int32_t n) { return (p > 0) | ((p < n - 1) << 1); }
 
-/* The first layer's current, once per image, channels-last into cur. */
-static void input_current(const snn_layer_t *L, const uint8_t *image, snn_value_t *cur)
+#if SNN_INTEGER
+static int64_t input_total[SNN_FIRST_CHANNELS];
+static int32_t input_part[SNN_FIRST_CHANNELS];
+#endif
+
+/* The first layer's current, once per image, channels-last into cur. Weights are stored
+ * [in_c][3][3][out_c]: each in-bounds tap adds weight * pixel to the out_c currents of one
+ * position, in the order ci, ky, kx (the reference's order). */
+static void input_current(const snn_layer_t *L, const uint8_t *image, snn_value_t *restrict cur)
 {
-    int32_t y, x, co, ci, ky, kx;
+    int32_t y, x, co, ci, ky, kx, n = L->out_c;
     for (y = 0; y < L->out_h; y++) {
         for (x = 0; x < L->out_w; x++) {
             int cls = border_class(y, L->out_h) * 4 + border_class(x, L->out_w);
-            snn_value_t *out = cur + (y * L->out_w + x) * L->out_c;
-            for (co = 0; co < L->out_c; co++) {
+            snn_value_t *restrict out = cur + (y * L->out_w + x) * n;
 #if SNN_INTEGER
-                int64_t total = 0;
-                for (ci = 0; ci < L->in_c; ci++) {
-                    int32_t part = 0;
-                    const snn_weight_t *w = L->weights + (co * L->in_c + ci) * 9;
-                    const uint8_t *plane = image + ci * L->in_h * L->in_w;
-                    for (ky = 0; ky < 3; ky++) {
-                        int32_t iy = y + ky - 1;
-                        if (iy < 0 || iy >= L->in_h) continue;
-                        for (kx = 0; kx < 3; kx++) {
-                            int32_t ix = x + kx - 1;
-                            if (ix < 0 || ix >= L->in_w || w[ky * 3 + kx] == 0) continue;
-                            part += (int32_t)w[ky * 3 + kx] * plane[iy * L->in_w + ix];
-                            COUNT(1, 1);
-                        }
-                    }
-                    total += L->input_scale[ci] * part;
-                    COUNT(1, 1);
-                }
-                out[co] = (int32_t)((total + ((int64_t)1 << (SNN_INPUT_BITS - 1))) >> SNN_INPUT_BITS)
-                          + L->border_bias[co * 16 + cls];
-                COUNT(2, 0);
+            int64_t *restrict total = input_total;
+            int32_t *restrict part = input_part;
+            for (co = 0; co < n; co++) total[co] = 0;
 #else
-                float acc = L->border_bias[co * 16 + cls];
-                for (ci = 0; ci < L->in_c; ci++) {
-                    const snn_weight_t *w = L->weights + (co * L->in_c + ci) * 9;
-                    const uint8_t *plane = image + ci * L->in_h * L->in_w;
-                    for (ky = 0; ky < 3; ky++) {
-                        int32_t iy = y + ky - 1;
-                        if (iy < 0 || iy >= L->in_h) continue;
-                        for (kx = 0; kx < 3; kx++) {
-                            int32_t ix = x + kx - 1;
-                            if (ix < 0 || ix >= L->in_w || w[ky * 3 + kx] == 0.0f) continue;
-                            acc += w[ky * 3 + kx] * (float)plane[iy * L->in_w + ix];
-                            COUNT(1, 1);
-                        }
+            for (co = 0; co < n; co++) out[co] = L->border_bias[co * 16 + cls];
+#endif
+            for (ci = 0; ci < L->in_c; ci++) {
+                const uint8_t *plane = image + ci * L->in_h * L->in_w;
+#if SNN_INTEGER
+                for (co = 0; co < n; co++) part[co] = 0;
+#endif
+                for (ky = 0; ky < 3; ky++) {
+                    int32_t iy = y + ky - 1;
+                    if (iy < 0 || iy >= L->in_h) continue;
+                    for (kx = 0; kx < 3; kx++) {
+                        int32_t ix = x + kx - 1;
+                        const snn_weight_t *restrict w = L->weights + ((ci * 3 + ky) * 3 + kx) * n;
+                        if (ix < 0 || ix >= L->in_w) continue;
+#if SNN_INTEGER
+                        int32_t p = plane[iy * L->in_w + ix];
+                        for (co = 0; co < n; co++) part[co] += (int32_t)w[co] * p;
+#else
+                        float p = (float)plane[iy * L->in_w + ix];
+                        for (co = 0; co < n; co++) out[co] += w[co] * p;
+#endif
+                        COUNT(n, n);
                     }
                 }
-                out[co] = acc;
+#if SNN_INTEGER
+                for (co = 0; co < n; co++) total[co] += L->input_scale[ci] * part[co];
+                COUNT(n, n);
 #endif
             }
+#if SNN_INTEGER
+            for (co = 0; co < n; co++)
+                out[co] = (int32_t)((total[co] + ((int64_t)1 << (SNN_INPUT_BITS - 1))) >> SNN_INPUT_BITS)
+                          + L->border_bias[co * 16 + cls];
+            COUNT(2 * n, 0);
+#endif
         }
     }
 }
