@@ -17,10 +17,10 @@ Layer kinds:
   ``bias[c][border]`` (border = which taps fall outside the image, 16 classes), computed once
   per image (direct input, as the model does).
 * ``conv`` / ``linear``: fed by spike events (index, count); a count > 1 comes from average
-  pooling (the pool's ``1/k^2`` is folded into this layer's weights or units). Only nonzero
-  weights are stored when any weight is zero (pruned): per input channel and tap (conv) or
-  per input (linear), a run of ``(target, weight)`` pairs; a layer with no zero weight keeps
-  the dense run of all output channels and stores no targets.
+  pooling (the pool's ``1/k^2`` is folded into this layer's weights or units). A pruned layer
+  (where that is smaller) stores only its nonzero weights: per input channel and tap (conv)
+  or per input (linear), a run of ``(target, weight)`` pairs; otherwise the dense run of all
+  output channels, with no targets.
 
 Arithmetic. A float model runs float32: ``u = leak*u_hat [+ bias]``, then each event adds
 ``w*k``; spike when ``u/thr - 1 >= 0`` (PyTorch's test, which the runtime evaluates without a
@@ -210,13 +210,20 @@ def _border_sums(weight: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return out
 
 
-def _event_tables(weight: np.ndarray, integer: bool) -> dict:
-    """Fan-out tables of an event layer from its weight as ``[groups, out]`` (rows = input groups)."""
+def _event_tables(weight: np.ndarray, integer: bool, weight_bytes: int) -> dict:
+    """Fan-out tables of an event layer from its weight as ``[groups, out]`` (rows = input groups).
+
+    The kept (nonzero) weights with their targets when that is smaller than the dense runs
+    (a pruned layer), else the dense runs (zeros included: adding a zero changes nothing).
+    """
     dtype = np.int32 if integer else np.float32
-    if np.all(weight != 0):
-        return {"weights": weight.astype(dtype)}
+    groups, outputs = weight.shape
     rows, cols = np.nonzero(weight)
-    ptr = np.zeros(weight.shape[0] + 1, dtype=np.int64)
+    target_bytes = 1 if outputs <= 256 else (2 if outputs <= 65536 else 4)
+    sparse_bytes = rows.size * (weight_bytes + target_bytes) + (groups + 1) * 4
+    if sparse_bytes >= weight.size * weight_bytes:
+        return {"weights": weight.astype(dtype)}
+    ptr = np.zeros(groups + 1, dtype=np.int64)
     np.add.at(ptr, rows + 1, 1)
     return {"weights": weight[rows, cols].astype(dtype), "ptr": np.cumsum(ptr).astype(np.int32),
             "targets": cols.astype(np.int32)}
@@ -273,6 +280,7 @@ def compile_engine(model, mean, std) -> Engine:
     t = model.timesteps
     layers, shape, divisor, notes = [], in_shape, 1, []
     bits = [q.bits for name, q in quantized.items() if name.endswith("weight")] if integer else [32]
+    weight_bytes = 1 if max(bits) <= 8 else (2 if max(bits) <= 16 else 4)
     for index, unit in enumerate(units):
         op, lif, bn = unit["op"], unit["lif"], unit["bn"]
         first = index == 0
@@ -296,7 +304,7 @@ def compile_engine(model, mean, std) -> Engine:
         if first:
             _compile_input(layer, weight, shift, unit_c, mean, std, integer)
         else:
-            layer.__dict__.update(_event_tables(_fan_out(op, weight, shape), integer))
+            layer.__dict__.update(_event_tables(_fan_out(op, weight, shape), integer, weight_bytes))
             if bn is not None:
                 layer.bias = shift
         if lif is not None:

@@ -123,38 +123,63 @@ static void leak_pass(const snn_layer_t *L, const snn_value_t *extra)
 }
 
 #if SNN_INTEGER
-#define CONTRIB(w, k, F) ((k) == 1 ? (int32_t)((uint32_t)(int32_t)(w) << (F)) \
-                                   : (int32_t)((uint32_t)((int32_t)(w) * (k)) << (F)))
-#else
-#define CONTRIB(w, k, F) ((k) == 1 ? (w) : (w) * (float)(k))
-#endif
+/* weight << shift, as an int32 (two's complement; the export's bound keeps it in range) */
+#define SHIFTED(w, shift) ((int32_t)((uint32_t)(int32_t)(w) << (shift)))
 
+/* Add one run of weights (dense: out_c of them; sparse: the kept ones) times count k at m:
+ * (w * k) << F as one shifted addition per set bit of k (k = 1, 2, 4: one addition). */
+static void add_run(const snn_layer_t *L, int32_t group, int32_t k, snn_value_t *restrict m)
+{
+    int32_t e, n, shift = L->frac_bits;
+    const snn_weight_t *restrict w;
+    const snn_target_t *restrict target = 0;
+    if (!L->ptr) {
+        n = L->out_c;
+        w = L->weights + group * n;
+    } else {
+        target = L->targets + L->ptr[group];
+        n = L->ptr[group + 1] - L->ptr[group];
+        w = L->weights + L->ptr[group];
+    }
+    for (; k; k >>= 1, shift++) {
+        if (!(k & 1)) continue;
+        if (target) {
+            for (e = 0; e < n; e++) m[target[e]] += SHIFTED(w[e], shift);
+        } else {
+            for (e = 0; e < n; e++) m[e] += SHIFTED(w[e], shift);
+        }
+        COUNT(n, 0);
+    }
+}
+#else
 /* Add one run of weights (dense: out_c of them; sparse: the kept ones) times count k at m. */
 static void add_run(const snn_layer_t *L, int32_t group, int32_t k, snn_value_t *restrict m)
 {
-    int32_t e, n, F = L->frac_bits;
+    int32_t e, n;
     const snn_weight_t *restrict w;
-    (void)F; /* the float engine has no fraction bits */
     if (!L->ptr) {
         n = L->out_c;
         w = L->weights + group * n;
         if (k == 1) {
-            for (e = 0; e < n; e++) m[e] += CONTRIB(w[e], 1, F);
+            for (e = 0; e < n; e++) m[e] += w[e];
         } else {
-            for (e = 0; e < n; e++) m[e] += CONTRIB(w[e], k, F);
+            float count = (float)k;
+            for (e = 0; e < n; e++) m[e] += w[e] * count;
         }
     } else {
         const snn_target_t *restrict target = L->targets + L->ptr[group];
         n = L->ptr[group + 1] - L->ptr[group];
         w = L->weights + L->ptr[group];
         if (k == 1) {
-            for (e = 0; e < n; e++) m[target[e]] += CONTRIB(w[e], 1, F);
+            for (e = 0; e < n; e++) m[target[e]] += w[e];
         } else {
-            for (e = 0; e < n; e++) m[target[e]] += CONTRIB(w[e], k, F);
+            float count = (float)k;
+            for (e = 0; e < n; e++) m[target[e]] += w[e] * count;
         }
     }
     COUNT(n, k == 1 ? 0 : n);
 }
+#endif
 
 /* Accumulate the events of layer P into layer L's membrane (or accumulator); clear P's counts. */
 static void add_events(const snn_layer_t *L, const snn_layer_t *P, int32_t events)
