@@ -92,33 +92,34 @@ static void input_current(const snn_layer_t *L, const uint8_t *image, snn_value_
 /* u = leak * u_hat (+ bias) (+ extra: the first layer's current), per neuron. */
 static void leak_pass(const snn_layer_t *L, const snn_value_t *extra)
 {
-    int32_t pos, c, positions = L->out_h * L->out_w;
-    snn_value_t *m = L->mem;
-    for (pos = 0; pos < positions; pos++, m += L->out_c) {
-        const snn_value_t *e = extra ? extra + pos * L->out_c : 0;
-        for (c = 0; c < L->out_c; c++) {
+    int32_t pos, c, n = L->out_c, positions = L->out_h * L->out_w;
+    snn_value_t *restrict m = L->mem;
+    const snn_value_t *restrict leak = L->leak, *restrict bias = L->bias;
+    for (pos = 0; pos < positions; pos++, m += n) {
+        const snn_value_t *restrict e = extra ? extra + pos * n : 0;
 #if SNN_INTEGER
-            int32_t u = m[c];
-            if (!L->leak_one) {
-                u = (int32_t)(((int64_t)L->leak[c] * u + (1 << (SNN_LEAK_BITS - 1))) >> SNN_LEAK_BITS);
-                COUNT(1, 1);
-            }
-            if (L->bias) { u += L->bias[c]; COUNT(1, 0); }
-            if (e) { u += e[c]; COUNT(1, 0); }
-            m[c] = u;
-#else
-            if (e) {
-                m[c] = L->leak_one ? m[c] + e[c] : L->leak[c] * m[c] + e[c];
-                COUNT(1, !L->leak_one);
-            } else if (L->bias) {
-                m[c] = L->leak[c] * m[c] + L->bias[c];
-                COUNT(1, 1);
-            } else if (!L->leak_one) {
-                m[c] = L->leak[c] * m[c];
-                COUNT(0, 1);
-            }
-#endif
+        if (!L->leak_one) {
+            for (c = 0; c < n; c++)
+                m[c] = (int32_t)(((int64_t)leak[c] * m[c] + (1 << (SNN_LEAK_BITS - 1))) >> SNN_LEAK_BITS);
+            COUNT(n, n);
         }
+        if (bias) { for (c = 0; c < n; c++) m[c] += bias[c]; COUNT(n, 0); }
+        if (e) { for (c = 0; c < n; c++) m[c] += e[c]; COUNT(n, 0); }
+#else
+        if (e && L->leak_one) {
+            for (c = 0; c < n; c++) m[c] = m[c] + e[c];
+            COUNT(n, 0);
+        } else if (e) {
+            for (c = 0; c < n; c++) m[c] = leak[c] * m[c] + e[c];
+            COUNT(n, n);
+        } else if (bias) {
+            for (c = 0; c < n; c++) m[c] = leak[c] * m[c] + bias[c];
+            COUNT(n, n);
+        } else if (!L->leak_one) {
+            for (c = 0; c < n; c++) m[c] = leak[c] * m[c];
+            COUNT(0, n);
+        }
+#endif
     }
 }
 
@@ -258,7 +259,8 @@ static int32_t fire(const snn_layer_t *L, uint32_t *spikes)
                         if (L->counts[cell]++ == 0) L->events[n++] = (snn_index_t)cell;
                     }
                 }
-                m[c] = L->state_mul ? quantize_state(L, c, u) : u;
+                if (L->state_mul) m[c] = quantize_state(L, c, u);
+                else if (spike) m[c] = u;
             }
         }
     }
