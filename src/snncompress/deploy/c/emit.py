@@ -12,6 +12,8 @@ from .engine import Engine, EngineLayer
 
 #: Runtime files copied unchanged into every export (package data).
 RUNTIME_FILES = ("snn_runtime.h", "snn_runtime.c", "snn_main.c")
+#: Bytes of each weight type.
+WEIGHT_BYTES = {"int8_t": 1, "int16_t": 2, "int32_t": 4, "int64_t": 8, "float": 4}
 #: Largest pooled spike count a uint8 cell holds (k x k pooling).
 MAX_POOL = 15
 
@@ -85,6 +87,7 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
          f"#define SNN_FIRST_CHANNELS {engine.layers[0].out_shape[0]}\n",
          f"/* real logit = integer logit * SNN_LOGIT_SCALE (integer engine) */\n"
          f"#define SNN_LOGIT_SCALE {engine.logit_scale!r}\n\n",
+         f"#define SNN_WEIGHT_BYTES {WEIGHT_BYTES[weight_type]}\n",
          f"typedef {weight_type} snn_weight_t;\ntypedef {target_type} snn_target_t;\n"
          f"typedef {index_type} snn_index_t;\n\n",
          '#include "snn_runtime.h"\n\n',

@@ -66,7 +66,12 @@ static void input_current(const snn_layer_t *L, const uint8_t *image, snn_value_
                         if (ix < 0 || ix >= L->in_w) continue;
 #if SNN_INTEGER
                         int32_t p = plane[iy * L->in_w + ix];
+#if SNN_WEIGHT_BYTES == 1
+                        /* |code| <= 127, pixel <= 255: the product fits int16 (a vector multiply on SSE2/NEON) */
+                        for (co = 0; co < n; co++) part[co] += (int16_t)((int16_t)w[co] * (int16_t)p);
+#else
                         for (co = 0; co < n; co++) part[co] += (int32_t)w[co] * p;
+#endif
 #else
                         float p = (float)plane[iy * L->in_w + ix];
                         for (co = 0; co < n; co++) out[co] += w[co] * p;
