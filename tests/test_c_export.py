@@ -305,3 +305,28 @@ def test_firing_point_is_exactly_pytorchs_spike_test():
         assert u / thr - np.float32(1) >= 0 and below / thr - np.float32(1) < 0
         near = np.float32(thr) + np.arange(-8, 9, dtype=np.float32) * np.spacing(thr)
         assert np.array_equal(near >= u, near / thr - np.float32(1) >= 0)
+
+
+@needs_cc
+@pytest.mark.parametrize("quantized,adds,muls", [
+    # float: 4 positions x 4 in-image taps (add + multiply each); 4 spikes: 4 soft-reset subtractions
+    # and 4 x 2 output additions; 2 logit additions
+    (False, 16 + 4 + 8 + 2, 16),
+    # integer: the same 16 tap products, then per position one input-scale multiply-add and two
+    # additions (rounding, border bias); resets, output and logits as above
+    (True, 16 + 4 + 8 + 4 + 8 + 2, 16 + 4),
+])
+def test_counting_build_matches_a_hand_count(tmp_path, quantized, adds, muls):
+    model = build_model("convnet", 2, (1, 2, 2), 1, features=[1], classifier=[], neuron={"threshold": 0.01})
+    with torch.no_grad():
+        model.features[0].weight.fill_(1.0)
+        model.classifier[0].weight.fill_(0.5)
+    if quantized:
+        quantize_weights(model, 8)
+    engine = compile_engine(model.eval(), MEAN, STD)
+    binary = build(tmp_path / "count", engine, "-DSNN_COUNT_OPS")
+    image = np.full((1, 1, 2, 2), 255, dtype=np.uint8)
+    line = subprocess.run([str(binary), "--spikes"], input=image.tobytes(), capture_output=True,
+                          check=True).stdout.decode().split(" | ")
+    assert line[1].split() == ["4"]                     # every neuron fired once
+    assert [int(v) for v in line[2].split()] == [adds, muls]
