@@ -8,6 +8,7 @@ arithmetic, and :func:`write_c_folder` writes a checked export folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ...errors import UserError
@@ -25,6 +26,11 @@ def check_out_folder(out) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; the C export writes a folder")
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable")
     return out
 
 
