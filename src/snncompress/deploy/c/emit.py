@@ -101,7 +101,11 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
         c.append(f"/* layer {i}: {layer.name} ({layer.kind}) {layer.in_shape} -> {layer.out_shape}"
                  f"{', pool %d' % layer.pool if layer.pool > 1 else ''}"
                  f"{', %d kept weights' % layer.weights.size if not layer.dense else ''} */\n")
-        stored = layer.weights.transpose(1, 2, 3, 0) if layer.kind == "input_conv" else layer.weights
+        stored = layer.weights
+        if layer.kind == "input_conv":
+            stored = stored.transpose(1, 2, 3, 0)  # [in_c][3][3][out_c]
+        elif layer.kind == "conv" and layer.dense:
+            stored = stored.reshape(-1, 3, 3, stored.shape[-1])[:, :, ::-1]  # each row's taps as kx = 2, 1, 0
         c.append(_array("snn_weight_t", f"w{i}", stored, integer))
         fields = {"weights": f"w{i}", "ptr": "0", "targets": "0", "leak": "0", "threshold": "0", "fire_at": "0",
                   "bias": "0",

@@ -132,21 +132,12 @@ static void leak_pass(const snn_layer_t *L, const snn_value_t *extra)
 /* weight << shift, as an int32 (two's complement; the export's bound keeps it in range) */
 #define SHIFTED(w, shift) ((int32_t)((uint32_t)(int32_t)(w) << (shift)))
 
-/* Add one run of weights (dense: out_c of them; sparse: the kept ones) times count k at m:
- * (w * k) << F as one shifted addition per set bit of k (k = 1, 2, 4: one addition). */
-static void add_run(const snn_layer_t *L, int32_t group, int32_t k, snn_value_t *restrict m)
+/* m[e] += (w[e] * k) << F for e < n (target: m[target[e]]), as one shifted addition per set
+ * bit of k (k = 1, 2, 4: one addition, no multiply). */
+static void add_weights(const snn_weight_t *restrict w, const snn_target_t *restrict target, int32_t n,
+                        int32_t k, int32_t shift, snn_value_t *restrict m)
 {
-    int32_t e, n, shift = L->frac_bits;
-    const snn_weight_t *restrict w;
-    const snn_target_t *restrict target = 0;
-    if (!L->ptr) {
-        n = L->out_c;
-        w = L->weights + group * n;
-    } else {
-        target = L->targets + L->ptr[group];
-        n = L->ptr[group + 1] - L->ptr[group];
-        w = L->weights + L->ptr[group];
-    }
+    int32_t e;
     for (; k; k >>= 1, shift++) {
         if (!(k & 1)) continue;
         if (target) {
@@ -158,58 +149,72 @@ static void add_run(const snn_layer_t *L, int32_t group, int32_t k, snn_value_t 
     }
 }
 #else
-/* Add one run of weights (dense: out_c of them; sparse: the kept ones) times count k at m. */
-static void add_run(const snn_layer_t *L, int32_t group, int32_t k, snn_value_t *restrict m)
+/* m[e] += w[e] * k for e < n (target: m[target[e]]); k = 1 adds w itself. */
+static void add_weights(const snn_weight_t *restrict w, const snn_target_t *restrict target, int32_t n,
+                        int32_t k, int32_t shift, snn_value_t *restrict m)
 {
-    int32_t e, n;
-    const snn_weight_t *restrict w;
-    if (!L->ptr) {
-        n = L->out_c;
-        w = L->weights + group * n;
-        if (k == 1) {
-            for (e = 0; e < n; e++) m[e] += w[e];
-        } else {
-            float count = (float)k;
-            for (e = 0; e < n; e++) m[e] += w[e] * count;
-        }
+    int32_t e;
+    float count = (float)k;
+    (void)shift; /* the float engine has no fraction bits */
+    if (target) {
+        if (k == 1) { for (e = 0; e < n; e++) m[target[e]] += w[e]; }
+        else { for (e = 0; e < n; e++) m[target[e]] += w[e] * count; }
     } else {
-        const snn_target_t *restrict target = L->targets + L->ptr[group];
-        n = L->ptr[group + 1] - L->ptr[group];
-        w = L->weights + L->ptr[group];
-        if (k == 1) {
-            for (e = 0; e < n; e++) m[target[e]] += w[e];
-        } else {
-            float count = (float)k;
-            for (e = 0; e < n; e++) m[target[e]] += w[e] * count;
-        }
+        if (k == 1) { for (e = 0; e < n; e++) m[e] += w[e]; }
+        else { for (e = 0; e < n; e++) m[e] += w[e] * count; }
     }
     COUNT(n, k == 1 ? 0 : n);
 }
 #endif
 
+/* Add the run of weights of input group `group` (dense: out_c weights; sparse: the kept ones) times k at m. */
+static void add_run(const snn_layer_t *L, int32_t group, int32_t k, snn_value_t *m)
+{
+    if (!L->ptr) {
+        add_weights(L->weights + group * L->out_c, 0, L->out_c, k, L->frac_bits, m);
+    } else {
+        int32_t lo = L->ptr[group];
+        add_weights(L->weights + lo, L->targets + lo, L->ptr[group + 1] - lo, k, L->frac_bits, m);
+    }
+}
+
+/* A spike (count k) at input (ci, y, x) of a convolution: for each kernel row, the three taps
+ * reach three neighbouring output positions. A dense layer stores each row's taps in the order
+ * kx = 2, 1, 0 (output x-1, x, x+1): inside the map the row is one run of 3 x out_c weights
+ * onto 3 x out_c contiguous membranes (channels-last). Each target gets one addition per
+ * event, so the order inside an event does not change any sum. */
+static void add_conv_event(const snn_layer_t *L, int32_t ci, int32_t y, int32_t x, int32_t k)
+{
+    int32_t ky, kx, n = L->out_c;
+    for (ky = 0; ky < 3; ky++) {
+        int32_t oy = y + 1 - ky;
+        snn_value_t *row;
+        if (oy < 0 || oy >= L->out_h) continue;
+        row = L->mem + oy * L->out_w * n;
+        if (!L->ptr && x >= 1 && x + 1 < L->out_w) {
+            add_weights(L->weights + (ci * 3 + ky) * 3 * n, 0, 3 * n, k, L->frac_bits, row + (x - 1) * n);
+            continue;
+        }
+        for (kx = 0; kx < 3; kx++) {
+            int32_t ox = x + 1 - kx;
+            if (ox < 0 || ox >= L->out_w) continue;
+            add_run(L, L->ptr ? ci * 9 + ky * 3 + kx : (ci * 3 + ky) * 3 + 2 - kx, k, row + ox * n);
+        }
+    }
+}
+
 /* Accumulate the events of layer P into layer L's membrane (or accumulator); clear P's counts. */
 static void add_events(const snn_layer_t *L, const snn_layer_t *P, int32_t events)
 {
-    int32_t e, ky, kx;
+    int32_t e;
     for (e = 0; e < events; e++) {
         int32_t index = (int32_t)P->events[e];
         int32_t k = P->pool > 1 ? P->counts[index] : 1;
         if (L->kind == SNN_LINEAR) {
             add_run(L, index, k, L->mem);
-            continue;
-        }
-        {
+        } else {
             int32_t ci = index % L->in_c, pos = index / L->in_c;
-            int32_t y = pos / L->in_w, x = pos % L->in_w;
-            for (ky = 0; ky < 3; ky++) {
-                int32_t oy = y + 1 - ky;
-                if (oy < 0 || oy >= L->out_h) continue;
-                for (kx = 0; kx < 3; kx++) {
-                    int32_t ox = x + 1 - kx;
-                    if (ox < 0 || ox >= L->out_w) continue;
-                    add_run(L, ci * 9 + ky * 3 + kx, k, L->mem + (oy * L->out_w + ox) * L->out_c);
-                }
-            }
+            add_conv_event(L, ci, pos / L->in_w, pos % L->in_w, k);
         }
     }
     if (P->pool > 1)
