@@ -30,7 +30,8 @@ typedef struct {
     int32_t spiking, hard_reset, leak_one;
     int32_t pool, pool_h, pool_w;  /* k x k average pooling of the spikes (pool == 1: none) */
     int32_t frac_bits;             /* integer engine: membrane fraction bits F */
-    const snn_weight_t *weights;   /* input conv [in_c][3][3][out_c]; dense [group][out_c]; sparse [kept] */
+    const snn_weight_t *weights;   /* input conv [in_c][3][3][out_c]; dense conv [in_c][3 (ky)][3 (kx = 2, 1, 0)][out_c];
+                                    * dense linear [input][out_c]; sparse [kept] */
     const int32_t *ptr;            /* sparse: [groups + 1] run starts; NULL: dense */
     const snn_target_t *targets;   /* sparse: [kept] output channel (conv) or output (linear) */
     const snn_value_t *leak;       /* [out_c]: float, or Q16 */
