@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import io
 import json
@@ -40,7 +39,7 @@ from snncompress.checkpoint import load_checkpoint
 from snncompress.compress.state import frozen
 from snncompress.data import normalisation, read_fashion_mnist, read_mnist
 from snncompress.deploy import build_inference_plan
-from snncompress.deploy.c import EXPORT_FILES, compile_engine, write_c_folder
+from snncompress.deploy.c import EXPORT_FILES, write_c_folder
 from snncompress.deploy.nir import export_nir
 from snncompress.metrics.footprint import footprint
 from snncompress.metrics.ops import count_synops

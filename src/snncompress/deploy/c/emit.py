@@ -8,7 +8,7 @@ from importlib import resources
 import numpy as np
 
 from ...errors import UserError
-from .engine import Engine, EngineLayer
+from .engine import Engine
 
 #: Runtime files copied unchanged into every export (package data).
 RUNTIME_FILES = ("snn_runtime.h", "snn_runtime.c", "snn_main.c")

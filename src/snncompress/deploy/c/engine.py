@@ -36,7 +36,7 @@ threshold and bias are rounded to the membrane's unit. Logits are int32 (units i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,6 +88,8 @@ class EngineLayer:
     state_back: np.ndarray | None = None  # [out_c] int32 code -> membrane units (int)
     state_qmax: int = 0
     name: str = ""
+    #: integer input conv while compiling: float64 ``(1/(255 std), -mean/std, BN shift)``
+    input_fold: tuple | None = None
 
     @property
     def out_count(self) -> int:
@@ -115,7 +117,6 @@ class Engine:
     logit_mul: np.ndarray | None = None   # [K] int32 (integer engine): logits = sum * logit_mul
     logit_scale: float = 1.0              # real logit = integer logit * logit_scale (integer engine)
     weight_bits: int = 32
-    notes: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -278,7 +279,7 @@ def compile_engine(model, mean, std) -> Engine:
     integer = all(f"{n}.weight" in quantized for n, m in model.named_modules()
                   if isinstance(m, (nn.Conv2d, nn.Linear)))
     t = model.timesteps
-    layers, shape, divisor, notes = [], in_shape, 1, []
+    layers, shape, divisor = [], in_shape, 1
     bits = [q.bits for name, q in quantized.items() if name.endswith("weight")] if integer else [32]
     weight_bytes = 1 if max(bits) <= 8 else (2 if max(bits) <= 16 else 4)
     for index, unit in enumerate(units):
@@ -316,7 +317,7 @@ def compile_engine(model, mean, std) -> Engine:
         if isinstance(op, nn.Conv2d) and lif is None:
             raise UserError("the C engine needs a neuron after every convolution")
         if isinstance(op, nn.Linear) and lif is None:
-            engine = Engine(layers, t, integer, in_shape, out_c, weight_bits=max(bits), notes=notes)
+            engine = Engine(layers, t, integer, in_shape, out_c, weight_bits=max(bits))
             if integer:
                 _compile_logits(engine, unit_c, layer, t, divisor)
             return engine
@@ -334,7 +335,7 @@ def _compile_input(layer: EngineLayer, weight, shift, unit_c, mean, std, integer
     offset_in = -np.asarray(mean, dtype=np.float64) / np.asarray(std, dtype=np.float64)
     if integer:
         layer.weights = weight.astype(np.int32)
-        layer._input_real = (scale_in, offset_in, shift)  # finished once F is known
+        layer.input_fold = (scale_in, offset_in, shift)  # finished once F is known
     else:
         layer.weights = (weight * scale_in[None, :, None, None]).astype(np.float32)
         layer.border_bias = (_border_sums(weight, offset_in) + shift[:, None]).astype(np.float32)
@@ -375,7 +376,7 @@ def _compile_neuron(layer: EngineLayer, lif: LIF, unit_c, integer: bool, t: int,
         return
     # the largest |current| per step in units of unit_c, per channel
     if layer.kind == "input_conv":
-        scale_in, offset_in, shift = layer._input_real
+        scale_in, offset_in, shift = layer.input_fold
         per_ci = np.abs(layer.weights).sum((2, 3)).astype(np.float64)  # [out, in]
         peak = (per_ci * scale_in[None, :] * 255.0).sum(1) + \
             np.abs(_border_sums(layer.weights.astype(np.float64), offset_in)).max(1) + np.abs(shift) / unit_c
@@ -398,11 +399,11 @@ def _compile_neuron(layer: EngineLayer, lif: LIF, unit_c, integer: bool, t: int,
         layer.bias = np.round(real_bias / unit_c * one).astype(np.int32)
     layer.leak_one = bool(np.all(layer.leak == 2 ** LEAK_BITS)) and layer.bias is None
     if layer.kind == "input_conv":
-        scale_in, offset_in, shift = layer._input_real
+        scale_in, offset_in, shift = layer.input_fold
         layer.input_scale = np.round(scale_in * 2.0 ** (frac + INPUT_BITS)).astype(np.int64)
         real = _border_sums(layer.weights.astype(np.float64), offset_in) + (shift / unit_c)[:, None]
         layer.border_bias = np.round(real * one).astype(np.int32)
-        del layer._input_real
+        layer.input_fold = None
     if state is not None:
         step, qmax = state
         ratio = unit_c / one / step                   # membrane unit -> state codes
