@@ -330,3 +330,15 @@ def test_counting_build_matches_a_hand_count(tmp_path, quantized, adds, muls):
                           check=True).stdout.decode().split(" | ")
     assert line[1].split() == ["4"]                     # every neuron fired once
     assert [int(v) for v in line[2].split()] == [adds, muls]
+
+
+def test_checkpoint_without_dataset_needs_dataset_option(tmp_path, capsys):
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, make_model(), info={})
+    out = tmp_path / "c"
+    assert main(["export", str(ckpt), "--format", "c", "--out", str(out)]) == 2
+    assert "does not record its dataset" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(ckpt), "--format", "c", "--out", str(out), "--dataset", "mnist"]) == 0
+    model_c = (out / "snn_model.c").read_text()
+    mnist = compile_engine(make_model(), (0.1307,), (0.3081,))
+    assert f"{float(mnist.layers[0].border_bias[0, 0]):.9g}f" in model_c  # MNIST's normalisation folded in
