@@ -64,6 +64,12 @@ def cmd_report(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format == "c":
+        from .data import normalisation
+        from .deploy.c import export_c_command
+
+        export_c_command(args.source, args.out_file, normalisation, args.dataset)
+        return
     from .deploy.nir import export_command
 
     export_command(args.source, args.format, args.out_file, dt=args.dt, soft_reset=args.soft_reset,
@@ -154,10 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="folder for the comparison")
     rep.set_defaults(func=cmd_report)
 
-    ex = sub.add_parser("export", help="write a checkpoint as a NIR graph, or a NIR file back as a checkpoint")
+    ex = sub.add_parser("export", help="write a checkpoint as a NIR graph or a C99 engine folder, or a NIR file "
+                                       "back as a checkpoint")
     ex.add_argument("source", help="model.safetensors, or a .nir file written by this command (import back)")
-    ex.add_argument("--format", choices=["nir", "safetensors"], default="nir", help="what to write (default: nir)")
-    ex.add_argument("--out", dest="out_file", required=True, metavar="FILE", help="the file to write")
+    ex.add_argument("--format", choices=["nir", "safetensors", "c"], default="nir",
+                    help="what to write (default: nir; c: a folder of C99 sources, docs/deployment/c.md)")
+    ex.add_argument("--out", dest="out_file", required=True, metavar="PATH",
+                    help="the file to write (a folder for --format c)")
+    ex.add_argument("--dataset", help="--format c: the dataset whose normalisation the input gets (default: the "
+                                      "checkpoint's)")
     ex.add_argument("--dt", type=float, default=1e-4, help="simulation step of the NIR neurons (default: 1e-4)")
     ex.add_argument("--soft-reset", choices=["annotate", "refuse"], default="annotate",
                     help="soft reset: keep as node metadata (default) or refuse")

@@ -39,6 +39,16 @@ _TENSOR_DATASETS: dict[str, _TensorSpec] = {
 }
 
 
+def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel (0..1 pixel scale) with which the in-memory dataset ``name`` is
+    normalised; a UserError for datasets decoded from image folders (their images are resized)."""
+    canonical = canonical_name(name)
+    if canonical not in _TENSOR_DATASETS:
+        raise UserError(f"dataset {name!r} is decoded and resized from image files; the C export needs a "
+                        f"dataset stored as raw pixels ({', '.join(_TENSOR_DATASETS)})")
+    return _TENSOR_DATASETS[canonical].stats
+
+
 def _subset(images: np.ndarray, labels: np.ndarray, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if n is not None and n < len(labels):
         keep = balanced_subset(labels, n)

@@ -1,9 +1,11 @@
-"""The ``export`` stage: write the previous spiking model as a NIR graph (``model.nir``) in the stage folder.
+"""The ``export`` stage: write the previous spiking model as a NIR graph (``model.nir``) or as a C99
+engine folder (``c/``, :mod:`snncompress.deploy.c`) in the stage folder.
 
-The mapping and its conventions are :mod:`snncompress.deploy.nir`'s. The stage
-writes no checkpoint (the model passes on unchanged); it reads the file back,
-checks that the imported model gives the same logits bit for bit on
-``verify_images`` validation images, and reports that in its metrics.
+The NIR mapping and its conventions are :mod:`snncompress.deploy.nir`'s: the stage reads the
+file back and checks that the imported model gives the same logits bit for bit on
+``verify_images`` validation images. For ``format: c`` it runs the engine's numpy reference
+(the C build's arithmetic, bit for bit) on those images and reports how many predictions
+agree with the PyTorch model. The stage writes no checkpoint (the model passes on unchanged).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..errors import UserError
 from .base import StageContext, StageOptions, StageResult, calibration_images, register_stage
 
 NIR_FILE = "model.nir"
+C_FOLDER = "c"
 
 
 class ExportOptions(StageOptions):
@@ -26,7 +29,7 @@ class ExportOptions(StageOptions):
     needs = "snn"
 
     kind: Literal["export"] = "export"
-    format: Literal["nir"] = Field("nir", description="file format (NIR graph, HDF5)")
+    format: Literal["nir", "c"] = Field("nir", description="nir: NIR graph (HDF5); c: C99 engine folder")
     dt: float = Field(1e-4, gt=0, le=1, description="simulation step the consumer must use (s): tau = dt / (1 - leak)")
     soft_reset: Literal["annotate", "refuse"] = Field(
         "annotate", description="soft reset: keep as node metadata reset='subtract', or refuse the model")
@@ -42,6 +45,8 @@ def export(ctx: StageContext, opts: ExportOptions) -> StageResult:
     from ..deploy.nir import export_notes, load_nir, write_nir
 
     model = ctx.require_model("export")
+    if opts.format == "c":
+        return _export_c(ctx, opts, model)
     path = ctx.stage_dir / NIR_FILE
     graph = write_nir(model, path, dt=opts.dt, soft_reset=opts.soft_reset, leak_one=opts.leak_one)
     metrics = {"nir_file": ctx.relative(path), "nir_bytes": path.stat().st_size if path.exists() else None,
@@ -58,4 +63,29 @@ def export(ctx: StageContext, opts: ExportOptions) -> StageResult:
         metrics["nir_roundtrip_identical"] = True
     for note in metrics["nir_notes"]:
         print(f"[{opts.name}] note: {note}", flush=True)
+    return StageResult(None, metrics)
+
+
+def _export_c(ctx: StageContext, opts: ExportOptions, model) -> StageResult:
+    """Write the C engine folder; compare the reference engine's predictions with the model's."""
+    import numpy as np
+
+    from ..deploy.c import run_reference, write_c_folder
+
+    folder = ctx.stage_dir / C_FOLDER
+    reference = copy.deepcopy(model).cpu().eval()
+    engine = write_c_folder(reference, folder, ctx.info.mean, ctx.info.std,
+                            f"{model.spec.get('arch')}, T = {model.timesteps}, stage {opts.name}")
+    metrics = {"c_folder": ctx.relative(folder), "c_integer": engine.integer,
+               "c_bytes": sum(p.stat().st_size for p in folder.iterdir())}
+    if opts.verify_images and ctx.val_loader is not None:
+        images = calibration_images(ctx.val_loader, opts.verify_images).cpu()
+        mean = torch.tensor(ctx.info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(ctx.info.std).view(1, -1, 1, 1)
+        pixels = torch.round((images * std + mean) * 255).clamp(0, 255).to(torch.uint8).numpy()
+        with torch.no_grad():
+            expected = reference(images).argmax(1).numpy()
+        got = np.array([run_reference(engine, image).prediction for image in pixels])
+        metrics["c_verify_images"] = int(len(got))
+        metrics["c_agreeing_predictions"] = int((got == expected).sum())
     return StageResult(None, metrics)

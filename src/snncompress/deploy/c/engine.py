@@ -1,0 +1,436 @@
+"""Compile a spiking VGG / convnet into the tables of the C engine (docs/deployment/c.md).
+
+:func:`compile_engine` turns a model into an :class:`Engine`: a list of :class:`EngineLayer`
+holding numpy arrays, exactly the constants the generated ``snn_model.c`` stores and the
+numpy reference (:mod:`.reference`) computes with. Both engines read the same tables, so
+they cannot disagree about a folded constant.
+
+Layout. Every feature map is stored channels-last (``[H, W, C]``, index ``(y*W + x)*C + c``):
+a spike at input position ``(y, x)`` of channel ``ci`` fans out, for each of the 9 taps,
+to a run of output channels at one output position. A classifier layer's input columns are
+reordered from PyTorch's ``[C, H, W]`` flattening to that order at export.
+
+Layer kinds:
+
+* ``input_conv``: the first convolution, fed by the uint8 image; the input normalisation
+  ``(p/255 - mean)/std`` and BatchNorm are folded into its weights and a bias table
+  ``bias[c][border]`` (border = which taps fall outside the image, 16 classes), computed once
+  per image (direct input, as the model does).
+* ``conv`` / ``linear``: fed by spike events (index, count); a count > 1 comes from average
+  pooling (the pool's ``1/k^2`` is folded into this layer's weights or units). A pruned layer
+  (where that is smaller) stores only its nonzero weights: per input channel and tap (conv)
+  or per input (linear), a run of ``(target, weight)`` pairs; otherwise the dense run of all
+  output channels, with no targets.
+
+Arithmetic. A float model runs float32: ``u = leak*u_hat [+ bias]``, then each event adds
+``w*k``; spike when ``u/thr - 1 >= 0`` (PyTorch's test, which the runtime evaluates without a
+division as ``u >= fire_at``, :func:`firing_point`); soft reset ``u - thr``, hard ``0``.
+A model whose every conv/linear weight is quantized runs integer-only: weights are their
+integer codes, the membrane of layer ``l`` is an int32 in units ``unit_c * 2^-F_l`` where
+``unit_c = |scale_c * bn_gain_c| / pool_divisor`` (one fixed-point scale per layer, F_l chosen
+at export so no int32 can overflow over T steps); leak is Q16 (``(leak*u + 2^15) >> 16``),
+threshold and bias are rounded to the membrane's unit. Logits are int32 (units in
+:attr:`Engine.logit_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...compress.quantizers import get_quantizers
+from ...errors import UserError
+from ...models.vgg import SpikingVGG
+from ...neuron import LIF
+
+#: Fraction bits of the Q16 leak of the integer engine.
+LEAK_BITS = 16
+#: Extra fraction bits of the first layer's input-scale multiplier (integer engine).
+INPUT_BITS = 16
+#: Largest membrane magnitude the integer engine lets a layer reach (int32 with headroom).
+MEMBRANE_LIMIT = 2 ** 30
+#: Largest fraction-bit count of a membrane.
+MAX_FRAC_BITS = 16
+
+
+@dataclass
+class EngineLayer:
+    """One synaptic layer with its neuron (or the output layer); arrays are the stored constants.
+
+    Shapes: conv maps ``(C, H, W)``; linear ``(N, 1, 1)``. ``weights`` is ``[out_c, in_c, 3, 3]``
+    (input conv), ``[in_c*9, out_c]`` or ``[in, out]`` (dense event layers), or the flat kept
+    weights of ``ptr``/``targets`` (sparse event layers).
+    """
+
+    kind: str                      # "input_conv" | "conv" | "linear"
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    spiking: bool
+    weights: np.ndarray
+    ptr: np.ndarray | None = None       # int32 [groups + 1] (sparse)
+    targets: np.ndarray | None = None   # int32 [kept] output channel / output index (sparse)
+    bias: np.ndarray | None = None      # [out_c] added each step (BatchNorm shift), membrane units
+    input_scale: np.ndarray | None = None  # [in_c] input conv: 1/(255 std) (float) or its Q(F+16) (int)
+    border_bias: np.ndarray | None = None  # [out_c, 16] input conv: normalisation + BN shift
+    leak: np.ndarray | None = None      # [out_c] float32, or int32 Q16
+    threshold: np.ndarray | None = None  # [out_c] float32, or int32 in membrane units
+    fire_at: np.ndarray | None = None   # [out_c] float engine: least u with u/thr - 1 >= 0 in float32
+    hard_reset: bool = False
+    leak_one: bool = False              # every leak is exactly 1 and no bias: the leak pass is skipped
+    pool: int = 1                       # k of the k x k average pooling after the spikes (1: none)
+    frac_bits: int = 0                  # F of the integer membrane
+    state_mul: np.ndarray | None = None  # [out_c] int64 (int) / float32 scale (float): membrane quantizer
+    state_shift: int = 0
+    state_back: np.ndarray | None = None  # [out_c] int32 code -> membrane units (int)
+    state_qmax: int = 0
+    name: str = ""
+    #: integer input conv while compiling: float64 ``(1/(255 std), -mean/std, BN shift)``
+    input_fold: tuple | None = None
+
+    @property
+    def out_count(self) -> int:
+        return int(np.prod(self.out_shape))
+
+    @property
+    def pooled_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.out_shape
+        return (c, h // self.pool, w // self.pool)
+
+    @property
+    def dense(self) -> bool:
+        return self.ptr is None
+
+
+@dataclass
+class Engine:
+    """A compiled model: layers in order (the last is the output layer), T, and the number type."""
+
+    layers: list[EngineLayer]
+    timesteps: int
+    integer: bool
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    logit_mul: np.ndarray | None = None   # [K] int32 (integer engine): logits = sum * logit_mul
+    logit_scale: float = 1.0              # real logit = integer logit * logit_scale (integer engine)
+    weight_bits: int = 32
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_supported(model) -> None:
+    """Raise a one-line UserError for what the C engine does not run."""
+    spec = getattr(model, "spec", {}) or {}
+    family = spec.get("family")
+    if family == "resnet":
+        raise UserError("the C engine does not run ResNets (residual shortcuts); export a VGG or convnet")
+    if family == "stdp":
+        raise UserError("the C engine does not run the Diehl & Cook STDP network (lateral inhibition, "
+                        "adaptive thresholds); export a VGG or convnet")
+    if type(model) is not SpikingVGG:
+        raise UserError(f"the C engine runs spiking VGG / convnet models, not {type(model).__name__}")
+    if not model.spiking:
+        raise UserError("the C engine runs spiking models; this checkpoint is an ANN (ReLU)")
+    if spec.get("encoding", "direct") != "direct":
+        raise UserError(f"the C engine needs direct input; this model uses {spec.get('encoding')!r} "
+                        f"encoding (random spike trains)")
+    features = spec.get("features", [])
+    if not features or features[0] == "A":
+        raise UserError("the C engine needs a convolution as the first layer")
+
+
+# ----------------------------------------------------------------------------- walking the model
+
+
+def _units(model: SpikingVGG) -> list[dict]:
+    """The model as units ``{"op": module, "bn": module|None, "lif": LIF|None, "pool": k}`` in order."""
+    units: list[dict] = []
+    modules = list(model.features) + [None] + list(model.classifier)  # None marks the flatten
+    for m in modules:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            units.append({"op": m, "bn": None, "lif": None, "pool": 1})
+        elif isinstance(m, nn.BatchNorm2d):
+            units[-1]["bn"] = m
+        elif isinstance(m, LIF):
+            units[-1]["lif"] = m
+        elif isinstance(m, nn.AvgPool2d):
+            units[-1]["pool"] *= int(m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0])
+    return units
+
+
+def _bn_affine(bn: nn.BatchNorm2d | None, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(gain, shift)`` float64 ``[C]`` of an eval-mode BatchNorm (1, 0 without one)."""
+    if bn is None:
+        return np.ones(channels), np.zeros(channels)
+    var = bn.running_var.detach().double().numpy()
+    gain = bn.weight.detach().double().numpy() / np.sqrt(var + bn.eps)
+    shift = bn.bias.detach().double().numpy() - bn.running_mean.detach().double().numpy() * gain
+    return gain, shift
+
+
+def _per_channel(value: torch.Tensor, channels: int) -> np.ndarray:
+    """A scalar or ``[C]`` parameter as float64 ``[C]``."""
+    v = value.detach().double().reshape(-1).numpy()
+    return np.full(channels, v[0]) if v.size == 1 else v.copy()
+
+
+def _hwc_columns(weight: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Reorder a linear weight ``[out, C*H*W]`` (PyTorch's flattening) to ``[out, H*W*C]`` (ours)."""
+    c, h, w = shape
+    return weight.reshape(weight.shape[0], c, h, w).transpose(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def _border_class(y: int, size: int) -> int:
+    """Bit 0: the tap before ``y`` is inside; bit 1: the tap after ``y`` is inside."""
+    return int(y > 0) | (int(y < size - 1) << 1)
+
+
+def border_classes(h: int, w: int) -> np.ndarray:
+    """``[H, W]`` int: the 16-way border class ``row_class*4 + col_class`` of each position."""
+    rows = np.array([_border_class(y, h) for y in range(h)])
+    cols = np.array([_border_class(x, w) for x in range(w)])
+    return rows[:, None] * 4 + cols[None, :]
+
+
+def _tap_inside(cls: int, k: int) -> bool:
+    """Whether tap offset ``k`` (0, 1, 2) is inside for a 2-bit border class."""
+    return k == 1 or (k == 0 and bool(cls & 1)) or (k == 2 and bool(cls & 2))
+
+
+def _border_sums(weight: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``[out_c, 16]``: sum over the taps inside the image of ``weight[o, ci, ky, kx] * shift[ci]``."""
+    out = np.zeros((weight.shape[0], 16))
+    for cls in range(16):
+        rows, cols = cls // 4, cls % 4
+        inside = np.array([[_tap_inside(rows, ky) and _tap_inside(cols, kx) for kx in range(3)] for ky in range(3)])
+        out[:, cls] = (weight * shift[None, :, None, None] * inside[None, None]).sum((1, 2, 3))
+    return out
+
+
+def _event_tables(weight: np.ndarray, integer: bool, weight_bytes: int) -> dict:
+    """Fan-out tables of an event layer from its weight as ``[groups, out]`` (rows = input groups).
+
+    The kept (nonzero) weights with their targets when that is smaller than the dense runs
+    (a pruned layer), else the dense runs (zeros included: adding a zero changes nothing).
+    """
+    dtype = np.int32 if integer else np.float32
+    groups, outputs = weight.shape
+    rows, cols = np.nonzero(weight)
+    target_bytes = 1 if outputs <= 256 else (2 if outputs <= 65536 else 4)
+    sparse_bytes = rows.size * (weight_bytes + target_bytes) + (groups + 1) * 4
+    if sparse_bytes >= weight.size * weight_bytes:
+        return {"weights": weight.astype(dtype)}
+    ptr = np.zeros(groups + 1, dtype=np.int64)
+    np.add.at(ptr, rows + 1, 1)
+    return {"weights": weight[rows, cols].astype(dtype), "ptr": np.cumsum(ptr).astype(np.int32),
+            "targets": cols.astype(np.int32)}
+
+
+def _fan_out(op: nn.Module, weight: np.ndarray, in_shape) -> np.ndarray:
+    """Weight ``[groups, out]``: conv ``[ci*9 + tap, co]``, linear ``[input (HWC order), output]``."""
+    if isinstance(op, nn.Conv2d):
+        return weight.transpose(1, 2, 3, 0).reshape(-1, weight.shape[0])
+    if in_shape[1] * in_shape[2] > 1:
+        weight = _hwc_columns(weight, in_shape)
+    return weight.T
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+def _weights(op: nn.Module, integer: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight float64 or integer codes, per-output scale [out] float64)`` of a conv/linear."""
+    w = op.weight.detach().cpu()
+    out = w.shape[0]
+    if not integer:
+        return w.double().numpy(), np.ones(out)
+    quantizer = next(q for name, q in get_quantizers(op).items() if name == "weight")
+    codes = quantizer.codes(w, stochastic=False).numpy().astype(np.int64)
+    return codes, _per_channel(quantizer.scale, out)
+
+
+def _state_quantizer(lif: LIF):
+    q = getattr(lif, "state_quantizer", None)
+    if q is None:
+        return None
+    if q.scale.numel() != 1:
+        raise UserError("the C engine supports a per-layer membrane quantizer scale, not per channel")
+    return float(q.scale), int(q.q_max)
+
+
+def compile_engine(model, mean, std) -> Engine:
+    """The C engine's tables for ``model`` (a spiking VGG/convnet) fed ``(p/255 - mean)/std`` images.
+
+    Args:
+        model: the network (eval mode, on any device; read only).
+        mean, std: per-channel normalisation on the 0..1 pixel scale (the dataset's).
+    """
+    check_supported(model)
+    model = model.eval()
+    in_shape = tuple(int(v) for v in model.spec["in_shape"])
+    if len(mean) != in_shape[0] or len(std) != in_shape[0]:
+        raise UserError(f"normalisation has {len(mean)} channels, the model's input {in_shape[0]}")
+    units = _units(model)
+    quantized = get_quantizers(model)
+    integer = all(f"{n}.weight" in quantized for n, m in model.named_modules()
+                  if isinstance(m, (nn.Conv2d, nn.Linear)))
+    t = model.timesteps
+    layers, shape, divisor = [], in_shape, 1
+    bits = [q.bits for name, q in quantized.items() if name.endswith("weight")] if integer else [32]
+    weight_bytes = 1 if max(bits) <= 8 else (2 if max(bits) <= 16 else 4)
+    for index, unit in enumerate(units):
+        op, lif, bn = unit["op"], unit["lif"], unit["bn"]
+        first = index == 0
+        weight, scale = _weights(op, integer)
+        out_c = weight.shape[0]
+        gain, shift = _bn_affine(bn, out_c)
+        out_shape = (out_c, shape[1], shape[2]) if isinstance(op, nn.Conv2d) else (out_c, 1, 1)
+        kind = "input_conv" if first else ("conv" if isinstance(op, nn.Conv2d) else "linear")
+        layer = EngineLayer(kind=kind, in_shape=shape, out_shape=out_shape, spiking=lif is not None,
+                            weights=np.zeros(0), pool=unit["pool"], name=_name(model, op))
+        if integer:
+            sign = np.where(gain < 0, -1, 1)
+            unit_c = np.abs(scale * gain) / divisor
+            unit_c = np.where(unit_c > 0, unit_c, scale / divisor)
+            weight = weight * sign.reshape(-1, *([1] * (weight.ndim - 1)))
+            if gain.min() == 0:
+                weight[gain == 0] = 0
+        else:
+            weight = weight * gain.reshape(-1, *([1] * (weight.ndim - 1))) / divisor
+            unit_c = np.ones(out_c)
+        if first:
+            _compile_input(layer, weight, shift, unit_c, mean, std, integer)
+        else:
+            layer.__dict__.update(_event_tables(_fan_out(op, weight, shape), integer, weight_bytes))
+            if bn is not None:
+                layer.bias = shift
+        if lif is not None:
+            _compile_neuron(layer, lif, unit_c, integer, t, divisor)
+        else:
+            layer.frac_bits = 0
+        layers.append(layer)
+        shape = layer.pooled_shape if lif is not None else out_shape
+        if isinstance(op, nn.Conv2d) and lif is None:
+            raise UserError("the C engine needs a neuron after every convolution")
+        if isinstance(op, nn.Linear) and lif is None:
+            engine = Engine(layers, t, integer, in_shape, out_c, weight_bits=max(bits))
+            if integer:
+                _compile_logits(engine, unit_c, layer, t, divisor)
+            return engine
+        divisor = unit["pool"] ** 2
+    raise UserError("the model has no output layer")
+
+
+def _name(model, op) -> str:
+    return next(n for n, m in model.named_modules() if m is op)
+
+
+def _compile_input(layer: EngineLayer, weight, shift, unit_c, mean, std, integer: bool) -> None:
+    """Fold ``(p/255 - mean)/std`` and the BatchNorm shift into the first convolution."""
+    scale_in = 1.0 / (255.0 * np.asarray(std, dtype=np.float64))
+    offset_in = -np.asarray(mean, dtype=np.float64) / np.asarray(std, dtype=np.float64)
+    if integer:
+        layer.weights = weight.astype(np.int32)
+        layer.input_fold = (scale_in, offset_in, shift)  # finished once F is known
+    else:
+        layer.weights = (weight * scale_in[None, :, None, None]).astype(np.float32)
+        layer.border_bias = (_border_sums(weight, offset_in) + shift[:, None]).astype(np.float32)
+        layer.input_scale = scale_in.astype(np.float32)
+
+
+def firing_point(threshold: np.float32) -> np.float32:
+    """The least float32 ``u`` with ``u / threshold - 1 >= 0`` in float32 arithmetic (``threshold > 0``).
+
+    ``fl(u / thr)`` is non-decreasing in ``u``, so the spike test ``u/thr - 1 >= 0`` (PyTorch's) is
+    exactly ``u >= firing_point(thr)``: the engine compares without dividing.
+    """
+    thr = np.float32(threshold)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    u = thr
+    while u / thr - one < zero:  # rounding may need a slightly larger u
+        u = np.nextafter(u, np.float32(np.inf))
+    while np.nextafter(u, zero) / thr - one >= zero:  # or allow a slightly smaller one
+        u = np.nextafter(u, zero)
+    return u
+
+
+def _compile_neuron(layer: EngineLayer, lif: LIF, unit_c, integer: bool, t: int, divisor: int) -> None:
+    out_c = layer.out_shape[0]
+    leak = np.clip(_per_channel(lif.leak, out_c), 0.0, 1.0)
+    thr = _per_channel(lif.threshold, out_c)
+    layer.hard_reset = lif.reset == "hard"
+    state = _state_quantizer(lif)
+    real_bias = layer.bias
+    if not integer:
+        layer.leak, layer.threshold = leak.astype(np.float32), thr.astype(np.float32)
+        layer.fire_at = np.array([firing_point(v) for v in layer.threshold], dtype=np.float32)
+        layer.bias = None if real_bias is None else real_bias.astype(np.float32)
+        layer.leak_one = bool(np.all(layer.leak == 1.0)) and layer.bias is None
+        if state is not None:
+            layer.state_mul = np.full(out_c, state[0], dtype=np.float32)
+            layer.state_qmax = state[1]
+        return
+    # the largest |current| per step in units of unit_c, per channel
+    if layer.kind == "input_conv":
+        scale_in, offset_in, shift = layer.input_fold
+        per_ci = np.abs(layer.weights).sum((2, 3)).astype(np.float64)  # [out, in]
+        peak = (per_ci * scale_in[None, :] * 255.0).sum(1) + \
+            np.abs(_border_sums(layer.weights.astype(np.float64), offset_in)).max(1) + np.abs(shift) / unit_c
+    else:
+        peak = _abs_fan_in(layer, out_c) * divisor
+        if real_bias is not None:
+            peak = peak + np.abs(real_bias) / unit_c
+    bound = t * peak + thr / unit_c
+    if state is not None:
+        bound = np.maximum(bound, state[1] * state[0] / unit_c)
+    frac = int(np.floor(np.log2(MEMBRANE_LIMIT / max(float(bound.max()), 1.0))))
+    if frac < 0:
+        raise UserError(f"layer {layer.name}: its currents do not fit the integer engine's int32 membrane")
+    frac = min(frac, MAX_FRAC_BITS)
+    layer.frac_bits = frac
+    one = 2.0 ** frac
+    layer.threshold = np.maximum(np.round(thr / unit_c * one), 1).astype(np.int32)
+    layer.leak = np.round(leak * 2 ** LEAK_BITS).astype(np.int32)
+    if real_bias is not None:
+        layer.bias = np.round(real_bias / unit_c * one).astype(np.int32)
+    layer.leak_one = bool(np.all(layer.leak == 2 ** LEAK_BITS)) and layer.bias is None
+    if layer.kind == "input_conv":
+        scale_in, offset_in, shift = layer.input_fold
+        layer.input_scale = np.round(scale_in * 2.0 ** (frac + INPUT_BITS)).astype(np.int64)
+        real = _border_sums(layer.weights.astype(np.float64), offset_in) + (shift / unit_c)[:, None]
+        layer.border_bias = np.round(real * one).astype(np.int32)
+        layer.input_fold = None
+    if state is not None:
+        step, qmax = state
+        ratio = unit_c / one / step                   # membrane unit -> state codes
+        layer.state_shift = 30 + int(np.floor(-np.log2(ratio.max())))
+        layer.state_mul = np.round(ratio * 2.0 ** layer.state_shift).astype(np.int64)
+        layer.state_back = np.round(1.0 / ratio).astype(np.int32)
+        layer.state_qmax = qmax
+
+
+def _abs_fan_in(layer: EngineLayer, out_c: int) -> np.ndarray:
+    """Per output channel, the largest sum of |weight| one output neuron receives (per unit count)."""
+    if layer.dense:
+        per_out = np.abs(layer.weights.astype(np.float64)).sum(0)
+    else:
+        per_out = np.zeros(out_c)
+        np.add.at(per_out, layer.targets, np.abs(layer.weights.astype(np.float64)))
+    return per_out
+
+
+def _compile_logits(engine: Engine, unit_c, layer: EngineLayer, t: int, divisor: int) -> None:
+    """Integer logits: ``sum_t sum q*k`` times a per-class multiplier when the classes' units differ."""
+    if np.all(unit_c == unit_c[0]):
+        engine.logit_mul = np.ones(len(unit_c), dtype=np.int32)
+        engine.logit_scale = float(unit_c[0])
+        return
+    peak = float((_abs_fan_in(layer, len(unit_c)) * t * divisor).max())
+    bits = max(0, min(15, 30 - int(math.ceil(math.log2(max(peak, 1.0) * 16)))))
+    top = float(unit_c.max())
+    engine.logit_mul = np.round(unit_c / top * 2 ** bits).astype(np.int32)
+    engine.logit_scale = top / 2 ** bits
