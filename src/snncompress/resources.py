@@ -33,9 +33,9 @@ from .models import build_model
 
 #: bytes of one float32 element
 FLOAT_BYTES = 4
-#: tensors a training step keeps per activation element for the backward pass over T steps
-#: (the layer's input current, its membrane potential and its spike/surrogate mask; ANN: input and output)
-SAVED_PER_ACTIVATION = 3
+#: float tensors a training step keeps per activation element for the backward pass over T steps
+#: (a layer's input and its output or surrogate gradient), measured within 1.5x on a convnet (tests/test_limits.py)
+SAVED_PER_ACTIVATION = 2
 #: parameter copies during training: weights, gradients and Adam's two moments
 TRAINING_PARAMETER_COPIES = 4
 #: live activation copies of an inference pass (a layer's input and output), no graph kept
@@ -67,29 +67,41 @@ class NetworkSize:
     params: int
 
 
-def network_size(arch: str, num_classes: int, in_shape, timesteps: int, **build) -> NetworkSize:
+def network_size(arch: str, num_classes: int, in_shape, **build) -> NetworkSize:
     """Count a network's parameters and per-image, per-timestep activations on the meta device.
 
-    ``build`` goes to :func:`~snncompress.models.build_model` (encoding, neuron, family options).
+    The network is built with one timestep and runs spiking on one image, so every leaf module's
+    output (a LIF layer's spikes included) is one image's one step. ``build`` goes to
+    :func:`~snncompress.models.build_model` (encoding, neuron, family options).
     """
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(arch, num_classes, tuple(in_shape), 1, **build)
+        activations = count_activations(model, in_shape)
+    return NetworkSize(activations=activations, params=sum(p.numel() for p in model.parameters()))
+
+
+def count_activations(model, in_shape) -> int:
+    """Elements every leaf module of ``model`` outputs for one image in one step (run spiking, T=1)."""
     counted = [0]
 
     def count(_module, _inputs, output):
         if torch.is_tensor(output):
-            counted[0] += output[0].numel() if output.dim() > 0 else 1  # one image of the batch
+            counted[0] += output.numel()
 
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model(arch, num_classes, tuple(in_shape), timesteps, **build)
-        leaves = [m for m in model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(count) for m in leaves]
-        try:
-            model.set_spiking(False).eval()(torch.zeros(1, *in_shape))
-        finally:
-            for handle in handles:
-                handle.remove()
-    params = sum(p.numel() for p in model.parameters())
-    return NetworkSize(activations=counted[0], params=params)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    spiking, training, timesteps = model.spiking, model.training, model.timesteps
+    try:
+        with torch.no_grad():
+            model.timesteps = 1
+            model.set_spiking(True).eval()(torch.zeros(1, *in_shape, device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.timesteps = timesteps
+        model.set_spiking(spiking).train(training)
+    return counted[0]
 
 
 def training_bytes(size: NetworkSize, timesteps: int, batch: int) -> tuple[int, int]:
@@ -251,7 +263,7 @@ def check_recipe_resources(recipe, stages, *, in_shape, num_classes: int, train_
         return []
     check_counts(named, train_images, data.batch_size, where)
     try:
-        size = network_size(model.arch, num_classes, in_shape, model.timesteps, encoding=model.encoding,
+        size = network_size(model.arch, num_classes, in_shape, encoding=model.encoding,
                             neuron=model.neuron.model_dump(), **model.options)
     except (RuntimeError, ValueError):
         return []  # recipe.check_model names what does not fit
@@ -268,31 +280,11 @@ def check_measurement(model, options: dict, test_batch_size: int, device, where:
     if ignore:
         return
     check_counts([("evaluate", "", _Options(options))], 1, 1, where)
-    size = NetworkSize(activations=_activations_of(model), params=sum(p.numel() for p in model.parameters()))
+    size = NetworkSize(activations=count_activations(model, model.spec["in_shape"]), params=sum(p.numel() for p in model.parameters()))
     batch = options.get("latency_batch", 1)
     found = inference_bytes(size, model.timesteps, max(test_batch_size, batch))
     check_memory([Estimate("evaluate", "inference activations", found, "latency_batch", batch)],
                  available_memory(device), where)
-
-
-def _activations_of(model) -> int:
-    counted = [0]
-
-    def count(_module, _inputs, output):
-        if torch.is_tensor(output) and output.dim() > 0:
-            counted[0] += output[0].numel()
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    spiking, training = model.spiking, model.training
-    try:
-        with torch.no_grad():
-            model.set_spiking(False).eval()(torch.zeros(1, *model.spec["in_shape"]))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.set_spiking(spiking).train(training)
-    return counted[0]
 
 
 def _short_options(options: dict) -> str:
