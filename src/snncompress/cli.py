@@ -29,20 +29,21 @@ def builtin_recipe(name: str) -> Path:
 def cmd_run(args) -> dict:
     from .pipeline import run_recipe
 
-    return run_recipe(args.recipe, args.out, args.set or [])
+    return run_recipe(args.recipe, args.out, args.set or [], ignore_limits=args.ignore_limits)
 
 
 def cmd_demo(args) -> dict:
     from .pipeline import run_recipe
 
-    return run_recipe(builtin_recipe("demo"), args.out, args.set or [], recipe_label="recipes/demo.yaml")
+    return run_recipe(builtin_recipe("demo"), args.out, args.set or [], recipe_label="recipes/demo.yaml",
+                      ignore_limits=args.ignore_limits)
 
 
 def cmd_evaluate(args) -> dict:
     from .commands import evaluate_checkpoint
 
     return evaluate_checkpoint(args.checkpoint, args.out, dataset=args.dataset, data_dir=args.data_dir,
-                               overrides=args.set or [])
+                               overrides=args.set or [], ignore_limits=args.ignore_limits)
 
 
 def cmd_quantize(args) -> dict:
@@ -109,6 +110,12 @@ def describe_stages(kinds: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def add_ignore_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ignore-limits", action="store_true",
+                        help="run even when the memory estimate or a count ceiling says it does not fit "
+                             "(docs/limits.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -121,11 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run folder (created; a rerun resumes)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a recipe value, e.g. --set stages.train_snn.epochs=3")
+    add_ignore_limits(run)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="train a convnet DIET-SNN on the built-in MNIST subset")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value")
+    add_ignore_limits(demo)
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("evaluate", help="measure a checkpoint: accuracy, spikes, SynOps, energy, ...")
@@ -135,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="offline data folder (default: env SNNCOMPRESS_DATA)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="measurement option, e.g. --set energy_preset=int8")
+    add_ignore_limits(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     qu = sub.add_parser("quantize", help="tinySNN exploration: scheme x bits per group x rounding; keep the "

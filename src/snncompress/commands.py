@@ -20,6 +20,7 @@ from .errors import UserError, format_validation_error
 from .io import write_bytes, write_json
 from .recipe import apply_overrides
 from .report_schema import build_report
+from .resources import check_measurement
 from .stages.evaluate import EvaluateOptions
 from .stages.tiny import (QuantizeOptions, chosen_metrics, exploration_markdown, exploration_record, itq_callbacks,
                           plot_pareto, run_exploration)
@@ -45,11 +46,13 @@ def checkpoint_data(loaded: Checkpoint, path, dataset: str | None, data_dir: str
 
 
 def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: str | None = None,
-                        overrides: list[str] | None = None, batch_size: int = 512) -> dict:
+                        overrides: list[str] | None = None, batch_size: int = 512,
+                        ignore_limits: bool = False) -> dict:
     """Measure the model in ``path`` on the test split; writes report.json/.md and plots to ``out_dir``.
 
     ``dataset`` defaults to the one recorded in the checkpoint; ``overrides``
-    are ``key=value`` measurement options (see the ``evaluate`` stage).
+    are ``key=value`` measurement options (see the ``evaluate`` stage); their counts and the memory of a
+    test batch are checked before anything is written unless ``ignore_limits`` (docs/limits.md).
     """
     from .deploy import build_inference_plan
     from .metrics import measure_model
@@ -58,6 +61,7 @@ def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: 
     opts = EvaluateOptions.from_measure(apply_overrides({}, overrides or []), "evaluate --set")
     loaded = load_checkpoint(path)
     _, test_loader, info = checkpoint_data(loaded, path, dataset, data_dir, batch_size)
+    check_measurement(loaded.model, opts, batch_size, "cpu", "evaluate --set", ignore=ignore_limits)
     start = time.perf_counter()
     metrics = {"checkpoint": Path(path).name, **measure_model(loaded.model, test_loader, build_plan=build_inference_plan,
                                                                     **opts)}

@@ -40,6 +40,7 @@ from .io import atomic_write, folder_lock, write_json
 from .metrics import count_params, footprint
 from .recipe import Recipe, format_validation_error, load_recipe
 from .report_schema import build_report
+from .resources import check_recipe_resources
 from .stages import StageContext, StageDef, stage_kinds
 from .stages.base import SNAPSHOT_SUFFIX
 from .stages.evaluate import EvaluateOptions, measure
@@ -144,7 +145,8 @@ def model_summary(model) -> dict:
 class Run:
     """One execution of a recipe into a run folder."""
 
-    def __init__(self, recipe_path, out_dir, overrides: list[str] | None = None, recipe_label: str | None = None):
+    def __init__(self, recipe_path, out_dir, overrides: list[str] | None = None, recipe_label: str | None = None,
+                 ignore_limits: bool = False):
         self.recipe, _ = load_recipe(recipe_path, overrides)
         where = f"recipe {Path(recipe_path).name}"
         self.stages = validate_stages(self.recipe, where)
@@ -171,6 +173,11 @@ class Run:
                 raise UserError(f"{where}: data.val_fraction: {d.val_fraction} of the {d.train_subset or 'all'} "
                                 f"training images leaves the {split} split empty")
         self.recipe.check_model(self.info.in_shape, self.info.num_classes, where)  # before anything is written
+        self.estimates = check_recipe_resources(
+            self.recipe, [(stage.kind, opts) for stage, opts in self.stages], in_shape=self.info.in_shape,
+            num_classes=self.info.num_classes, train_images=image_count(self.train_loader),
+            test_images=image_count(self.test_loader), device=self.device,
+            measure=self.measure_opts, where=where, ignore=ignore_limits)
 
     def context(self, model, stage_dir: Path, previous=None, seed: int | None = None) -> StageContext:
         previous = previous or []
@@ -336,9 +343,19 @@ class Run:
         write_json(self.out / record["dir"] / "metrics.json", record)
 
 
-def run_recipe(recipe_path, out_dir, overrides: list[str] | None = None, recipe_label: str | None = None) -> dict:
-    """Validate, run and report a recipe into ``out_dir``; returns the report dict."""
+def image_count(loader) -> int:
+    """Images a training loader holds (in memory or as files)."""
+    labels = getattr(loader, "labels", None)
+    return len(labels) if labels is not None else len(loader.dataset)
+
+
+def run_recipe(recipe_path, out_dir, overrides: list[str] | None = None, recipe_label: str | None = None,
+               ignore_limits: bool = False) -> dict:
+    """Validate, run and report a recipe into ``out_dir``; returns the report dict.
+
+    ``ignore_limits``: run even when :mod:`snncompress.resources` estimates it does not fit.
+    """
     try:
-        return Run(recipe_path, out_dir, overrides, recipe_label).execute()
+        return Run(recipe_path, out_dir, overrides, recipe_label, ignore_limits).execute()
     finally:
         distributed.shutdown()

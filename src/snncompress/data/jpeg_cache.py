@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
-import os
 import pathlib
 import re
 import tarfile
-import tempfile
 
 import numpy as np
 
 from snncompress.errors import UserError
+from snncompress.io import atomic_write, write_bytes
 
 from .registry import CACHE_ENV, Splits, _describe, _first_dir_with, _require_data_dir, cache_dir
 from .sampling import class_interleaved_order
@@ -108,32 +108,19 @@ def _decode_entries(entries: list[tuple[str, str, str, bytes]], source: pathlib.
     return tuple(arrays), classes  # type: ignore[return-value]
 
 
-def _save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, array, allow_pickle=False)
-        os.chmod(temporary, 0o644)  # mkstemp makes 0600; the cache may be shared
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _write_cache(folder: pathlib.Path, splits: Splits, meta: dict) -> None:
+    """Write the decoded arrays, then the marker saying the cache is complete (each file atomically)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         for filename, array in zip(_CACHE_FILES, splits, strict=True):
-            _save_npy_atomic(folder / filename, array)
-        meta_path = folder / _CACHE_DONE
-        temporary = meta_path.with_name(f"{_CACHE_DONE}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(meta, indent=1))
-        os.replace(temporary, meta_path)
-    except OSError as exc:
-        raise UserError(
-            f"cannot write the decoded-data cache {str(folder)!r} ({exc}); set {CACHE_ENV} to a writable folder"
-        ) from exc
+            atomic_write(folder / filename, functools.partial(_save_npy, array=array), every_rank=True)
+        write_bytes(folder / _CACHE_DONE, json.dumps(meta, indent=1).encode(), every_rank=True)
+    except UserError as exc:
+        raise UserError(f"{exc}; or set {CACHE_ENV} to a writable folder") from None
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as stream:
+        np.save(stream, array, allow_pickle=False)
 
 
 def _read_cache(folder: pathlib.Path) -> Splits | None:
