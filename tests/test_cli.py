@@ -81,6 +81,7 @@ def test_subprocess_user_error_has_no_traceback(tiny_recipe, tmp_path):
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_run_writes_report_and_rerun_skips_finished_stages(tiny_recipe, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(tiny_recipe), "--out", str(out)]) == 0
@@ -113,6 +114,7 @@ def test_run_writes_report_and_rerun_skips_finished_stages(tiny_recipe, tmp_path
     assert third.count("finished earlier; skipped") == 2 and "running stage train_snn" in third
 
 
+@pytest.mark.slow
 def test_resumed_run_trains_like_an_uninterrupted_one(tiny_recipe, tmp_path, capsys):
     """A run resumed after its first stages sees the same training shuffles as one that never stopped."""
     import shutil

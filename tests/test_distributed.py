@@ -15,6 +15,10 @@ from safetensors.torch import load_file
 
 from snncompress.distributed import ShardedLoader
 
+# every test here starts gloo process groups (tens of seconds each)
+pytestmark = pytest.mark.slow
+
+
 DDP_RECIPE = """
 name: ddp
 seed: 0

@@ -31,6 +31,7 @@ def _text(html_file: Path) -> str:
     return re.sub(r"<[^>]+>", " ", html_file.read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_every_page_of_the_nav_is_built(site):
     assert (site / "index.html").is_file()
     for page in ["recipes", "methods/diet", "methods/stp", "methods/agc", "methods/crit",
@@ -39,6 +40,7 @@ def test_every_page_of_the_nav_is_built(site):
         assert (site / page / "index.html").is_file(), page
 
 
+@pytest.mark.slow
 def test_options_page_lists_every_stage_kind_and_its_options(site):
     html = (site / "reference" / "options" / "index.html").read_text(encoding="utf-8")
     text = _text(site / "reference" / "options" / "index.html")
@@ -53,6 +55,7 @@ def test_options_page_lists_every_stage_kind_and_its_options(site):
     assert re.search(r"\bepochs\s+int\s+1\s+&gt;= 1", section), section[:600]
 
 
+@pytest.mark.slow
 def test_api_reference_covers_every_module(site):
     api = site / "reference" / "api" / "snncompress"
     for source in (ROOT / "src" / "snncompress").rglob("*.py"):

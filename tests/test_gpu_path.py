@@ -74,6 +74,7 @@ def test_channels_last_trains_the_same_weights_and_hands_back_the_default_layout
         assert b.is_contiguous(), name
 
 
+@pytest.mark.slow
 def test_compile_switch_gives_the_eager_weights(monkeypatch):
     # a backend that records each graph dynamo hands it and each call of the compiled code (no C++ build);
     # CompiledForward signals a fallback by a RuntimeWarning and by dropping its compiled callable (None)

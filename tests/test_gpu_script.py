@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ def tiny_cifar(root: Path, per_class: int = 24) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_the_device_script_dry_run_runs_both_recipes_and_prints_the_summary(tmp_path):
     data = tiny_cifar(tmp_path / "data")
     env = {**os.environ, "DRY_RUN": "1", "DATASET": f"imagefolder:{data}", "OMP_NUM_THREADS": "2"}

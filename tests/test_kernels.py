@@ -119,6 +119,7 @@ def _python(script: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_importing_neuron_registers_kernels_through_the_package():
     """neuron.py never imports the kernels; ``import snncompress.neuron`` still registers them
     (it runs ``snncompress/__init__.py`` first, which imports ``snncompress.kernels``)."""
@@ -140,6 +141,7 @@ def test_importing_neuron_registers_kernels_through_the_package():
     assert proc.stdout.split("\n")[0] == "['cpu', 'reference', 'torch', 'triton']"
 
 
+@pytest.mark.slow
 def test_broken_kernels_module_only_warns():
     proc = _python("""
         import sys, warnings
@@ -468,6 +470,7 @@ def test_triton_is_auto_on_gpu_and_matches_in_lif():
     assert kernels._triton_impl is lif_triton  # the Triton kernel ran, not the lif_torch fallback
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers Triton")
 def test_triton_kernel_logic_in_interpreter():
     """Without a GPU, run the Triton kernels in Triton's CPU interpreter on a few cases."""

@@ -201,6 +201,7 @@ def resumed_mid_epoch(output: str) -> bool:
     return any("resuming at epoch" in line and "batch 0 " not in line for line in output.splitlines())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_weights(kill_recipe, seed):
     """Killed once inside the ANN training and once inside the SNN training (Ctrl-C there for seed 2)."""
@@ -222,6 +223,7 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_weights(kil
         assert not list((out / "stages" / stage).glob("*.resume.safetensors"))
 
 
+@pytest.mark.slow
 def test_the_snapshot_interval_is_not_part_of_what_a_run_computes(tiny_recipe, tmp_path, capsys):
     from snncompress.training.resume import run_key
 

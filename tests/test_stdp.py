@@ -220,6 +220,7 @@ def test_recipe_mistakes_are_one_line_errors_before_anything_is_written(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_pipeline_trains_labels_and_measures_the_network(tmp_path):
     from snncompress.pipeline import run_recipe
 
