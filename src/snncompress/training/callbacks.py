@@ -1,15 +1,7 @@
-"""Callbacks of the training loop: what methods add to training, at fixed points of every step.
+"""The concrete callbacks of the training loop (clamping neurons, masks, quantization, distillation).
 
-The loop (:mod:`.loop`) calls, for every registered callback::
-
-    logits = model(images)
-    loss   = CE(logits, labels)             then  cb.loss(state, images, labels, logits, loss)
-    loss.backward()                         then  cb.after_backward(state)   (gradient edits)
-    optimizer.step()                        then  cb.after_step(state)       (projections)
-    end of epoch                            then  cb.on_epoch_end(state, row)
-
-A callback with state across steps (schedules, momentum buffers) returns it from
-``state_dict`` so a resumed run continues it exactly.
+The protocol they implement, and the points of every step at which the loop calls them, are in
+:mod:`snncompress.hooks`.
 """
 
 from __future__ import annotations
