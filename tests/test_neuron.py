@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from snncompress import LIF, LIFState, lif_multistep, lif_step
+from snncompress.kernels.membrane import record_membranes
 from snncompress.neuron import (LIF_BACKENDS, SURROGATE_DEFAULT_SCALE, SURROGATE_TABLE, SURROGATES,
                                 Surrogate, surrogate_grad, surrogate_scale)
 
@@ -217,20 +218,20 @@ def test_state_quantizer_hand_trace(failing_backend):
     lif = LIF(leak=1.0, threshold=1.0, backend=failing_backend)
     lif.state_quantizer = Quarter()
     lif.double()
-    lif.record_membrane = True
+    recorded = {}
     current = torch.tensor(Q_INPUTS, dtype=torch.float64).view(4, 1, 1).requires_grad_(True)
-    spikes = lif(current)
+    with record_membranes([("lif", lif)], lambda name, layer, u: recorded.setdefault(name, u)):
+        spikes = lif(current)
     assert spikes.flatten().tolist() == Q_SPIKES
-    assert lif.last_membrane.flatten().tolist() == pytest.approx(Q_MEMBRANE, abs=1e-12)
+    assert recorded["lif"].flatten().tolist() == pytest.approx(Q_MEMBRANE, abs=1e-12)
     spikes.sum().backward()
     assert current.grad.flatten().tolist() == pytest.approx(Q_GRAD_I, abs=1e-12)
     assert lif.leak.grad.item() == pytest.approx(Q_GRAD_LEAK, abs=1e-12)
     ref_spikes, ref_u = lif_step_loop(current.detach(), torch.tensor(1.0, dtype=torch.float64),
                                       torch.tensor(1.0, dtype=torch.float64), "soft", "linear",
                                       quantizer=Quarter().double())
-    assert torch.equal(ref_spikes, spikes.detach()) and torch.equal(ref_u, lif.last_membrane)
+    assert torch.equal(ref_spikes, spikes.detach()) and torch.equal(ref_u, recorded["lif"])
     lif.state_quantizer = None  # back to the (here failing) fused backend
-    lif.record_membrane = False
     with pytest.raises(AssertionError, match="fused backend called"):
         lif(current)
 
@@ -242,12 +243,13 @@ def test_state_quantizer_per_channel_hard_reset():
               state_quantizer=Quarter()).double()
     with torch.no_grad():
         lif.threshold.copy_(torch.tensor([1.0, 2.0]))
-    lif.record_membrane = True
+    recorded = {}
     current = torch.tensor(Q_INPUTS, dtype=torch.float64).view(4, 1, 1).expand(4, 1, 2)
-    spikes = lif(current)
+    with record_membranes([("lif", lif)], lambda name, layer, u: recorded.setdefault(name, u)):
+        spikes = lif(current)
     assert spikes[:, 0, 0].tolist() == Q_SPIKES and spikes[:, 0, 1].tolist() == [0.0] * 4
-    assert lif.last_membrane[:, 0, 0].tolist() == pytest.approx([0.6, 0.95, 1.3, 0.2], abs=1e-12)
-    assert lif.last_membrane[:, 0, 1].tolist() == pytest.approx([0.6, 0.95, 1.3, 1.45], abs=1e-12)
+    assert recorded["lif"][:, 0, 0].tolist() == pytest.approx([0.6, 0.95, 1.3, 0.2], abs=1e-12)
+    assert recorded["lif"][:, 0, 1].tolist() == pytest.approx([0.6, 0.95, 1.3, 1.45], abs=1e-12)
 
 
 def test_state_quantizer_is_a_registered_submodule():

@@ -160,7 +160,8 @@ def test_tiny_updates_vanish_under_truncation_and_survive_stochastic_rounding():
             grid.snap_(w)
         results[rounding] = float((w / step).mean()) - 32
     assert results["truncate"] == 0.0 and results["nearest"] == 0.0
-    assert results["stochastic"] == pytest.approx(10.0, abs=0.5)
+    # per weight: 50 draws of variance 0.16 -> sd 2.83 steps; mean of 2000: SE 0.063; 3.5 SE
+    assert results["stochastic"] == pytest.approx(10.0, abs=0.22)
 
 
 def test_quantized_learning_keeps_weights_on_the_grid_and_stores_them_at_that_width():

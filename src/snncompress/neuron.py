@@ -254,15 +254,13 @@ class NeuronOptions(BaseModel):
 POPULATION_KERNELS: dict[str, Callable] = {}
 
 
-def select_backend(name: str, current: torch.Tensor, return_membrane: bool) -> Callable:
+def select_backend(name: str, current: torch.Tensor) -> Callable:
     """Pick the implementation of :func:`lif_multistep` for this call.
 
     ``"auto"`` takes the fastest registered backend that supports the device
     (kernels register themselves under ``"cpu"`` and ``"triton"``), falling
-    back to ``"reference"``. Membrane output always uses the reference path.
+    back to ``"reference"``.
     """
-    if return_membrane:
-        return lif_multistep
     if name == "auto":
         name = "triton" if current.is_cuda else "cpu"
         return LIF_BACKENDS.get(name, lif_multistep)
@@ -298,8 +296,8 @@ class LIF(nn.Module):
 
     After each optimizer step call :meth:`clamp_` (the training loop does):
     leak is kept in [0, 1] and the threshold above a small positive floor.
-    Set ``record_membrane = True`` to keep the last pre-reset potentials in
-    ``last_membrane`` (used by PCA pruning and criticality scores).
+    Its pre-reset potentials are read by :func:`snncompress.kernels.membrane.record_membranes`
+    (PCA pruning and criticality scores).
     """
 
     THRESHOLD_FLOOR = 1e-3
@@ -332,8 +330,6 @@ class LIF(nn.Module):
         self._register("leak", torch.full(shape, float(leak)), learn_leak)
         self._register("threshold", torch.full(shape, float(threshold)), learn_threshold)
         self.register_module("state_quantizer", state_quantizer)
-        self.record_membrane = False
-        self.last_membrane: torch.Tensor | None = None
 
     def _register(self, name: str, value: torch.Tensor, trainable: bool) -> None:
         if trainable:
@@ -358,14 +354,10 @@ class LIF(nn.Module):
         leak = self._broadcast(self.leak, current.dim() - 1)
         thr = self._broadcast(self.threshold, current.dim() - 1)
         if self.state_quantizer is None:
-            fn = select_backend(self.backend, current, self.record_membrane)
+            fn = select_backend(self.backend, current)
         else:
             fn = functools.partial(lif_multistep, state_quantizer=self.state_quantizer)
-        out = fn(current, leak, thr, self.reset, self.surrogate, self.surrogate_scale,
-                 return_membrane=self.record_membrane)
-        if self.record_membrane:
-            out, self.last_membrane = out[0], out[1].detach()
-        return out
+        return fn(current, leak, thr, self.reset, self.surrogate, self.surrogate_scale)
 
     @torch.no_grad()
     def clamp_(self) -> None:

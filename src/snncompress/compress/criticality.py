@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..kernels.membrane import membrane, saved_membrane
+from ..kernels.membrane import layer_membrane
 from ..models import SpikingNetwork
 from ..neuron import LIF
 from .structure import channel_groups
@@ -133,10 +133,7 @@ class CriticalityMeter:
                 if self._seen.get(name) == step:
                     return
                 self._seen[name] = step
-            u = saved_membrane(output)
-            if u is None:
-                u = membrane(module, args[0])
-            self.add(name, u)
+            self.add(name, layer_membrane(module, args[0], output))
         return hook
 
     # -------------------------------------------------------------- accumulation

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.membrane import record_membranes
 from ..models import SpikingNetwork
+from ..neuron import LIF
 
 ACCUMULATIONS = ("mean", "sum")
 
@@ -143,17 +145,15 @@ def layer_scatters(model: SpikingNetwork, images: torch.Tensor, accumulate: str 
     was_training, was_spiking = model.training, model.spiking
     model.set_spiking(True).eval()
     scatters: dict[str, Scatter] = {}
+    def collect(name: str, lif: LIF, u: torch.Tensor) -> None:
+        samples = as_samples(accumulate_time(u, accumulate))
+        scatters.setdefault(name, Scatter(samples.shape[1])).add(samples)
+
     try:
-        for _, lif in layers:
-            lif.record_membrane = True
-        for start in range(0, images.shape[0], chunk):
-            model(images[start:start + chunk])
-            for name, lif in layers:
-                samples = as_samples(accumulate_time(lif.last_membrane, accumulate))
-                scatters.setdefault(name, Scatter(samples.shape[1])).add(samples)
+        with record_membranes(layers, collect):
+            for start in range(0, images.shape[0], chunk):
+                model(images[start:start + chunk])
     finally:
-        for _, lif in layers:
-            lif.record_membrane, lif.last_membrane = False, None
         model.set_spiking(was_spiking).train(was_training)
     return scatters
 

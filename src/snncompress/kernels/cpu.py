@@ -203,6 +203,8 @@ def _forward_kernel(current, its, leak, threshold, hard, layout, out, u=None) ->
 class _LIFCext(torch.autograd.Function):
     """C-kernel LIF. ``current`` is ``[T, B, ...]``, or ``[B, ...]`` broadcast over ``steps``."""
 
+    SAVES_MEMBRANE = True  # saved_tensors[0] is u (kernels.membrane.saved_membrane reads it)
+
     @staticmethod
     def forward(ctx, current, leak, threshold, hard, kind, scale, layout, steps):
         bcast = steps is not None
@@ -260,6 +262,9 @@ def _lif_cext_inference(current, leak, threshold, hard, layout):
 # Pure-PyTorch fallback with the same lean saved state (any device)
 # --------------------------------------------------------------------------------------
 class _LIFTorch(torch.autograd.Function):
+    """The same LIF in torch ops (layouts the C kernel does not cover); saves u like it."""
+
+    SAVES_MEMBRANE = True
     @staticmethod
     def forward(ctx, current, leak, threshold, hard, kind, scale):
         steps = current.shape[0]

@@ -151,6 +151,9 @@ def _per_channel(part: torch.Tensor, c: int, s: int, p: torch.Tensor) -> torch.T
 
 
 class _LIFTriton(torch.autograd.Function):
+    """Triton LIF on CUDA; saves u first like the CPU kernels (kernels.membrane.saved_membrane reads it)."""
+
+    SAVES_MEMBRANE = True
     @staticmethod
     def forward(ctx, current, leak, threshold, hard, kind, scale, layout):
         c, s = layout
