@@ -73,6 +73,19 @@ class TimeDropout(nn.Module):
         return x * mask
 
 
+def classifier_head(width: int, hidden: list, num_classes: int, neuron: dict, dropout: float) -> nn.Sequential:
+    """The fully connected head: ``Linear -> LIF -> TimeDropout`` per hidden width, then ``Linear`` to the classes.
+
+    ``width``: input features; ``hidden``: widths of the hidden layers; no biases (the DIET convention).
+    """
+    head: list[nn.Module] = []
+    for size in hidden:
+        head += [nn.Linear(width, int(size), bias=False), make_lif(neuron, int(size)), TimeDropout(dropout)]
+        width = int(size)
+    head.append(nn.Linear(width, int(num_classes), bias=False))
+    return nn.Sequential(*head)
+
+
 def init_weights(module: nn.Module) -> None:
     """DIET init: conv N(0, sqrt(2/(k*k*C_out))), linear N(0, 0.01), BN weight 1 bias 0."""
     for m in module.modules():
@@ -158,6 +171,20 @@ class SpikingNetwork(nn.Module):
 
     def stateless(self, module: nn.Module, x: torch.Tensor, has_time: bool) -> torch.Tensor:
         return fold_time(module, x) if has_time else module(x)
+
+    def run_sequence(self, seq: nn.Sequential, x: torch.Tensor, has_time: bool) -> tuple[torch.Tensor, bool]:
+        """Run ``seq``'s modules in order: LIFs through :meth:`activation`, the rest folded over time when it has one.
+
+        ``x`` is ``[T, B, ...]`` when ``has_time`` else ``[B, ...]``; returns the output and whether it has time.
+        """
+        for m in seq:
+            if isinstance(m, LIF):
+                x, has_time = self.activation(m, x, has_time)
+            elif isinstance(m, TimeDropout):
+                x = m(x, has_time)
+            else:
+                x = self.stateless(m, x, has_time)
+        return x, has_time
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` (normalised) -> logits ``[B, classes]`` (SNN: summed over t)."""

@@ -23,8 +23,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..neuron import LIF
-from .base import (ChannelGroup, FamilyOptions, SpikingNetwork, TimeDropout, init_weights, make_lif,
+from .base import (ChannelGroup, FamilyOptions, SpikingNetwork, classifier_head, init_weights, make_lif,
                    sequential_channel_groups)
 
 #: (stem widths, stem pool, stages as (width, blocks, stride), classifier hidden widths)
@@ -116,26 +115,12 @@ class SpikingResNet(SpikingNetwork):
         self.blocks = nn.ModuleList(BasicBlock(b, neuron, bn) for b in spec["blocks"])
         self.pool = nn.AdaptiveAvgPool2d(1)
         width = int(spec["blocks"][-1]["out"]) if spec["blocks"] else c
-        head: list[nn.Module] = []
-        for hidden in spec.get("classifier", []):
-            head += [nn.Linear(width, int(hidden), bias=False), make_lif(neuron, int(hidden)),
-                     TimeDropout(spec.get("dropout", 0.0))]
-            width = int(hidden)
-        head.append(nn.Linear(width, int(spec["num_classes"]), bias=False))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = classifier_head(width, spec.get("classifier", []), spec["num_classes"], neuron,
+                                          spec.get("dropout", 0.0))
         init_weights(self)
 
-    def _run_seq(self, seq: nn.Sequential, x: torch.Tensor, has_time: bool):
-        for m in seq:
-            if isinstance(m, LIF):
-                x, has_time = self.activation(m, x, has_time)
-            elif isinstance(m, TimeDropout):
-                x = m(x, has_time)
-            else:
-                x = self.stateless(m, x, has_time)
-        return x, has_time
-
-    def _run_block(self, block: BasicBlock, x: torch.Tensor, has_time: bool):
+    def run_block(self, block: BasicBlock, x: torch.Tensor, has_time: bool):
+        """One residual block on ``x`` (``[T, B, C, H, W]`` when ``has_time``); returns its output and time flag."""
         y = self.stateless(block.bn1, self.stateless(block.conv1, x, has_time), has_time)
         y, y_time = self.activation(block.lif1, y, has_time)
         current = self.stateless(block.bn2, self.stateless(block.conv2, y, y_time), y_time)
@@ -145,12 +130,12 @@ class SpikingResNet(SpikingNetwork):
         return self.activation(block.lif2, current + residual, y_time)
 
     def run_layers(self, x: torch.Tensor, has_time: bool):
-        x, has_time = self._run_seq(self.stem, x, has_time)
+        x, has_time = self.run_sequence(self.stem, x, has_time)
         for block in self.blocks:
-            x, has_time = self._run_block(block, x, has_time)
+            x, has_time = self.run_block(block, x, has_time)
         x = self.stateless(self.pool, x, has_time)
         x = x.flatten(2) if has_time else x.flatten(1)
-        return self._run_seq(self.classifier, x, has_time)
+        return self.run_sequence(self.classifier, x, has_time)
 
 
 class ResNetOptions(FamilyOptions):

@@ -21,8 +21,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import short_repr
-from ..neuron import LIF
-from .base import (ChannelGroup, FamilyOptions, SpikingNetwork, TimeDropout, init_weights, make_lif,
+from .base import (ChannelGroup, FamilyOptions, SpikingNetwork, TimeDropout, classifier_head, init_weights, make_lif,
                    sequential_channel_groups)
 
 #: Feature configurations; "A" = 2x2 average pooling.
@@ -95,30 +94,14 @@ class SpikingVGG(SpikingNetwork):
             c = int(item)
         self.features = nn.Sequential(*layers)
         width = c * h * w
-        head: list[nn.Module] = []
-        for hidden in spec["classifier"]:
-            head.append(nn.Linear(width, int(hidden), bias=False))
-            head.append(make_lif(neuron, int(hidden)))
-            head.append(TimeDropout(spec.get("dropout", 0.0)))
-            width = int(hidden)
-        head.append(nn.Linear(width, int(spec["num_classes"]), bias=False))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = classifier_head(width, spec["classifier"], spec["num_classes"], neuron,
+                                          spec.get("dropout", 0.0))
         init_weights(self)
 
-    def _run(self, seq: nn.Sequential, x: torch.Tensor, has_time: bool):
-        for m in seq:
-            if isinstance(m, LIF):
-                x, has_time = self.activation(m, x, has_time)
-            elif isinstance(m, TimeDropout):
-                x = m(x, has_time)
-            else:
-                x = self.stateless(m, x, has_time)
-        return x, has_time
-
     def run_layers(self, x: torch.Tensor, has_time: bool):
-        x, has_time = self._run(self.features, x, has_time)
+        x, has_time = self.run_sequence(self.features, x, has_time)
         x = x.flatten(2) if has_time else x.flatten(1)
-        return self._run(self.classifier, x, has_time)
+        return self.run_sequence(self.classifier, x, has_time)
 
 
 #: A layer width: a whole number of channels (``true`` or ``4.0`` are not widths).

@@ -389,7 +389,7 @@ def _segments(seq) -> list[list[nn.Module]]:
 
 
 def _checkpointed_run(orig: Callable) -> Callable:
-    """Wrap a model's ``_run(seq, x, has_time)`` / ``_run_seq`` so each segment is checkpointed."""
+    """Wrap a model's ``run_sequence(seq, x, has_time)`` so each segment is checkpointed."""
 
     def run(self, seq, x, has_time):
         if not (torch.is_grad_enabled() and self.training):
@@ -415,14 +415,14 @@ def _checkpointed_block(orig: Callable) -> Callable:
     return run_block
 
 
-_WRAPPED = {"_run": _checkpointed_run, "_run_seq": _checkpointed_run, "_run_block": _checkpointed_block}
+_WRAPPED = {"run_sequence": _checkpointed_run, "run_block": _checkpointed_block}
 
 
 def checkpoint_layers(model: nn.Module, enable: bool = True) -> nn.Module:
     """Recompute every spiking layer during backward instead of storing its state; returns ``model``.
 
-    Works on snncompress VGG / convnet (``_run``) and ResNet (``_run_seq``,
-    ``_run_block``) models by binding checkpointed versions of those methods on
+    Works on the networks that run their layers through ``run_sequence`` (and ResNet's
+    ``run_block``) by binding checkpointed versions of those methods on
     the instance (class, parameters and state_dict unchanged; deep copies keep
     it). Active only in training mode with autograd enabled. Combine with
     :func:`lean_memory` so that the segment inputs (spikes) are stored as uint8.
