@@ -108,8 +108,11 @@ def _memoized(load):
     return lambda *args, **kwargs: cached(*args, **dict(sorted(kwargs.items())))
 
 
-def outcome(argv: list[str], workdir: Path) -> int:
-    """Run the CLI on ``argv``; assert exit 0 or 2, one line per refusal and nothing written; return the code."""
+def outcome(argv: list[str], workdir: Path, errors: list[str] | None = None) -> int:
+    """Run the CLI on ``argv``; assert exit 0 or 2, one line per refusal and nothing written; return the code.
+
+    ``errors``: a list the refusal line (stderr) is appended to.
+    """
     before = files_under(workdir)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -121,6 +124,8 @@ def outcome(argv: list[str], workdir: Path) -> int:
                 event(f"argparse exit {exc.code}")
             return exc.code
     assert code in (0, 2), (argv, code)
+    if errors is not None:
+        errors.append(err.getvalue())
     with contextlib.suppress(InvalidArgument):  # outside a Hypothesis test
         event(f"exit {code}")
     if code == 2:
@@ -192,6 +197,43 @@ ARGV = (st.builds(lambda command, positional, flags: [command, *positional, *(w 
 @FUZZ
 @given(argv=ARGV)
 def test_argument_lists_never_raise(workdir, argv):
+    outcome(argv, workdir)
+
+
+#: Options whose size nothing bounds but this machine (tests/test_limits.py holds the estimates); at 10^9 and above
+#: each must be refused, naming the option: ``--set`` path -> the option the refusal names.
+UNBOUNDED_SIZES = {
+    "model.timesteps": "model.timesteps", "model.options.features=[{}, A]": "model.options",
+    "model.options.classifier=[{}]": "model.options", "stages.0.epochs": "stages.train_ann.epochs",
+    "stages.1.calib_images": "stages.convert.calib_images", "stages.1.calib_timesteps": "stages.convert.calib_timesteps",
+    "stages.2.epochs": "stages.train_snn.epochs", "stages.2.timesteps": "stages.train_snn.timesteps",
+    "measure.robustness_images": "measure.robustness_images", "measure.ops_images": "measure.ops_images",
+    "measure.latency_repeats": "measure.latency_repeats", "measure.latency_batch": "measure.latency_batch",
+}
+#: Options a split bounds (a batch holds at most the split's images): any size validates or is refused cleanly.
+SPLIT_BOUNDED_SIZES = ["data.batch_size", "data.test_batch_size", "data.train_subset", "data.test_subset"]
+
+
+def _size_override(option: str, value: int) -> str:
+    return option.format(value) if "{}" in option else f"{option}={value}"
+
+
+@FUZZ
+@given(option=st.sampled_from(sorted(UNBOUNDED_SIZES)), value=st.integers(10**9, 10**18))
+def test_absurd_sizes_are_refused_in_one_line_naming_the_option(workdir, option, value):
+    errors: list[str] = []
+    code = outcome(["run", "tiny.yaml", "--out", "run", "--set", _size_override(option, value)], workdir, errors)
+    assert code == 2, (option, value)
+    assert f": {UNBOUNDED_SIZES[option]}: " in errors[0], errors[0]
+
+
+@FUZZ
+@given(sizes=st.lists(st.tuples(st.sampled_from(sorted(UNBOUNDED_SIZES) + SPLIT_BOUNDED_SIZES),
+                                st.integers(1, 10**6) | st.integers(1, 10**18)), min_size=1, max_size=3))
+def test_any_mix_of_sizes_validates_or_refuses_cleanly(workdir, sizes):
+    argv = ["run", "tiny.yaml", "--out", "run"]
+    for option, value in sizes:
+        argv += ["--set", _size_override(option, value)]
     outcome(argv, workdir)
 
 

@@ -175,6 +175,27 @@ def test_evaluate_refuses_counts_from_set(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_quantize_refuses_counts_and_memory_before_writing(tmp_path, capsys):
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, build_model("convnet", 10, (1, 28, 28), 2, features=[4, "A"], classifier=[8]),
+                    info={"dataset": "mnist-builtin"})
+    out = tmp_path / "out"
+    assert main(["quantize", str(ckpt), "--out", str(out), "--set", "max_candidates=10000000"]) == 2
+    assert capsys.readouterr().err == ("snncompress: error: quantize --set: max_candidates: 10000000 candidates is "
+                                       "above the ceiling of 1000000 (--ignore-limits runs it anyway)\n")
+    # T = 10^9: one validation batch of 512 images needs 512 x 10^9 x 7090 activations (conv 3136, its LIF 3136,
+    # pool 784, linear, LIF and dropout 8 each, output 10) x 4 bytes x 2 copies = 29.0 PB
+    huge = tmp_path / "huge.safetensors"
+    save_checkpoint(huge, build_model("convnet", 10, (1, 28, 28), 10**9, features=[4, "A"], classifier=[8]),
+                    info={"dataset": "mnist-builtin"})
+    assert main(["quantize", str(huge), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "snncompress: error: quantize --set: batch: 512 needs about 29 PB for quantize inference activations; "
+        "this machine has ")
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- disk errors
 
 

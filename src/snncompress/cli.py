@@ -54,7 +54,7 @@ def cmd_quantize(args) -> dict:
     return quantize_command(args.checkpoint, args.out, max_memory_kb=args.max_memory_kb,
                             max_accuracy_drop=args.max_accuracy_drop / 100, dataset=args.dataset, data_dir=args.data_dir,
                             val_fraction=args.val_fraction, seed=args.seed, overrides=args.set or [],
-                            test_weight_bits=args.test_weight_bits)
+                            test_weight_bits=args.test_weight_bits, ignore_limits=args.ignore_limits)
 
 
 def cmd_report(args) -> None:
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also report the test accuracy of weights-only B-bit models (each rounding)")
     qu.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="exploration option of the quantize stage, e.g. --set bits.weights=[6,5,4]")
+    add_ignore_limits(qu)
     qu.set_defaults(func=cmd_quantize)
 
     rep = sub.add_parser("report", help="put several runs side by side in one table and Pareto plot")

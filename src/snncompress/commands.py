@@ -15,12 +15,12 @@ from pydantic import ValidationError
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, stored_bytes
 from .compress.exploration import Candidate, quantize_model
 from .compress.footprint import footprint
-from .data import hold_out_validation, load_data
+from .data import hold_out_validation, image_count, load_data
 from .errors import UserError, format_validation_error
 from .io import write_bytes, write_json
 from .recipe import apply_overrides
 from .report_schema import build_report
-from .resources import check_measurement
+from .resources import check_checkpoint_command
 from .stages.evaluate import EvaluateOptions
 from .stages.tiny import (QuantizeOptions, chosen_metrics, exploration_markdown, exploration_record, itq_callbacks,
                           plot_pareto, run_exploration)
@@ -61,7 +61,8 @@ def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: 
     opts = EvaluateOptions.from_measure(apply_overrides({}, overrides or []), "evaluate --set")
     loaded = load_checkpoint(path)
     _, test_loader, info = checkpoint_data(loaded, path, dataset, data_dir, batch_size)
-    check_measurement(loaded.model, opts, batch_size, "cpu", "evaluate --set", ignore=ignore_limits)
+    check_checkpoint_command(loaded.model, opts, batch_size=batch_size, device="cpu", where="evaluate --set",
+                             ignore=ignore_limits)
     start = time.perf_counter()
     metrics = {"checkpoint": Path(path).name, **measure_model(loaded.model, test_loader, build_plan=build_inference_plan,
                                                                     **opts)}
@@ -76,7 +77,7 @@ def evaluate_checkpoint(path, out_dir, *, dataset: str | None = None, data_dir: 
 def quantize_command(checkpoint, out, *, max_memory_kb: float | None, max_accuracy_drop: float,
                      dataset: str | None = None, data_dir: str | None = None, val_fraction: float = 0.1,
                      seed: int = 0, overrides: list[str] | None = None, test_weight_bits: list[int] | None = None,
-                     log=print) -> dict:
+                     ignore_limits: bool = False, log=print) -> dict:
     """``snncompress quantize``: explore, then write model.safetensors, report.json/.md and pareto.png in ``out``.
 
     Everything is validated and computed before the first file is written; nothing is written when nothing fits.
@@ -96,6 +97,9 @@ def quantize_command(checkpoint, out, *, max_memory_kb: float | None, max_accura
                                                       test_batch_size=512)
     train_loader, val_loader = hold_out_validation(train_loader, val_fraction, seed, 512)
     device = torch.device("cpu")
+    check_checkpoint_command(model, opts, batch_size=512, device=device, where="quantize --set",
+                             train_images=image_count(train_loader),
+                             train_batch_size=64 if "itq" in opts.schemes else None, ignore=ignore_limits)
     start = time.perf_counter()
 
     def train_fn(candidate_model, candidate):

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from . import __version__, distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import TensorBatchLoader, hold_out_validation, load_data
+from .data import TensorBatchLoader, hold_out_validation, image_count, load_data
 from .errors import UserError
 from .io import atomic_write, folder_lock, write_json
 from .metrics import count_params, footprint
@@ -341,12 +341,6 @@ class Run:
         record["metrics"] = {**record["metrics"], **measure(ctx, model, self.measure_opts)}
         record["full_metrics"], record["measured_with"] = True, key
         write_json(self.out / record["dir"] / "metrics.json", record)
-
-
-def image_count(loader) -> int:
-    """Images a training loader holds (in memory or as files)."""
-    labels = getattr(loader, "labels", None)
-    return len(labels) if labels is not None else len(loader.dataset)
 
 
 def run_recipe(recipe_path, out_dir, overrides: list[str] | None = None, recipe_label: str | None = None,

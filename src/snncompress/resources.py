@@ -275,16 +275,29 @@ def check_recipe_resources(recipe, stages, *, in_shape, num_classes: int, train_
     return estimates
 
 
-def check_measurement(model, options: dict, test_batch_size: int, device, where: str, ignore: bool = False) -> None:
-    """``snncompress evaluate``: the measurement options' counts and one test batch of ``model`` must fit."""
+def check_checkpoint_command(model, options, *, batch_size: int, device, where: str, train_images: int = 1,
+                             train_batch_size: int | None = None, ignore: bool = False) -> None:
+    """``snncompress evaluate`` / ``quantize`` on a loaded ``model``: the options' counts and their peak memory.
+
+    ``options``: the command's validated options (a dict or an options model); ``batch_size``: the images of
+    one inference batch (a larger ``latency_batch`` counts instead); ``train_batch_size``: the batch of the
+    training the command may run (quantization-aware training), checked over ``train_images``.
+    """
     if ignore:
         return
-    check_counts([("evaluate", "", _Options(options))], 1, 1, where)
-    size = NetworkSize(activations=count_activations(model, model.spec["in_shape"]), params=sum(p.numel() for p in model.parameters()))
-    batch = options.get("latency_batch", 1)
-    found = inference_bytes(size, model.timesteps, max(test_batch_size, batch))
-    check_memory([Estimate("evaluate", "inference activations", found, "latency_batch", batch)],
-                 available_memory(device), where)
+    opts = _Options(options) if isinstance(options, dict) else options
+    check_counts([("checkpoint", "", opts)], train_images, train_batch_size or 1, where)
+    size = NetworkSize(activations=count_activations(model, model.spec["in_shape"]),
+                       params=sum(p.numel() for p in model.parameters()))
+    batch = max(batch_size, getattr(opts, "latency_batch", 1))
+    option = "latency_batch" if batch > batch_size else "batch"
+    estimates = [Estimate(where.split()[0], "inference activations", inference_bytes(size, model.timesteps, batch),
+                          option, batch)]
+    if train_batch_size:
+        activations, params = training_bytes(size, model.timesteps, min(train_batch_size, train_images))
+        estimates.append(Estimate(where.split()[0], "training activations", activations + params, "batch",
+                                  train_batch_size))
+    check_memory(estimates, available_memory(device), where)
 
 
 def _short_options(options: dict) -> str:

@@ -35,7 +35,7 @@ from .calibration import calibration_batch
 from .folder_loader import FolderBatchLoader, SeededImageDataset
 from .idx import read_fashion_mnist, read_idx, read_mnist
 from .jpeg_cache import CIFAR10_JPG_TAR
-from .load import load_data, normalisation
+from .load import image_count, load_data, normalisation
 from .registry import (CACHE_ENV, CIFAR10_STATS, CIFAR100_STATS, DATA_ENV, DATASET_NAMES, FASHION_MNIST_STATS,
                        IMAGEFOLDER_PREFIX, IMAGENET_STATS, MNIST_STATS, DatasetInfo, Splits, cache_dir,
                        canonical_name, resolve_data_dir)
@@ -44,7 +44,7 @@ from .split import VALIDATION_SALT, hold_out_validation, validation_indices
 from .tensor_loader import CROP_PADDING, TensorBatchLoader, random_crop_flip
 
 __all__ = [
-    "normalisation",
+    "image_count", "normalisation",
     "CACHE_ENV", "CIFAR10_JPG_TAR", "CIFAR10_STATS", "CIFAR100_STATS", "CROP_PADDING", "DATA_ENV", "DATASET_NAMES",
     "FASHION_MNIST_STATS", "IMAGEFOLDER_PREFIX", "IMAGENET_STATS", "MNIST_STATS", "SUBSET_SEED", "VALIDATION_SALT",
     "DatasetInfo", "FolderBatchLoader", "SeededImageDataset", "Splits", "TensorBatchLoader", "balanced_subset",

@@ -127,3 +127,9 @@ def load_data(
     if canonical in _TENSOR_DATASETS:
         return _load_tensor_dataset(canonical, data_dir, sizes, train_subset, test_subset, augment, seed)
     return _load_folder_dataset(canonical, data_dir, sizes, train_subset, test_subset, augment, seed, num_workers)
+
+
+def image_count(loader) -> int:
+    """Images a loader holds (in memory or as files)."""
+    labels = getattr(loader, "labels", None)
+    return len(labels) if labels is not None else len(loader.dataset)
