@@ -213,6 +213,20 @@ def test_float_model_with_quantized_membrane(tmp_path):
     assert_bit_exact(tmp_path, model, random_images(4, seed=2))
 
 
+@needs_cc
+@pytest.mark.parametrize("bits", [{"weights": 5, "neurons": 6, "state": 8}, {"weights": 4, "neurons": 4}])
+def test_tiny_snn_candidates_run_integer_and_bit_exact(tmp_path, bits):
+    """What the tinySNN exploration picks (fixed-point weights per channel, power-of-two thresholds and leaks,
+    a quantized membrane) compiles to the integer engine unchanged."""
+    from snncompress.compress.exploration import Candidate, QuantSpace, quantize_model
+
+    space = QuantSpace({group: [width] for group, width in bits.items()}, per_channel=True)
+    model = quantize_model(make_model(timesteps=4, per_channel=True), Candidate.of(bits, "nearest"), space)
+    engine, _ = assert_bit_exact(tmp_path, model, random_images(6, seed=3))
+    assert engine.integer
+    assert (engine.layers[1].state_mul is not None) == ("state" in bits)
+
+
 # ----------------------------------------------------------------------------- CLI and driver contract
 
 
