@@ -41,7 +41,7 @@ from snncompress.data import normalisation, read_fashion_mnist, read_mnist
 from snncompress.deploy import build_inference_plan
 from snncompress.deploy.c import EXPORT_FILES, write_c_folder
 from snncompress.deploy.nir import export_nir
-from snncompress.metrics.footprint import footprint
+from snncompress.compress.footprint import footprint
 from snncompress.metrics.ops import count_synops
 
 READERS = {"fashion-mnist": read_fashion_mnist, "mnist": read_mnist}
@@ -111,21 +111,26 @@ def snntorch_runner(model):
     return run
 
 
-def latency(model, lib_path: Path, engine, pixels: np.ndarray, normalised: torch.Tensor, count: int) -> dict:
-    """Median ms per image of the three engines, interleaved image by image (one thread)."""
-    lib = ctypes.CDLL(str(lib_path))
+def latency(model, lib_path: Path, engine, pixels: np.ndarray, normalised: torch.Tensor, count: int,
+            packed_lib_path: Path | None = None) -> dict:
+    """Median ms per image of the engines, interleaved image by image (one thread): the C engine (and its
+    bit-packed build, ``c_packed``), the PyTorch plan, snnTorch."""
+    libs = {"c": ctypes.CDLL(str(lib_path))}
+    if packed_lib_path is not None:
+        libs["c_packed"] = ctypes.CDLL(str(packed_lib_path))
     logit_type = ctypes.c_int32 if engine.integer else ctypes.c_float
     logits = (logit_type * engine.num_classes)()
     plan = build_inference_plan(frozen(model))
     snn_torch = snntorch_runner(frozen(model))
-    times = {"c": [], "plan": [], "snntorch": []}
+    times = {**{name: [] for name in libs}, "plan": [], "snntorch": []}
     buffers = [np.ascontiguousarray(p) for p in pixels[:count]]
     with torch.inference_mode():
         for i in range(count):
             image = buffers[i]
-            start = time.perf_counter()
-            lib.snn_predict(image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), logits)
-            times["c"].append(time.perf_counter() - start)
+            for name, lib in libs.items():
+                start = time.perf_counter()
+                lib.snn_predict(image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), logits)
+                times[name].append(time.perf_counter() - start)
             x = normalised[i:i + 1]
             start = time.perf_counter()
             plan(x)
@@ -145,8 +150,9 @@ def measure(label: str, path: Path, build_root: Path, args) -> dict:
     test_x = test_x[: args.images] if args.images else test_x
     test_y = np.asarray(test_y[: len(test_x)])
     folder = build_root / label
-    if folder.exists():
-        shutil.rmtree(folder)
+    for old in (folder, build_root / f"{label}-packed"):
+        if old.exists():
+            shutil.rmtree(old)
     engine = write_c_folder(model, folder, mean, std, f"{label} benchmark")
     binaries = build(folder)
     normalised = (torch.from_numpy(test_x).float() / 255 - torch.tensor(mean).view(1, -1, 1, 1)) / \
@@ -155,12 +161,20 @@ def measure(label: str, path: Path, build_root: Path, args) -> dict:
     c_pred = np.array([int(line[0]) for line in lines])
     with torch.no_grad():
         torch_pred = torch.cat([model(normalised[i:i + 500]).argmax(1) for i in range(0, len(test_x), 500)]).numpy()
+    packed = None
+    if engine.integer:  # the same engine with its weight codes bit-packed: flash = footprint, unpacking costs time
+        write_c_folder(model, build_root / f"{label}-packed", mean, std, f"{label} benchmark, packed", pack_weights=True)
+        packed_binaries = build(build_root / f"{label}-packed")
+        packed_pred = np.array([int(line[0]) for line in run_binary(packed_binaries["snn"], test_x)])
+        packed = {"size": sizes(build_root / f"{label}-packed"),
+                  "predictions_differing_from_unpacked": int((packed_pred != c_pred).sum())}
     counted = run_binary(binaries["count"], test_x[: args.ops_images])
     adds = np.mean([int(line[-2]) for line in counted])
     muls = np.mean([int(line[-1]) for line in counted])
     synops = count_synops(model, normalised[: args.ops_images])
     torch.set_num_threads(1)
-    lat = latency(model, binaries["lib"], engine, test_x, normalised, args.latency_images)
+    lat = latency(model, binaries["lib"], engine, test_x, normalised, args.latency_images,
+                  packed_binaries["lib"] if packed else None)
     return {
         "checkpoint": str(path), "dataset": dataset, "timesteps": model.timesteps, "integer": engine.integer,
         "weight_bits": engine.weight_bits, "test_images": int(len(test_x)),
@@ -171,6 +185,7 @@ def measure(label: str, path: Path, build_root: Path, args) -> dict:
         "ops_per_image": {"adds": float(adds), "muls": float(muls), "images": args.ops_images},
         "synops_per_image": {"ac": synops["ac"], "mac": synops["mac"], "convention": synops["pooled_spikes"]},
         "sparse_layers": [not layer.dense for layer in engine.layers],
+        "packed": packed,
     }
 
 
@@ -192,7 +207,9 @@ def main() -> None:
         r = results[label]
         print(f"{label}: C {r['accuracy_c']:.4f} vs PyTorch {r['accuracy_pytorch']:.4f} "
               f"({r['predictions_differing']} of {r['test_images']} differ); latency ms C "
-              f"{r['latency_ms']['c']:.4f} plan {r['latency_ms']['plan']:.4f} snnTorch {r['latency_ms']['snntorch']:.4f}; "
+              f"{r['latency_ms']['c']:.4f} plan {r['latency_ms']['plan']:.4f} snnTorch {r['latency_ms']['snntorch']:.4f}"
+              f"{' packed %.4f' % r['latency_ms']['c_packed'] if r['packed'] else ''}; "
+              f"packed {json.dumps(r['packed'])}; "
               f"size {json.dumps(r['size'])}; footprint {r['footprint_bytes']}; ops {r['ops_per_image']}; "
               f"synops {r['synops_per_image']}", flush=True)
     out = Path(args.out)

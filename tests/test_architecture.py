@@ -65,3 +65,40 @@ def test_import_linter_contracts_are_kept():
     result = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "3 kept, 0 broken" in result.stdout
+
+
+def snncompress_imports_missing(script: Path) -> list[str]:
+    """``from snncompress... import name`` lines of ``script`` whose module or name no longer exists."""
+    import importlib
+
+    missing = []
+    for node in ast.walk(ast.parse(script.read_text())):
+        if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("snncompress")):
+            continue
+        try:
+            module = importlib.import_module(node.module)
+        except ImportError:
+            missing.append(f"{script.name}:{node.lineno} {node.module}")
+            continue
+        for alias in node.names:
+            if not hasattr(module, alias.name):
+                try:
+                    importlib.import_module(f"{node.module}.{alias.name}")
+                except ImportError:
+                    missing.append(f"{script.name}:{node.lineno} {node.module}.{alias.name}")
+    return missing
+
+
+def test_benchmarks_and_examples_import_what_exists():
+    """Scripts outside the test run (benchmarks/, examples/) still name modules and names the package has."""
+    root = Path(__file__).resolve().parent.parent
+    scripts = sorted([*root.glob("benchmarks/*.py"), *root.glob("examples/*.py")])
+    assert len(scripts) >= 5
+    assert [line for script in scripts for line in snncompress_imports_missing(script)] == []
+
+
+def test_the_script_import_check_finds_a_moved_module(tmp_path):
+    script = tmp_path / "old.py"
+    script.write_text("from snncompress.metrics.footprint import footprint\nfrom snncompress import no_such_name\n")
+    assert snncompress_imports_missing(script) == ["old.py:1 snncompress.metrics.footprint",
+                                                   "old.py:2 snncompress.no_such_name"]

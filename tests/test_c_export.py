@@ -55,9 +55,9 @@ def random_images(n, shape=(1, 8, 8), seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
 
 
-def build(folder: Path, engine, *defines) -> Path:
+def build(folder: Path, engine, *defines, pack_weights: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in c_sources(engine, "test").items():
+    for name, text in c_sources(engine, "test", pack_weights).items():
         (folder / name).write_text(text)
     binary = folder / "snn"
     sources = [str(folder / name) for name in EXPORT_FILES if name.endswith(".c")]
@@ -86,9 +86,9 @@ def parse_trace(text: str, integer: bool):
     return images
 
 
-def assert_bit_exact(tmp_path, model, images, name="m"):
+def assert_bit_exact(tmp_path, model, images, name="m", pack_weights=False):
     engine = compile_engine(model, MEAN, STD)
-    binary = build(tmp_path / name, engine, "-DSNN_TRACE")
+    binary = build(tmp_path / name, engine, "-DSNN_TRACE", pack_weights=pack_weights)
     out = subprocess.run([str(binary)], input=images.tobytes(), capture_output=True, check=True).stdout.decode()
     traced = parse_trace(out, engine.integer)
     assert len(traced) == len(images)
@@ -225,6 +225,38 @@ def test_tiny_snn_candidates_run_integer_and_bit_exact(tmp_path, bits):
     engine, _ = assert_bit_exact(tmp_path, model, random_images(6, seed=3))
     assert engine.integer
     assert (engine.layers[1].state_mul is not None) == ("state" in bits)
+
+
+def test_pack_codes_round_trips_by_hand():
+    from snncompress.deploy.c.emit import pack_codes, signed_bits
+
+    assert [signed_bits(*r) for r in ((0, 0), (-1, 0), (-2, 1), (-63, 63), (-64, 63), (-64, 64), (-128, 127))] == \
+        [1, 1, 2, 7, 7, 8, 8]
+    # 3-bit codes -1, 3, -4, 2 -> fields 0b111, 0b011, 0b100, 0b010 -> bits (LSB first) 111 110 001 010
+    assert pack_codes(np.array([-1, 3, -4, 2]), 3).tolist() == [0b00011111, 0b0101, 0]
+
+
+@needs_cc
+@pytest.mark.parametrize("bits", [3, 5, 7])
+def test_packed_weights_are_bit_exact_and_take_their_width_in_flash(tmp_path, bits):
+    """Dense and masked (sparse) layers with b-bit codes, stored as a b-bit stream: same spikes, membranes
+    and logits as the reference, and the weight arrays hold ceil(n * b / 8) + 1 bytes per layer."""
+    from snncompress.deploy.c.emit import pack_codes
+
+    model = make_model(timesteps=3, per_channel=True, features=(4, "A", 16, "A"), classifier=(32,))
+    names = weight_names(model)
+    for name in names[1:3]:  # the hidden conv and linear layers keep 15%: stored sparse
+        weight = dict(model.named_parameters())[name]
+        set_mask(model, name, torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.15)
+    for name in names:
+        attach_quantizer(model, name, UniformQuantizer(bits, channels=None))
+    engine, _ = assert_bit_exact(tmp_path, model, random_images(5, seed=4), pack_weights=True)
+    assert engine.integer and [l.dense for l in engine.layers] == [True, False, False, True]
+    source = (tmp_path / "m" / "snn_model.c").read_text()
+    assert f"#define SNN_PACKED_BITS {bits}" in (tmp_path / "m" / "snn_model.h").read_text()
+    for i, l in enumerate(engine.layers):
+        assert f"static const uint8_t w{i}[{len(pack_codes(l.weights, bits))}]" in source
+        assert len(pack_codes(l.weights, bits)) == -(-l.weights.size * bits // 8) + 1
 
 
 # ----------------------------------------------------------------------------- CLI and driver contract

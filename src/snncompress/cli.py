@@ -69,7 +69,7 @@ def cmd_export(args) -> None:
         from .data import normalisation
         from .deploy.c import export_c_command
 
-        export_c_command(args.source, args.out_file, normalisation, args.dataset)
+        export_c_command(args.source, args.out_file, normalisation, args.dataset, pack_weights=args.pack_weights)
         return
     from .deploy.nir import export_command
 
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the file to write (a folder for --format c)")
     ex.add_argument("--dataset", help="--format c: the dataset whose normalisation the input gets (default: the "
                                       "checkpoint's)")
+    ex.add_argument("--pack-weights", action="store_true",
+                    help="--format c: store integer weight codes as a bit stream of their width (flash = the "
+                         "checkpoint's footprint; slower: each run is unpacked at inference)")
     ex.add_argument("--dt", type=float, default=1e-4, help="simulation step of the NIR neurons (default: 1e-4)")
     ex.add_argument("--soft-reset", choices=["annotate", "refuse"], default="annotate",
                     help="soft reset: keep as node metadata (default) or refuse")

@@ -35,6 +35,8 @@ class ExportOptions(StageOptions):
         "annotate", description="soft reset: keep as node metadata reset='subtract', or refuse the model")
     leak_one: Literal["if", "lif"] = Field(
         "if", description="neurons with leak 1: IF nodes (r = 1/dt), or LIF nodes with tau = 1e8 dt (snnTorch)")
+    pack_weights: bool = Field(False, description="format c: store integer weight codes as a bit stream of their "
+                                                  "width (flash = footprint; each run unpacked at inference)")
     verify_images: int = Field(8, ge=0, description="validation images on which the re-imported model must give "
                                                    "the same logits (0: skip)")
 
@@ -75,7 +77,8 @@ def _export_c(ctx: StageContext, opts: ExportOptions, model) -> StageResult:
     folder = ctx.stage_dir / C_FOLDER
     reference = copy.deepcopy(model).cpu().eval()
     engine = write_c_folder(reference, folder, ctx.info.mean, ctx.info.std,
-                            f"{model.spec.get('arch')}, T = {model.timesteps}, stage {opts.name}")
+                            f"{model.spec.get('arch')}, T = {model.timesteps}, stage {opts.name}",
+                            pack_weights=opts.pack_weights)
     metrics = {"c_folder": ctx.relative(folder), "c_integer": engine.integer,
                "c_bytes": sum(p.stat().st_size for p in folder.iterdir())}
     if opts.verify_images and ctx.val_loader is not None:

@@ -34,18 +34,21 @@ def check_out_folder(out) -> Path:
     return out
 
 
-def write_c_folder(model, out, mean, std, description: str) -> Engine:
-    """Compile ``model`` and write the export folder ``out`` (every check before the first write)."""
+def write_c_folder(model, out, mean, std, description: str, pack_weights: bool = False) -> Engine:
+    """Compile ``model`` and write the export folder ``out`` (every check before the first write).
+
+    ``pack_weights``: store integer weight codes as a bit stream of their width (:func:`.emit.model_sources`).
+    """
     out = check_out_folder(out)
     engine = compile_engine(model, mean, std)
-    files = c_sources(engine, description)
+    files = c_sources(engine, description, pack_weights)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         write_bytes(out / name, text.encode())
     return engine
 
 
-def export_c_command(source, out, normalisation, dataset: str | None = None) -> Engine:
+def export_c_command(source, out, normalisation, dataset: str | None = None, pack_weights: bool = False) -> Engine:
     """``snncompress export CKPT --format c --out DIR``: check, compile, then write the folder.
 
     ``normalisation(dataset_name) -> (mean, std)`` is handed in by the caller (the dataset
@@ -64,8 +67,9 @@ def export_c_command(source, out, normalisation, dataset: str | None = None) -> 
     model = loaded.model
     description = (f"{model.spec.get('arch')} from {Path(source).name}, T = {model.timesteps}, "
                    f"dataset {dataset}")
-    engine = write_c_folder(model, out, mean, std, description)
-    kind = f"integer ({engine.weight_bits}-bit weight codes)" if engine.integer else "float32"
+    engine = write_c_folder(model, out, mean, std, description, pack_weights)
+    kind = f"integer ({engine.weight_bits}-bit weight codes{', bit-packed' if pack_weights else ''})" \
+        if engine.integer else "float32"
     sparse = sum(not layer.dense for layer in engine.layers)
     print(f"wrote {out}: C99 engine of {model.spec.get('arch')} ({kind}, T = {engine.timesteps}, "
           f"{len(engine.layers)} layers, {sparse} sparse); build: cc -O2 -o snn {out}/*.c")

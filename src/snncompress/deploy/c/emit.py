@@ -56,15 +56,48 @@ def _array(ctype: str, name: str, values: np.ndarray, integer: bool = True, cons
     return f"{'static const ' if const else 'static '}{ctype} {name}[{max(len(items), 1)}] = {{\n    {body}\n}};\n"
 
 
+def signed_bits(low: int, high: int) -> int:
+    """The fewest bits of a two's-complement code that hold every value in ``low .. high``."""
+    bits = 1
+    while not (-(2 ** (bits - 1)) <= low and high < 2 ** (bits - 1)):
+        bits += 1
+    return bits
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Integer ``codes`` (any shape, read flat) as a little-endian stream of ``bits``-bit two's-complement
+    fields, ``uint8 [ceil(n * bits / 8) + 1]`` (one byte of padding: the runtime reads two bytes at a time)."""
+    flat = np.asarray(codes, dtype=np.int64).reshape(-1) & ((1 << bits) - 1)
+    fields = (flat[:, None] >> np.arange(bits)) & 1
+    return np.concatenate([np.packbits(fields.reshape(-1).astype(np.uint8), bitorder="little"),
+                           np.zeros(1, np.uint8)])
+
+
+def longest_run(layer) -> int:
+    """Most weights the runtime adds as one run in ``layer`` (the packed engine's scratch buffer size)."""
+    out_c = layer.out_shape[0]
+    if not layer.dense:
+        return int(np.diff(layer.ptr).max(initial=0))
+    return 3 * out_c if layer.kind == "conv" else out_c
+
+
 def _buffer(ctype: str, name: str, size: int) -> str:
     return f"static {ctype} {name}[{max(int(size), 1)}];\n"
 
 
-def model_sources(engine: Engine, description: str) -> dict[str, str]:
-    """``{"snn_model.h": ..., "snn_model.c": ...}`` of ``engine``; ``description`` heads both files."""
+def model_sources(engine: Engine, description: str, pack_weights: bool = False) -> dict[str, str]:
+    """``{"snn_model.h": ..., "snn_model.c": ...}`` of ``engine``; ``description`` heads both files.
+
+    ``pack_weights``: an integer engine stores its weight codes as a bit stream of the fewest bits that
+    hold them (e.g. 7-bit codes take 7/8 of the int8 storage), unpacked run by run at inference; a float
+    engine, or codes that fill their C type, are stored as they are.
+    """
     integer = engine.integer
     weights = np.concatenate([l.weights.reshape(-1) for l in engine.layers]) if integer else np.zeros(0)
     weight_type = _int_type(int(weights.min()), int(weights.max())) if integer else "float"
+    packed_bits = signed_bits(int(weights.min()), int(weights.max())) if integer and weights.size else 0
+    if not pack_weights or packed_bits >= 8 * WEIGHT_BYTES[weight_type]:
+        packed_bits = 0
     targets = [l.targets for l in engine.layers if l.targets is not None]
     target_type = _uint_type(max([int(t.max()) for t in targets if t.size] + [1]))
     sizes = [l.out_count for l in engine.layers]
@@ -88,6 +121,8 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
          f"/* real logit = integer logit * SNN_LOGIT_SCALE (integer engine) */\n"
          f"#define SNN_LOGIT_SCALE {engine.logit_scale!r}\n\n",
          f"#define SNN_WEIGHT_BYTES {WEIGHT_BYTES[weight_type]}\n",
+         f"#define SNN_PACKED_BITS {packed_bits}\n",
+         f"#define SNN_MAX_RUN {max(longest_run(l) for l in engine.layers) if packed_bits else 1}\n",
          f"typedef {weight_type} snn_weight_t;\ntypedef {target_type} snn_target_t;\n"
          f"typedef {index_type} snn_index_t;\n\n",
          '#include "snn_runtime.h"\n\n',
@@ -106,7 +141,10 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
             stored = stored.transpose(1, 2, 3, 0)  # [in_c][3][3][out_c]
         elif layer.kind == "conv" and layer.dense:
             stored = stored.reshape(-1, 3, 3, stored.shape[-1])[:, :, ::-1]  # each row's taps as kx = 2, 1, 0
-        c.append(_array("snn_weight_t", f"w{i}", stored, integer))
+        if packed_bits:
+            c.append(_array("uint8_t", f"w{i}", pack_codes(stored, packed_bits)))
+        else:
+            c.append(_array("snn_weight_t", f"w{i}", stored, integer))
         fields = {"weights": f"w{i}", "ptr": "0", "targets": "0", "leak": "0", "threshold": "0", "fire_at": "0",
                   "bias": "0",
                   "input_scale": "0", "border_bias": "0", "state_mul": "0", "state_back": "0"}
@@ -152,6 +190,6 @@ def model_sources(engine: Engine, description: str) -> dict[str, str]:
     return {"snn_model.h": "".join(h), "snn_model.c": "".join(c)}
 
 
-def c_sources(engine: Engine, description: str) -> dict[str, str]:
-    """Every file of the export folder: ``{name: text}``."""
-    return {**model_sources(engine, description), **runtime_sources()}
+def c_sources(engine: Engine, description: str, pack_weights: bool = False) -> dict[str, str]:
+    """Every file of the export folder: ``{name: text}`` (``pack_weights``: see :func:`model_sources`)."""
+    return {**model_sources(engine, description, pack_weights), **runtime_sources()}

@@ -27,6 +27,31 @@ static snn_value_t logit_sum[SNN_CLASSES];
 
 const uint32_t *snn_last_spikes(void) { return spike_counts; }
 
+#if SNN_PACKED_BITS
+static snn_weight_t weight_scratch[SNN_MAX_RUN];
+
+/* Codes start .. start + n - 1 of L's weight stream, unpacked (sign-extended) into the scratch buffer. */
+static const snn_weight_t *weight_run(const snn_layer_t *L, int32_t start, int32_t n)
+{
+    const uint32_t mask = (1u << SNN_PACKED_BITS) - 1, sign = 1u << (SNN_PACKED_BITS - 1);
+    uint32_t bit = (uint32_t)start * SNN_PACKED_BITS;
+    int32_t e;
+    for (e = 0; e < n; e++, bit += SNN_PACKED_BITS) {
+        const uint8_t *byte = L->weights + (bit >> 3);
+        uint32_t code = (((uint32_t)byte[0] | ((uint32_t)byte[1] << 8)) >> (bit & 7)) & mask;
+        weight_scratch[e] = (snn_weight_t)((int32_t)(code ^ sign) - (int32_t)sign);
+    }
+    return weight_scratch;
+}
+#else
+/* Codes start .. start + n - 1 of L's weights (stored one per element: no copy). */
+static const snn_weight_t *weight_run(const snn_layer_t *L, int32_t start, int32_t n)
+{
+    (void)n;
+    return L->weights + start;
+}
+#endif
+
 /* Which of the taps before / after position p (of n) fall inside: bit 0 before, bit 1 after. */
 static int border_class(int32_t p, int32_t n) { return (p > 0) | ((p < n - 1) << 1); }
 
@@ -62,8 +87,9 @@ static void input_current(const snn_layer_t *L, const uint8_t *image, snn_value_
                     if (iy < 0 || iy >= L->in_h) continue;
                     for (kx = 0; kx < 3; kx++) {
                         int32_t ix = x + kx - 1;
-                        const snn_weight_t *restrict w = L->weights + ((ci * 3 + ky) * 3 + kx) * n;
+                        const snn_weight_t *restrict w;
                         if (ix < 0 || ix >= L->in_w) continue;
+                        w = weight_run(L, ((ci * 3 + ky) * 3 + kx) * n, n);
 #if SNN_INTEGER
                         int32_t p = plane[iy * L->in_w + ix];
 #if SNN_WEIGHT_BYTES == 1
@@ -171,10 +197,11 @@ static void add_weights(const snn_weight_t *restrict w, const snn_target_t *rest
 static void add_run(const snn_layer_t *L, int32_t group, int32_t k, snn_value_t *m)
 {
     if (!L->ptr) {
-        add_weights(L->weights + group * L->out_c, 0, L->out_c, k, L->frac_bits, m);
+        add_weights(weight_run(L, group * L->out_c, L->out_c), 0, L->out_c, k, L->frac_bits, m);
     } else {
         int32_t lo = L->ptr[group];
-        add_weights(L->weights + lo, L->targets + lo, L->ptr[group + 1] - lo, k, L->frac_bits, m);
+        add_weights(weight_run(L, lo, L->ptr[group + 1] - lo), L->targets + lo, L->ptr[group + 1] - lo, k,
+                    L->frac_bits, m);
     }
 }
 
@@ -192,7 +219,7 @@ static void add_conv_event(const snn_layer_t *L, int32_t ci, int32_t y, int32_t 
         if (oy < 0 || oy >= L->out_h) continue;
         row = L->mem + oy * L->out_w * n;
         if (!L->ptr && x >= 1 && x + 1 < L->out_w) {
-            add_weights(L->weights + (ci * 3 + ky) * 3 * n, 0, 3 * n, k, L->frac_bits, row + (x - 1) * n);
+            add_weights(weight_run(L, (ci * 3 + ky) * 3 * n, 3 * n), 0, 3 * n, k, L->frac_bits, row + (x - 1) * n);
             continue;
         }
         for (kx = 0; kx < 3; kx++) {

@@ -20,6 +20,15 @@ typedef float snn_scale_t;
 typedef float snn_logit_t;
 #endif
 
+#if SNN_PACKED_BITS
+/* Weights stored as a little-endian bit stream of SNN_PACKED_BITS-bit two's-complement codes
+ * (the checkpoint's packed width): flash holds what footprint_bytes counts; each run of weights
+ * is unpacked into a scratch buffer of SNN_MAX_RUN codes before it is added. */
+typedef uint8_t snn_weight_store_t;
+#else
+typedef snn_weight_t snn_weight_store_t;
+#endif
+
 enum { SNN_INPUT_CONV = 0, SNN_CONV = 1, SNN_LINEAR = 2 };
 
 /* One synaptic layer with its neuron (or the output layer when spiking == 0). */
@@ -30,7 +39,7 @@ typedef struct {
     int32_t spiking, hard_reset, leak_one;
     int32_t pool, pool_h, pool_w;  /* k x k average pooling of the spikes (pool == 1: none) */
     int32_t frac_bits;             /* integer engine: membrane fraction bits F */
-    const snn_weight_t *weights;   /* input conv [in_c][3][3][out_c]; dense conv [in_c][3 (ky)][3 (kx = 2, 1, 0)][out_c];
+    const snn_weight_store_t *weights;   /* (indices in codes) input conv [in_c][3][3][out_c]; dense conv [in_c][3 (ky)][3 (kx = 2, 1, 0)][out_c];
                                     * dense linear [input][out_c]; sparse [kept] */
     const int32_t *ptr;            /* sparse: [groups + 1] run starts; NULL: dense */
     const snn_target_t *targets;   /* sparse: [kept] output channel (conv) or output (linear) */
