@@ -48,7 +48,7 @@ class SpikingVGG(SpikingNetwork):
 
     FAMILY = "vgg"
     ARCHS = tuple(VGG_FEATURES)
-    EXPORTS = frozenset({"plan", "nir"})
+    EXPORTS = frozenset({"plan", "nir", "c"})
 
     @classmethod
     def make_spec(cls, name: str, **options) -> dict:

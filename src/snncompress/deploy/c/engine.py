@@ -131,7 +131,7 @@ def check_supported(model) -> None:
     if family == "stdp":
         raise UserError("the C engine does not run the Diehl & Cook STDP network (lateral inhibition, "
                         "adaptive thresholds); export a VGG or convnet")
-    if type(model) is not SpikingVGG:
+    if "c" not in getattr(model, "EXPORTS", ()):
         raise UserError(f"the C engine runs spiking VGG / convnet models, not {type(model).__name__}")
     if not model.spiking:
         raise UserError("the C engine runs spiking models; this checkpoint is an ANN (ReLU)")
