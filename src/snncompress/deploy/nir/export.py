@@ -14,6 +14,7 @@ from ...errors import UserError
 from ...io import atomic_write
 from ...models import SpikingNetwork
 from ...neuron import LIF
+from .graph import export_graph
 from .mapping import (DEFAULT_DT, LEAK_ONE_MODES, LEAK_ONE_TAU_STEPS, NIR_FORMAT, SOFT_RESET_MODES, Layer, _check_dt,
                       _pair, layers, require_nir)
 
@@ -136,7 +137,9 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
     """The model as a ``nir.NIRGraph`` (see the module docstring for the mapping and its conventions).
 
     Args:
-        model: a spiking VGG / convnet (pruned, masked, quantized or not); it is left as it was.
+        model: a spiking VGG / convnet or an imported graph network (pruned, masked, quantized or not); it is
+            left as it was. A graph network is written in the node kinds, ``dt`` and reset it was imported
+            with (:mod:`.graph`); ``dt``, ``soft_reset`` and ``leak_one`` apply to the VGG family.
         dt: the simulation step the consumer must use; ``tau = dt / (1 - leak)``.
         soft_reset: ``"annotate"`` (keep soft reset as node metadata ``reset = "subtract"``) or
             ``"refuse"`` (raise UserError for a soft-reset model).
@@ -144,6 +147,12 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
             (LIF nodes with ``tau = 1e8 dt``; see the module docstring).
     """
     nir = require_nir()
+    if "nir" not in type(model).EXPORTS:
+        arch = model.spec.get("arch", model.spec.get("family"))
+        raise UserError(f"NIR export does not support {arch} (family {model.spec.get('family')}); it supports the "
+                        f"VGG family (vgg5/9/11/16, convnet) and imported graph networks")
+    if model.spec.get("family") == "graph":  # the graph's own node kinds, dt and integration
+        return export_graph(model, _compression_metadata, _version())
     dt = _check_dt(dt)
     if soft_reset not in SOFT_RESET_MODES:
         raise UserError(f"soft_reset must be one of {SOFT_RESET_MODES}, got {soft_reset!r}")
@@ -190,8 +199,9 @@ def export_notes(graph) -> list[str]:
     per_channel = [n for n, node in graph.nodes.items()
                    if hasattr(node, "v_threshold") and np.unique(node.v_threshold).size > 1]
     if_nodes = [n for n, node in graph.nodes.items() if type(node).__name__ == "IF"]
-    notes = [f"simulate with dt = {float(graph.metadata['dt']):g} and feed the input at each of the "
-             f"{int(graph.metadata['timesteps'])} steps; logits = sum of the output over the steps"]
+    step = f"dt = {float(graph.metadata['dt']):g}" if "dt" in graph.metadata else "any dt (no node depends on it)"
+    notes = [f"simulate with {step} and feed the input at each of the {int(graph.metadata['timesteps'])} steps; "
+             f"logits = sum of the output over the steps"]
     if soft:
         notes.append(f"soft reset kept as metadata reset='subtract' on {', '.join(soft)}: a consumer that ignores "
                      f"it resets to v_reset = 0 (hard reset)")
@@ -199,7 +209,8 @@ def export_notes(graph) -> list[str]:
         notes.append(f"per-neuron thresholds on {', '.join(per_channel)} (importers that take one threshold per "
                      f"layer, such as snnTorch's, refuse them)")
     if if_nodes:
-        notes.append(f"leak 1 exported as IF with r = 1/dt on {', '.join(if_nodes)}")
+        notes.append(f"leak 1 exported as IF with r = 1/dt on {', '.join(if_nodes)}; snnTorch 1.0's importer "
+                     f"refuses IF nodes (r != 1): for snnTorch export with --leak-one lif")
     slow = [n for n, node in graph.nodes.items() if type(node).__name__ == "LIF"
             and np.any(np.asarray(node.r, np.float64) >= LEAK_ONE_TAU_STEPS / 2)]
     if slow:

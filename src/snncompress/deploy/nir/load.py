@@ -14,6 +14,7 @@ from ...compress.quantizers import attach_quantizer, quantizer_from_config
 from ...errors import UserError
 from ...models import SpikingNetwork, build_from_spec
 from ...neuron import LIF
+from .graph import import_graph, import_own_graph
 from .mapping import (DEFAULT_DT, HDF5_MAGIC, LEAK_TOLERANCE, NIR_FORMAT, Layer, _check_dt, _pair, layers,
                       require_nir)
 
@@ -37,6 +38,7 @@ def read_nir(path):
         raise UserError(f"NIR file not found: {path}")
     if not is_nir_file(path):
         raise UserError(f"{path} is not a NIR file (HDF5)")
+    _check_version(path, nir)
     try:
         graph = nir.read(str(path))
     except Exception as exc:  # noqa: BLE001 - h5py / nir raise many kinds on a damaged file
@@ -45,6 +47,29 @@ def read_nir(path):
     if not isinstance(graph, nir.NIRGraph):
         raise UserError(f"{path} holds a single NIR node, not a graph")
     return graph
+
+
+def _check_version(path: Path, nir) -> None:
+    """Refuse a file whose NIR major version is newer than the installed ``nir`` reads (or that has none)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "version" not in f or "node" not in f:
+                raise UserError(f"{path} is an HDF5 file but not a NIR graph (no 'version' and 'node' entries)")
+            raw = f["version"][()]
+    except OSError as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"{path} is not a readable NIR file: {reason}") from None
+    written = (raw.decode("utf8") if isinstance(raw, bytes) else str(raw)).strip()
+    installed = str(getattr(nir, "version", "1"))
+    try:
+        major, ours = int(written.split(".")[0]), int(installed.split(".")[0])
+    except ValueError:
+        raise UserError(f"{path}: NIR version {written!r} is not a version number") from None
+    if major > ours:
+        raise UserError(f"{path} was written by NIR {written}, a newer major version than the installed nir "
+                        f"{installed} reads; upgrade nir (pip install -U nir) or export with NIR {ours}.x")
 
 
 def _reduce(name: str, what: str, per_neuron: np.ndarray, per_channel: bool) -> torch.Tensor:
@@ -193,8 +218,8 @@ def import_nir(graph) -> SpikingNetwork:
         graph = read_nir(graph)
     meta = _meta(graph)
     if "snncompress_spec" not in meta:
-        raise UserError("this NIR graph was not written by snncompress (no snncompress_spec metadata); "
-                        "importing foreign graphs is not supported")
+        raise UserError("this NIR graph was not written by snncompress (no snncompress_spec metadata); import it "
+                        "as a graph network: snncompress import FILE.nir --out CKPT (or load_nir(path, timesteps=...))")
     if int(meta.get("snncompress_format", 0)) != NIR_FORMAT:
         raise UserError(f"NIR metadata format {meta.get('snncompress_format')} is not {NIR_FORMAT}")
     try:
@@ -203,6 +228,8 @@ def import_nir(graph) -> SpikingNetwork:
         raise UserError("the graph's snncompress_spec metadata is not JSON") from None
     if not isinstance(spec, dict):
         raise UserError("the graph's snncompress_spec metadata is not a mapping")
+    if spec.get("family") == "graph":
+        return import_own_graph(graph, spec)
     dt = _check_dt(meta.get("dt", DEFAULT_DT))
     try:
         with torch.device("meta"):  # a spec asking for a huge network fails before memory is allocated
@@ -226,6 +253,11 @@ def import_nir(graph) -> SpikingNetwork:
     return model.eval()
 
 
-def load_nir(path) -> SpikingNetwork:
-    """The snncompress model stored in the NIR file ``path`` (written by :func:`write_nir`), in eval mode."""
-    return import_nir(read_nir(path))
+def load_nir(path, **import_options) -> SpikingNetwork:
+    """The model in the NIR file ``path``, in eval mode: the one :func:`write_nir` wrote (its spec is in the file),
+    or, for a graph from another framework, a graph network built by :func:`.graph.import_graph` with
+    ``import_options`` (``timesteps``, ``input_shape``, ``dt``, ``integration``)."""
+    graph = read_nir(path)
+    if "snncompress_spec" not in _meta(graph):
+        return import_graph(graph, **import_options)
+    return import_nir(graph)

@@ -11,7 +11,6 @@ from torch import nn
 from ...errors import UserError
 from ...models import SpikingNetwork
 from ...models.base import TimeDropout
-from ...models.vgg import SpikingVGG
 from ...neuron import LIF
 
 #: The simulation step a consumer should use (snnTorch's NIR importer hard-codes 1e-4).
@@ -72,10 +71,10 @@ def layers(model: SpikingNetwork) -> list[Layer]:
 
     Raises UserError for what cannot be exported (see the module docstring).
     """
-    if not isinstance(model, SpikingVGG):
+    if "nir" not in type(model).EXPORTS or not hasattr(model, "features"):
         arch = model.spec.get("arch", model.spec.get("family"))
-        raise UserError(f"NIR export supports the VGG family (vgg5/9/11/16, convnet); {arch} is not supported yet "
-                        f"(its residual sums would need multi-input nodes)")
+        raise UserError(f"NIR export supports the VGG family (vgg5/9/11/16, convnet) and imported graph networks; "
+                        f"{arch} is not supported yet (its residual sums would need multi-input nodes)")
     if not model.spiking:
         raise UserError("the model is in ANN mode (ReLU twin); NIR export needs a spiking model")
     shape: tuple[int, ...] = tuple(int(v) for v in model.spec["in_shape"])

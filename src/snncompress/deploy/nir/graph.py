@@ -1,0 +1,529 @@
+"""Bring your own SNN: a NIR graph from any framework as a :class:`~snncompress.models.GraphNetwork`, and back.
+
+Import (:func:`import_graph`)
+-----------------------------
+
+Every node becomes one module of the graph family, in the graph's own topology (edges into one node sum).
+Shapes are propagated from the input shape (the ``Input`` node's, or ``input_shape``), so exporters that
+leave types out or scalar parameters are fine. The continuous neurons of NIR are made discrete with the
+step ``dt`` (seconds; the graph's metadata ``dt`` if it has one, else the caller's):
+
+==========  ===============================================================================================
+NIR node    discrete form (``a = dt / tau``; per neuron, reduced to one value per layer or channel if equal)
+==========  ===============================================================================================
+``LIF``     this package's LIF: ``v[t] = (1 - a) v[t-1] + a r x[t] + a v_leak``, i.e. ``leak = 1 - a``,
+            input ``gain = a r`` (1 for snnTorch's export), ``bias = a v_leak``; spike at ``v >= v_threshold``
+``IF``      ``leak = 1``, ``gain = dt r`` (``integration="euler"``) or ``r`` (``"jump"``: Norse's and
+            Sinabs' IF add the input itself)
+``CubaLIF`` a synaptic current ``I[t] = (1 - dt/tau_syn) I[t-1] + g x[t]`` with ``g = dt/tau_syn w_in``
+            (``"euler"``: snnTorch's ``Synaptic``) or ``w_in`` (``"jump"``: Norse's ``LIFCell``), then the
+            LIF above on ``I``
+``LI``      a leaky integrator without spikes (``leak``, ``gain``, ``bias`` as for LIF): a readout
+==========  ===============================================================================================
+
+The reset: NIR neurons reset to ``v_reset`` (only 0 is taken: this package's neurons reset to 0), i.e.
+a hard reset; a node whose metadata says ``reset: subtract`` (this package's own export) gets the soft
+reset. A gain within float32 rounding of 1 (``|gain - 1| <= 1e-6``: ``r = tau/dt`` stored in float32) is
+exactly 1. Refused, each with one line naming the node: a node kind outside :data:`SUPPORTED_NODES`, a
+cycle (recurrent connections), a nested graph, ``v_reset != 0``, a neuron parameter that cannot be
+broadcast to its layer's shape, a time step the graph does not record and the caller does not give.
+
+Export (:func:`export_graph`)
+-----------------------------
+
+The inverse map, node by node, under the spec's ``dt`` and ``integration``: the framework's importer gets
+back the kinds it wrote. Masked and quantized weights are written as what the model computes with (zeros
+under the mask, ``codes * scale``); the mask and codes travel as node metadata, the spec as graph metadata
+``snncompress_spec`` so :func:`snncompress.load` rebuilds the compressed, trainable model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from ...compress.masks import original, set_masks
+from ...compress.quantizers import attach_quantizer
+from ...compress.state import stored_tensors
+from ...errors import UserError
+from ...models import GraphNetwork, build_from_spec
+from ...models.base import NEURON_DEFAULTS
+from ...models.graph import topological_order
+from .mapping import LEAK_TOLERANCE, NIR_FORMAT, require_nir
+
+#: NIR node types the graph family takes, by their NIR class name.
+SUPPORTED_NODES = ("Input", "Output", "Conv1d", "Conv2d", "Linear", "Affine", "Scale", "Flatten", "SumPool2d",
+                   "AvgPool2d", "IF", "LIF", "CubaLIF", "LI")
+#: How an input enters an IF membrane and a CubaLIF's synaptic current (see the module docstring).
+INTEGRATIONS = ("euler", "jump")
+#: A neuron's input gain this close to 1 is 1 (``r = tau / dt`` rounded to float32).
+GAIN_ONE_TOLERANCE = 1e-6
+
+
+def _a(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _ints(value, n: int) -> list[int]:
+    """An int or sequence as ``n`` ints (NIR stores kernel sizes, strides and paddings either way)."""
+    flat = np.ravel(np.asarray(value if not isinstance(value, torch.Tensor) else value.cpu().numpy()))
+    if flat.size == 1:
+        return [int(flat[0])] * n
+    if flat.size != n:
+        raise ValueError(f"expected {n} values, got {flat.size}")
+    return [int(v) for v in flat]
+
+
+def _conv_out(size: list[int], kernel, stride, padding, dilation) -> list[int]:
+    return [int(math.floor((size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) / stride[i] + 1))
+            for i in range(len(size))]
+
+
+def _type_shape(types) -> list[int] | None:
+    """The one shape in a NIR ``input_type`` / ``output_type`` dict, or None."""
+    if not types:
+        return None
+    values = list(types.values()) if isinstance(types, dict) else [types]
+    if len(values) != 1 or values[0] is None:
+        return None
+    shape = np.ravel(np.asarray(values[0]))
+    return [int(v) for v in shape] if shape.size else None
+
+
+class _Layout:
+    """Per-neuron parameter arrays of one node, reduced together to one layout (layer, channel or neuron)."""
+
+    def __init__(self, name: str, shape: list[int]):
+        self.name, self.shape = name, list(shape)
+
+    def full(self, what: str, value) -> np.ndarray:
+        try:
+            return np.broadcast_to(_a(value), tuple(self.shape)).astype(np.float64)
+        except ValueError:
+            raise UserError(f"node {self.name}: {what} of shape {tuple(np.shape(_a(value)))} does not fit the "
+                            f"layer's shape {tuple(self.shape)}") from None
+
+    def choose(self, arrays: list[np.ndarray]) -> str:
+        if all(np.all(a == a.reshape(-1)[0]) for a in arrays):
+            return "layer"
+        rows = [a.reshape(self.shape[0], -1) for a in arrays]
+        if all(np.all(r == r[:, :1]) for r in rows):
+            return "channel"
+        return "neuron"
+
+    @staticmethod
+    def reduce(array: np.ndarray, layout: str) -> np.ndarray:
+        if layout == "layer":
+            return np.array(array.reshape(-1)[0])
+        if layout == "channel":
+            return array.reshape(array.shape[0], -1)[:, 0].copy()
+        return array
+
+
+def _reject(name: str, node) -> None:
+    nir = require_nir()
+    kind = type(node).__name__
+    if isinstance(node, nir.NIRGraph):
+        raise UserError(f"node {name} is a nested NIRGraph (a recurrent layer or subgraph); the graph family takes "
+                        f"flat feed-forward graphs of {', '.join(SUPPORTED_NODES)}")
+    if kind not in SUPPORTED_NODES:
+        raise UserError(f"node {name} is a NIR {kind}, which snncompress cannot import; supported: "
+                        f"{', '.join(SUPPORTED_NODES)}")
+
+
+class _Importer:
+    """Builds the spec and the tensors of a foreign graph (one pass in topological order)."""
+
+    def __init__(self, graph, *, dt: float | None, integration: str):
+        self.graph, self.dt, self.integration = graph, dt, integration
+        self.spec_nodes: list[dict] = []
+        self.tensors: dict[str, dict[str, np.ndarray]] = {}
+        self.shapes: dict[str, list[int]] = {}
+        self.uses_dt: list[str] = []
+
+    def need_dt(self, name: str) -> float:
+        if self.dt is None:
+            raise UserError(f"node {name}: the graph does not record its time step dt, which its neurons need; give "
+                            f"--dt in seconds (snnTorch's exporter uses 1e-4, Norse's 1e-3, Rockpool's its "
+                            f"module's dt)")
+        return self.dt
+
+    def neuron(self, name: str, node, kind: str, shape: list[int]) -> dict:
+        nir = require_nir()
+        lay = _Layout(name, shape)
+        meta = dict(getattr(node, "metadata", None) or {})
+        v_reset = getattr(node, "v_reset", None)
+        if v_reset is not None and np.any(lay.full("v_reset", v_reset) != 0):
+            raise UserError(f"node {name}: v_reset != 0 is not supported (snncompress neurons reset to 0 or "
+                            f"subtract the threshold)")
+        arrays: dict[str, np.ndarray] = {}
+        if isinstance(node, (nir.LIF, nir.LI)):
+            dt = self.need_dt(name)
+            a = dt / lay.full("tau", node.tau)
+            arrays.update(leak=1.0 - a, gain=a * lay.full("r", node.r), bias=a * lay.full("v_leak", node.v_leak))
+        elif isinstance(node, nir.IF):
+            r = lay.full("r", node.r)
+            arrays.update(leak=np.ones(shape), gain=r * self.need_dt(name) if self.integration == "euler" else r,
+                          bias=np.zeros(shape))
+        else:  # CubaLIF
+            dt = self.need_dt(name)
+            a_syn, a_mem = dt / lay.full("tau_syn", node.tau_syn), dt / lay.full("tau_mem", node.tau_mem)
+            w_in = lay.full("w_in", node.w_in)
+            arrays.update(leak=1.0 - a_mem, gain=a_mem * lay.full("r", node.r),
+                          bias=a_mem * lay.full("v_leak", node.v_leak), decay=1.0 - a_syn,
+                          syn_gain=a_syn * w_in if self.integration == "euler" else w_in)
+        if not isinstance(node, nir.LI):
+            arrays["threshold"] = lay.full("v_threshold", node.v_threshold)
+        for key in ("gain", "syn_gain"):
+            if key in arrays and np.all(np.abs(arrays[key] - 1.0) <= GAIN_ONE_TOLERANCE):
+                arrays[key] = np.ones(shape)
+        if "leak" in meta and kind in ("lif", "if"):  # this package's export: the exact float32 leak
+            exact = np.asarray(meta["leak"], np.float64).reshape(-1)
+            if exact.size == int(np.prod(shape)):  # one per neuron
+                exact = exact.reshape(shape)
+            elif exact.size == shape[0]:  # one per channel
+                exact = exact.reshape(-1, *([1] * (len(shape) - 1)))
+            elif exact.size != 1:
+                raise UserError(f"node {name}: metadata leak has {exact.size} values for a layer of shape {shape}")
+            exact = np.broadcast_to(exact, tuple(shape))
+            if np.max(np.abs(exact - arrays["leak"])) > LEAK_TOLERANCE:
+                raise UserError(f"node {name}: metadata leak disagrees with 1 - dt/tau")
+            arrays["leak"] = exact.astype(np.float64)
+        for key, value in arrays.items():
+            if not np.all(np.isfinite(value)):
+                raise UserError(f"node {name}: {key} is not finite (tau = 0 or a missing value?)")
+        if np.any(arrays["leak"] < 0) or np.any(arrays["leak"] > 1):
+            raise UserError(f"node {name}: dt / tau outside [0, 1] (dt {self.dt:g} s is larger than a time constant); "
+                            f"give the dt the graph was exported with (--dt)")
+        layout = lay.choose(list(arrays.values()))
+        spec = {"name": name, "kind": kind, "shape": list(shape), "layout": layout}
+        if kind != "li":
+            spec["reset"] = "soft" if str(meta.get("reset", "zero")) == "subtract" else "hard"
+            spec["gain"] = bool(np.any(arrays["gain"] != 1.0))
+            spec["bias"] = bool(np.any(arrays["bias"] != 0.0))
+        self.tensors[name] = {k: _Layout.reduce(v, layout) for k, v in arrays.items()}
+        return spec
+
+    def node(self, name: str, node, shape: list[int] | None) -> tuple[dict, list[int]]:
+        """The spec entry of one node and its output shape, given its input shape."""
+        _reject(name, node)
+        kind = type(node).__name__
+        if shape is None and kind != "Input":
+            raise UserError(f"node {name}: its input shape is unknown (no path from the Input node)")
+        if kind in ("Conv1d", "Conv2d"):
+            weight = _a(node.weight)
+            n = 1 if kind == "Conv1d" else 2
+            if len(shape) != n + 1:
+                raise UserError(f"node {name}: a {kind} needs input [C, {'L' if n == 1 else 'H, W'}], gets "
+                                f"{shape}; give --input-shape")
+            groups = int(node.groups)
+            if shape[0] != weight.shape[1] * groups:
+                raise UserError(f"node {name}: weight {tuple(weight.shape)} (groups {groups}) does not take "
+                                f"{shape[0]} input channels")
+            stride, dilation = _ints(node.stride, n), _ints(node.dilation, n)
+            padding = node.padding if isinstance(node.padding, str) else _ints(node.padding, n)
+            kernel = list(weight.shape[2:])
+            if isinstance(padding, str):
+                if padding not in ("same", "valid"):
+                    raise UserError(f"node {name}: padding {padding!r} is neither 'same' nor 'valid'")
+                out = list(shape[1:]) if padding == "same" else _conv_out(shape[1:], kernel, stride, [0] * n, dilation)
+            else:
+                out = _conv_out(shape[1:], kernel, stride, padding, dilation)
+            bias = _a(node.bias) if getattr(node, "bias", None) is not None else np.zeros(weight.shape[0])
+            bias = np.broadcast_to(bias, (weight.shape[0],))
+            has_bias = bool(np.any(bias != 0))
+            self.tensors[name] = {"weight": weight, **({"bias": bias} if has_bias else {})}
+            return ({"name": name, "kind": kind.lower(), "in_channels": shape[0], "out_channels": weight.shape[0],
+                     "kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation,
+                     "groups": groups, "bias": has_bias, "input_size": list(shape[1:])}, [int(weight.shape[0]), *out])
+        if kind in ("Linear", "Affine"):
+            weight = _a(node.weight)
+            if weight.ndim != 2 or [weight.shape[1]] != [int(np.prod(shape))] or len(shape) != 1:
+                raise UserError(f"node {name}: a {kind} of weight {tuple(weight.shape)} gets input {shape} (flatten "
+                                f"first)")
+            has_bias = kind == "Affine" and bool(np.any(_a(node.bias) != 0))
+            self.tensors[name] = {"weight": weight,
+                                  **({"bias": np.broadcast_to(_a(node.bias), (weight.shape[0],))} if has_bias else {})}
+            return ({"name": name, "kind": "affine" if has_bias else "linear", "in_features": int(weight.shape[1]),
+                     "out_features": int(weight.shape[0])}, [int(weight.shape[0])])
+        if kind == "Scale":
+            self.tensors[name] = {"scale": _Layout(name, shape).full("scale", node.scale)}
+            return {"name": name, "kind": "scale", "shape": list(shape)}, list(shape)
+        if kind == "Flatten":
+            start, end = int(node.start_dim), int(node.end_dim)
+            nd = len(shape)
+            s, e = start % nd, end % nd
+            if not (0 <= start + (nd if start < 0 else 0) < nd) or s > e:
+                raise UserError(f"node {name}: Flatten({start}, {end}) of an input {shape}")
+            out = [*shape[:s], int(np.prod(shape[s:e + 1])), *shape[e + 1:]]
+            return {"name": name, "kind": "flatten", "start_dim": start, "end_dim": end,
+                    "input_shape": list(shape)}, out
+        if kind in ("SumPool2d", "AvgPool2d"):
+            if len(shape) != 3:
+                raise UserError(f"node {name}: 2-d pooling of an input {shape}; give --input-shape C,H,W")
+            k, s, p = _ints(node.kernel_size, 2), _ints(node.stride, 2), _ints(node.padding, 2)
+            out = [shape[0], *_conv_out(shape[1:], k, s, p, [1, 1])]
+            return {"name": name, "kind": kind.lower(), "kernel": k, "stride": s, "padding": p}, out
+        if kind in ("LIF", "IF", "CubaLIF", "LI"):
+            return self.neuron(name, node, kind.lower(), shape), list(shape)
+        if kind == "Output":
+            return {"name": name, "kind": "output"}, list(shape)
+        raise AssertionError(kind)  # Input is handled by the caller
+
+
+def _input_shape(graph, name: str, given) -> list[int]:
+    if given is not None:
+        return [int(v) for v in given]
+    shape = _type_shape(getattr(graph.nodes[name], "input_type", None))
+    if shape is None:
+        raise UserError(f"the graph's Input node {name} has no shape; give --input-shape (e.g. 1,28,28)")
+    return shape
+
+
+@torch.no_grad()
+def import_graph(graph, *, timesteps: int | None = None, input_shape=None, dt: float | None = None,
+                 integration: str = "euler", neuron: dict | None = None) -> GraphNetwork:
+    """A NIR graph from any framework as a :class:`GraphNetwork` in eval mode (see the module docstring).
+
+    Args:
+        graph: a ``nir.NIRGraph``.
+        timesteps: T for image input (default: the graph's metadata ``timesteps``; needed otherwise).
+        input_shape: ``(C, H, W)`` or ``(N,)`` of one input, without batch (default: the Input node's type).
+        dt: the step in seconds the neurons are made discrete with (default: metadata ``dt``).
+        integration: ``"euler"`` or ``"jump"`` (how inputs enter IF and CubaLIF nodes).
+        neuron: LIF options for training (``surrogate``, ``learn_leak``, ...; defaults otherwise).
+
+    Returns:
+        the network: ``model(images [B, *input_shape])`` (the image fed at every step) or
+        ``model(x [T, B, *input_shape])`` gives logits ``[B, output size]`` (output summed over steps).
+    """
+    nir = require_nir()
+    if integration not in INTEGRATIONS:
+        raise UserError(f"integration must be one of {', '.join(INTEGRATIONS)}, got {integration!r}")
+    meta = dict(getattr(graph, "metadata", None) or {})
+    if dt is None and "dt" in meta:
+        dt = float(meta["dt"])
+    if dt is not None and (not math.isfinite(float(dt)) or float(dt) <= 0):
+        raise UserError(f"dt must be a positive number of seconds, got {dt}")
+    if timesteps is None and "timesteps" in meta:
+        timesteps = int(meta["timesteps"])
+    if timesteps is None:
+        raise UserError("the graph does not say how many timesteps to run; give --timesteps")
+    if int(timesteps) < 1:
+        raise UserError(f"timesteps must be >= 1, got {timesteps}")
+    names = [str(n) for n in graph.nodes]
+    for name in names:
+        _reject(name, graph.nodes[name])
+    edges = [(str(a), str(b)) for a, b in graph.edges]
+    try:
+        order = topological_order(names, edges)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    inputs = [n for n in names if isinstance(graph.nodes[n], nir.Input)]
+    outputs = [n for n in names if isinstance(graph.nodes[n], nir.Output)]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise UserError(f"the graph needs one Input and one Output node, has {len(inputs)} and {len(outputs)}")
+    importer = _Importer(graph, dt=None if dt is None else float(dt), integration=integration)
+    shapes: dict[str, list[int]] = {inputs[0]: _input_shape(graph, inputs[0], input_shape)}
+    spec_nodes = [{"name": inputs[0], "kind": "input", "shape": shapes[inputs[0]]}]
+    for name in order:
+        if name == inputs[0]:
+            continue
+        sources = [a for a, b in edges if b == name]
+        in_shapes = [shapes[s] for s in sources if s in shapes]
+        if len({tuple(s) for s in in_shapes}) > 1:
+            raise UserError(f"node {name}: its inputs have different shapes {in_shapes}")
+        try:
+            entry, shapes[name] = importer.node(name, graph.nodes[name], in_shapes[0] if in_shapes else None)
+        except ValueError as exc:
+            raise UserError(f"node {name}: {exc}") from None
+        spec_nodes.append(entry)
+    out_shape = shapes[outputs[0]]
+    spec = {"family": "graph", "arch": "graph", "in_shape": shapes[inputs[0]], "num_classes": int(np.prod(out_shape)),
+            "timesteps": int(timesteps), "encoding": "direct", "dt": dt, "integration": integration,
+            "neuron": {**NEURON_DEFAULTS, **(neuron or {})},
+            "graph": {"nodes": spec_nodes, "edges": [list(e) for e in edges]}}
+    model = build_from_spec(spec)
+    _load_values(model, importer.tensors)
+    return model.eval()
+
+
+def _load_values(model: GraphNetwork, tensors: dict[str, dict[str, np.ndarray]]) -> None:
+    """Copy the imported arrays into the modules (through masks and quantizers: into what is stored)."""
+    for name, values in tensors.items():
+        module = model.node_module(name)
+        targets = {"weight": (module, "weight"), "bias": (module, "bias"), "scale": (module, "scale")}
+        if model.kinds[name] in ("lif", "if", "cubalif"):
+            targets = {"leak": (module.lif, "leak"), "threshold": (module.lif, "threshold"),
+                       "gain": (module, "gain"), "bias": (module, "bias"),
+                       "decay": (module.synapse, "decay"), "syn_gain": (module.synapse, "gain")}
+        elif model.kinds[name] == "li":
+            targets = {"leak": (module, "leak"), "gain": (module, "gain"), "bias": (module, "bias")}
+        for key, value in values.items():
+            owner, attr = targets[key]
+            if owner is None or getattr(owner, attr, None) is None:
+                continue  # a gain of 1 or a bias of 0 the module leaves out
+            target = original(owner, attr)
+            value = torch.tensor(np.array(value), dtype=torch.float32)
+            if tuple(value.shape) != tuple(target.shape):
+                raise UserError(f"node {name}: {key} has shape {tuple(value.shape)}, the module "
+                                f"{tuple(target.shape)}")
+            target.data.copy_(value)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _np(t: torch.Tensor | None, shape=None) -> np.ndarray:
+    a = np.asarray(t.detach().to("cpu", torch.float64).numpy()) if t is not None else np.array(0.0)
+    return a if shape is None else np.broadcast_to(a, shape).copy()
+
+
+def _per_neuron(t: torch.Tensor | None, layout: str, shape: list[int], default: float) -> np.ndarray:
+    if t is None:
+        return np.full(shape, default, np.float64)
+    a = _np(t)
+    if layout == "channel" and len(shape) > 1:
+        a = a.reshape(-1, *([1] * (len(shape) - 1)))
+    return np.broadcast_to(a, tuple(shape)).astype(np.float64).copy()
+
+
+def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, compression_metadata):
+    shape, layout, kind = entry["shape"], entry.get("layout", "layer"), entry["kind"]
+    dt, integration = model.spec.get("dt"), model.spec.get("integration", "euler")
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    if kind == "li":
+        leak = _per_neuron(module.leak, layout, shape, 1.0)
+        gain, bias = _per_neuron(module.gain, layout, shape, 1.0), _per_neuron(module.bias, layout, shape, 0.0)
+        a = 1.0 - leak
+        return nir.LI(tau=f32(dt / a), r=f32(gain / a), v_leak=f32(bias / a))
+    lif = module.lif
+    leak = _per_neuron(lif.leak, layout, shape, 1.0)
+    threshold = f32(_per_neuron(lif.threshold, layout, shape, 1.0))
+    gain, bias = _per_neuron(module.gain, layout, shape, 1.0), _per_neuron(module.bias, layout, shape, 0.0)
+    zeros = np.zeros(shape, np.float32)
+    key = model.keys[entry["name"]]
+    meta = {"reset": "subtract" if lif.reset == "soft" else "zero", "leak": f32(leak).reshape(-1)}
+    for attr in ("leak", "threshold"):
+        meta.update(compression_metadata(stored.get(f"nodes.{key}.lif.{attr}"), attr))
+    if kind == "if":
+        if np.any(leak != 1.0):
+            raise UserError(f"node {entry['name']}: an IF node whose leak was trained below 1 has no IF form")
+        r = gain / dt if integration == "euler" else gain
+        return nir.IF(r=f32(r), v_threshold=threshold, v_reset=zeros, metadata=meta)
+    if np.any(leak >= 1.0):
+        raise UserError(f"node {entry['name']}: a leak of 1 in a {kind.upper()} node has no finite tau")
+    a = 1.0 - leak
+    if kind == "lif":
+        return nir.LIF(tau=f32(dt / a), r=f32(gain / a), v_leak=f32(bias / a), v_threshold=threshold,
+                       v_reset=zeros, metadata=meta)
+    syn = module.synapse
+    decay = _per_neuron(syn.decay, layout, shape, 0.0)
+    syn_gain = _per_neuron(syn.gain, layout, shape, 1.0)
+    a_syn = 1.0 - decay
+    w_in = syn_gain / a_syn if integration == "euler" else syn_gain
+    return nir.CubaLIF(tau_syn=f32(dt / a_syn), tau_mem=f32(dt / a), r=f32(gain / a), v_leak=f32(bias / a),
+                       v_threshold=threshold, v_reset=zeros, w_in=f32(w_in), metadata=meta)
+
+
+@torch.no_grad()
+def export_graph(model: GraphNetwork, compression_metadata, version: str):
+    """A :class:`GraphNetwork` (compressed or not) as a ``nir.NIRGraph`` of the node kinds it was imported from."""
+    nir = require_nir()
+    if not model.spiking:
+        raise UserError("the model is in ANN mode (ReLU twin); NIR export needs a spiking model")
+    uses_dt = [n["name"] for n in model.spec["graph"]["nodes"] if n["kind"] in ("lif", "cubalif", "li")
+               or (n["kind"] == "if" and model.spec.get("integration", "euler") == "euler")]
+    if uses_dt and model.spec.get("dt") is None:
+        raise UserError(f"the model has no time step dt for its neurons ({', '.join(uses_dt)})")
+    was_training = model.training
+    model.eval()
+    try:
+        stored = {t.name: t for t in stored_tensors(model)}
+        nodes = {}
+        for entry in model.spec["graph"]["nodes"]:
+            name, kind = entry["name"], entry["kind"]
+            module = model.node_module(name)
+            key = model.keys[name]
+            if kind == "input":
+                nodes[name] = nir.Input(input_type={"input": np.array(entry["shape"])})
+            elif kind == "output":
+                nodes[name] = nir.Output(output_type={"output": np.array([model.spec["num_classes"]])})
+            elif kind in ("conv1d", "conv2d"):
+                meta = compression_metadata(stored.get(f"nodes.{key}.weight"), "weight")
+                bias = _np(module.bias) if module.bias is not None else np.zeros(module.out_channels)
+                cls = nir.Conv1d if kind == "conv1d" else nir.Conv2d
+                padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
+                size = entry["input_size"]
+                nodes[name] = cls(input_shape=size[0] if kind == "conv1d" else tuple(size), weight=np.asarray(_np(module.weight), np.float32),
+                                  stride=tuple(entry["stride"]), padding=padding, dilation=tuple(entry["dilation"]),
+                                  groups=int(entry["groups"]), bias=np.asarray(bias, np.float32), metadata=meta)
+            elif kind in ("linear", "affine"):
+                meta = compression_metadata(stored.get(f"nodes.{key}.weight"), "weight")
+                weight = np.asarray(_np(module.weight), np.float32)
+                if module.bias is not None:
+                    nodes[name] = nir.Affine(weight=weight, bias=np.asarray(_np(module.bias), np.float32),
+                                             metadata=meta)
+                else:
+                    nodes[name] = nir.Linear(weight=weight, metadata=meta)
+            elif kind == "scale":
+                nodes[name] = nir.Scale(scale=np.asarray(_np(module.scale), np.float32))
+            elif kind == "flatten":
+                nodes[name] = nir.Flatten(input_type={"input": np.array(entry["input_shape"])}, start_dim=entry["start_dim"],
+                                          end_dim=entry["end_dim"])
+            elif kind in ("sumpool2d", "avgpool2d"):
+                cls = nir.SumPool2d if kind == "sumpool2d" else nir.AvgPool2d
+                nodes[name] = cls(kernel_size=np.array(entry["kernel"]), stride=np.array(entry["stride"]),
+                                  padding=np.array(entry["padding"]))
+            else:
+                nodes[name] = _neuron_export(nir, model, entry, module, stored, compression_metadata)
+    finally:
+        model.train(was_training)
+    metadata = {"producer": f"snncompress {version}", "snncompress_format": NIR_FORMAT,
+                "snncompress_spec": json.dumps(model.spec, sort_keys=True), "timesteps": int(model.timesteps),
+                "readout": "logits = sum of the output node over the T steps"}
+    if model.spec.get("dt") is not None:
+        metadata["dt"] = float(model.spec["dt"])
+    return nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in model.spec["graph"]["edges"]], metadata=metadata,
+                        type_check=False)
+
+
+# ----------------------------------------------------------------------------- re-import of our own graph export
+
+
+@torch.no_grad()
+def import_own_graph(graph, spec: dict) -> GraphNetwork:
+    """A :class:`GraphNetwork` exported by :func:`export_graph`: its spec, the nodes' values, masks and quantizers."""
+    from .load import _restore_compression  # same package
+
+    model = import_graph(graph, timesteps=int(spec["timesteps"]), input_shape=spec["in_shape"],
+                         dt=spec.get("dt"), integration=spec.get("integration", "euler"), neuron=spec.get("neuron"))
+    if [n["name"] for n in model.spec["graph"]["nodes"]] != [n["name"] for n in spec["graph"]["nodes"]]:
+        raise UserError("the graph's nodes differ from its snncompress_spec")
+    rebuilt = build_from_spec(spec)
+    rebuilt.load_state_dict(model.state_dict(), strict=False)
+    for name, own in model.state_dict().items():
+        if name not in rebuilt.state_dict():
+            raise UserError(f"the graph's values do not fit its snncompress_spec ({name})")
+    masks, quantizers = {}, {}
+    for entry in spec["graph"]["nodes"]:
+        node = graph.nodes[entry["name"]]
+        meta = dict(getattr(node, "metadata", None) or {})
+        key = rebuilt.keys[entry["name"]]
+        if entry["kind"] in ("conv1d", "conv2d", "linear", "affine"):
+            _restore_compression(f"nodes.{key}", "weight", meta, np.asarray(node.weight, np.float32), masks,
+                                 quantizers)
+        elif entry["kind"] in ("lif", "if", "cubalif"):
+            lif = rebuilt.node_module(entry["name"]).lif
+            for attr in ("leak", "threshold"):
+                _restore_compression(f"nodes.{key}.lif", attr, meta, getattr(lif, attr).detach().numpy(), masks,
+                                     quantizers)
+    set_masks(rebuilt, masks)
+    for name, quantizer in quantizers.items():
+        attach_quantizer(rebuilt, name, quantizer, calibrate=False)
+    return rebuilt.eval()

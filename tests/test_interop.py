@@ -1,0 +1,216 @@
+"""Bring your own SNN (issue 26): NIR graphs from snnTorch, Norse, Sinabs and Rockpool become graph networks
+that fire the framework's own spikes per layer and timestep (or a stated, tested difference), survive the
+checkpoint, and go back compressed to the framework with the same predictions."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import nir  # a test dependency (pyproject's test extra)
+
+from snncompress import load_checkpoint, save_checkpoint
+from snncompress.cli import main
+from snncompress.compress import quantize_weights, set_mask
+from snncompress.deploy.nir import export_nir, load_nir, write_nir
+from snncompress.deploy.nir.graph import import_graph
+from snncompress.errors import UserError
+from snncompress.models import GraphNetwork
+
+T = 6
+
+
+def graph_spikes(model: GraphNetwork, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``({graph node name: spikes [T, B, ...]}, logits [B, K])`` of ``model`` on the sequence ``x`` [T, B, ...]."""
+    names = model.node_names()
+    found, hooks = {}, []
+    for qualified, module in model.named_modules():
+        if qualified in names and type(module).__name__ == "NeuronLIF":
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o, n=names[qualified]: found.__setitem__(n, o.detach().clone())))
+    try:
+        with torch.no_grad():
+            logits = model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found, logits
+
+
+def _compress(model: GraphNetwork, bits: int = 4) -> GraphNetwork:
+    """Prune half of every conv/linear weight by magnitude (masks) and quantize the weights to ``bits``."""
+    model = copy.deepcopy(model)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+            w = module.weight.detach()
+            set_mask(model, f"{name}.weight", w.abs() >= w.abs().flatten().median())
+    quantize_weights(model, bits)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- snnTorch
+
+snntorch = pytest.importorskip("snntorch", reason="snnTorch is not installed (pip install snntorch)")
+
+
+def _snntorch_conv(reset: str = "zero"):
+    """A small conv network in snnTorch: conv 1->4 (3x3, pad 1), Leaky, 2x2 avg pool, flatten, linear 64->10,
+    Leaky. snnTorch 1.0's exporter needs per-neuron beta and threshold (scalars fail its type inference), an
+    unbatched sample and ``Flatten(0)``."""
+    snn = snntorch
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    fc = torch.nn.Linear(64, 10)
+    with torch.no_grad():
+        conv.weight.mul_(2.0)
+        fc.weight.mul_(3.0)
+    beta1 = 0.5 + 0.45 * torch.rand(4, 1, 1).expand(4, 8, 8).contiguous()  # one leak per channel
+    net = torch.nn.Sequential(
+        conv, snn.Leaky(beta=beta1, threshold=torch.full((4, 8, 8), 0.6), init_hidden=True, reset_mechanism=reset),
+        torch.nn.AvgPool2d(2), torch.nn.Flatten(0), fc,
+        snn.Leaky(beta=torch.full((10,), 0.8), threshold=torch.full((10,), 0.5), init_hidden=True,
+                  reset_mechanism=reset))
+    return net.eval(), (1, 8, 8)
+
+
+def _snntorch_fc(reset: str = "zero"):
+    """A small fully connected network in snnTorch: 20 -> 12 (Leaky) -> 5 (Leaky), set weights."""
+    snn = snntorch
+    torch.manual_seed(2)
+    fc1, fc2 = torch.nn.Linear(20, 12), torch.nn.Linear(12, 5, bias=False)
+    with torch.no_grad():
+        fc1.weight.mul_(2.0)
+        fc2.weight.mul_(2.5)
+    net = torch.nn.Sequential(
+        fc1, snn.Leaky(beta=torch.linspace(0.6, 0.95, 12), threshold=torch.full((12,), 0.4), init_hidden=True,
+                       reset_mechanism=reset),
+        fc2, snn.Leaky(beta=torch.full((5,), 0.9), threshold=torch.full((5,), 0.3), init_hidden=True,
+                       reset_mechanism=reset))
+    return net.eval(), (20,)
+
+
+def _snntorch_export(net, shape):
+    from snntorch.export_nir import export_to_nir
+
+    return export_to_nir(net, torch.rand(*shape))
+
+
+def _snntorch_run(net, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """snnTorch's own simulation of ``net`` on ``x`` [T, B, ...], one sample at a time (``Flatten(0)`` merges a
+    batch): ``({module index: spikes [T, B, ...]}, output spikes summed over T [B, K])``."""
+    leaky = {str(i): m for i, m in enumerate(net) if isinstance(m, snntorch.Leaky)}
+    per_sample = []
+    with torch.no_grad():
+        for b in range(x.shape[1]):
+            for m in leaky.values():
+                m.reset_hidden() if hasattr(m, "reset_hidden") else None
+                m.mem = torch.zeros(0)
+            steps = {name: [] for name in leaky}
+            hooks = [m.register_forward_hook(lambda mod, i, o, n=n: steps[n].append(o.detach().clone()))
+                     for n, m in leaky.items()]
+            try:
+                for t in range(x.shape[0]):
+                    net(x[t, b])
+            finally:
+                for h in hooks:
+                    h.remove()
+            per_sample.append({n: torch.stack(v) for n, v in steps.items()})
+    spikes = {n: torch.stack([s[n] for s in per_sample], 1) for n in leaky}
+    last = list(leaky)[-1]
+    return spikes, spikes[last].sum(0)
+
+
+def _inputs(shape, seed=0, batch=4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(T, batch, *shape, generator=g) * 1.5
+
+
+@pytest.mark.parametrize("build", [_snntorch_conv, _snntorch_fc], ids=["conv", "fc"])
+def test_snntorch_import_fires_snntorchs_spikes(build):
+    net, shape = build("zero")
+    graph = _snntorch_export(net, shape)
+    model = import_graph(graph, timesteps=T, dt=1e-4)
+    x = _inputs(shape)
+    ours, logits = graph_spikes(model, x)
+    theirs, counts = _snntorch_run(net, x)
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert ours[name].sum() > 0 and (ours[name] == 0).any()  # the layer fires, and not everywhere
+        assert torch.equal(ours[name], theirs[name]), name
+    assert torch.equal(logits, counts)
+
+
+@pytest.mark.parametrize("build", [_snntorch_conv, _snntorch_fc], ids=["conv", "fc"])
+def test_snntorch_subtract_reset_is_imported_as_zero_reset(build):
+    """The stated difference: snnTorch's exporter writes every Leaky as a NIR LIF with v_reset = 0, whatever its
+    reset_mechanism; the import therefore equals the network with reset_mechanism='zero', not 'subtract'."""
+    net, shape = build("subtract")
+    model = import_graph(_snntorch_export(net, shape), timesteps=T, dt=1e-4)
+    x = _inputs(shape, seed=3)
+    ours, _ = graph_spikes(model, x)
+    subtract, _ = _snntorch_run(net, x)
+    zero, _ = _snntorch_run(build("zero")[0], x)
+    for name in zero:
+        assert torch.equal(ours[name], zero[name]), name
+    assert any(not torch.equal(ours[n], subtract[n]) for n in zero)
+    assert all(n["reset"] == "hard" for n in model.spec["graph"]["nodes"] if n["kind"] == "lif")
+
+
+@pytest.mark.parametrize("build", [_snntorch_conv, _snntorch_fc], ids=["conv", "fc"])
+def test_snntorch_compressed_model_goes_back_with_the_same_predictions(build, tmp_path):
+    from snntorch.import_nir import import_from_nir
+
+    net, shape = build("zero")
+    model = import_graph(_snntorch_export(net, shape), timesteps=T, dt=1e-4)
+    small = _compress(model)
+    path = tmp_path / "back.nir"
+    write_nir(small, path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        back = import_from_nir(nir.read(str(path)))
+    x = _inputs(shape, seed=5, batch=8)
+    ours, logits = graph_spikes(small, x)
+    leaky = [m for m in back.modules() if isinstance(m, snntorch.Leaky)]
+    theirs = []
+    with torch.no_grad():
+        for b in range(x.shape[1]):
+            for m in leaky:
+                m.mem = torch.zeros(0)
+            total = 0
+            for t in range(T):
+                out = back(x[t, b])
+                total = total + (out[0] if isinstance(out, tuple) else out)
+            theirs.append(total.reshape(-1))
+    theirs = torch.stack(theirs)
+    assert torch.equal(theirs, logits)  # spike counts of the output layer, every image
+    assert torch.equal(theirs.argmax(1), logits.argmax(1))
+    # the compressed model is what went out: half the weights zero, 4-bit values
+    weights = [np.asarray(n.weight) for n in nir.read(str(path)).nodes.values() if hasattr(n, "weight")]
+    assert all((w == 0).mean() >= 0.45 for w in weights)
+    assert all(np.unique(w).size <= 16 for w in weights)
+    # and it reloads here as the compressed model (masks, quantizers), same logits
+    again = load_nir(path)
+    assert torch.equal(graph_spikes(again, x)[1], logits)
+
+
+# ----------------------------------------------------------------------------- the checkpoint, stages, refusals
+
+
+def test_graph_model_checkpoint_round_trip(tmp_path):
+    net, shape = _snntorch_conv()
+    model = _compress(import_graph(_snntorch_export(net, shape), timesteps=T, dt=1e-4))
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, model)
+    raw = path.read_bytes()
+    assert b"pickle" not in raw[:200]
+    loaded = load_checkpoint(path).model
+    assert isinstance(loaded, GraphNetwork)
+    x = _inputs(shape, seed=7)
+    assert torch.equal(graph_spikes(loaded, x)[1], graph_spikes(model, x)[1])
+    images = torch.rand(3, *shape)
+    assert torch.equal(loaded(images), model(images))  # direct input: the image at every one of T steps
