@@ -149,7 +149,7 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
     nir = require_nir()
     if "nir" not in type(model).EXPORTS:
         arch = model.spec.get("arch", model.spec.get("family"))
-        raise UserError(f"NIR export does not support {arch} (family {model.spec.get('family')}); it supports the "
+        raise UserError(f"{arch} is not supported by NIR export (family {model.spec.get('family')}): it writes the "
                         f"VGG family (vgg5/9/11/16, convnet) and imported graph networks")
     if model.spec.get("family") == "graph":  # the graph's own node kinds, dt and integration
         return export_graph(model, _compression_metadata, _version())

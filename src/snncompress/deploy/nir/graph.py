@@ -52,7 +52,7 @@ from ...errors import UserError
 from ...models import GraphNetwork, build_from_spec
 from ...models.base import NEURON_DEFAULTS
 from ...models.graph import topological_order
-from .mapping import LEAK_TOLERANCE, NIR_FORMAT, require_nir
+from .mapping import LEAK_TOLERANCE, NIR_FORMAT, require_nir, restore_compression
 
 #: NIR node types the graph family takes, by their NIR class name.
 SUPPORTED_NODES = ("Input", "Output", "Conv1d", "Conv2d", "Linear", "Affine", "Scale", "Flatten", "SumPool2d",
@@ -499,8 +499,6 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
 @torch.no_grad()
 def import_own_graph(graph, spec: dict) -> GraphNetwork:
     """A :class:`GraphNetwork` exported by :func:`export_graph`: its spec, the nodes' values, masks and quantizers."""
-    from .load import _restore_compression  # same package
-
     model = import_graph(graph, timesteps=int(spec["timesteps"]), input_shape=spec["in_shape"],
                          dt=spec.get("dt"), integration=spec.get("integration", "euler"), neuron=spec.get("neuron"))
     if [n["name"] for n in model.spec["graph"]["nodes"]] != [n["name"] for n in spec["graph"]["nodes"]]:
@@ -516,12 +514,12 @@ def import_own_graph(graph, spec: dict) -> GraphNetwork:
         meta = dict(getattr(node, "metadata", None) or {})
         key = rebuilt.keys[entry["name"]]
         if entry["kind"] in ("conv1d", "conv2d", "linear", "affine"):
-            _restore_compression(f"nodes.{key}", "weight", meta, np.asarray(node.weight, np.float32), masks,
+            restore_compression(f"nodes.{key}", "weight", meta, np.asarray(node.weight, np.float32), masks,
                                  quantizers)
         elif entry["kind"] in ("lif", "if", "cubalif"):
             lif = rebuilt.node_module(entry["name"]).lif
             for attr in ("leak", "threshold"):
-                _restore_compression(f"nodes.{key}.lif", attr, meta, getattr(lif, attr).detach().numpy(), masks,
+                restore_compression(f"nodes.{key}.lif", attr, meta, getattr(lif, attr).detach().numpy(), masks,
                                      quantizers)
     set_masks(rebuilt, masks)
     for name, quantizer in quantizers.items():

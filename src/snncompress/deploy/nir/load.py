@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from ...compress.masks import original, set_masks
-from ...compress.quantizers import attach_quantizer, quantizer_from_config
+from ...compress.quantizers import attach_quantizer
 from ...errors import UserError
 from ...models import SpikingNetwork, build_from_spec
 from ...neuron import LIF
 from .graph import import_graph, import_own_graph
 from .mapping import (DEFAULT_DT, HDF5_MAGIC, LEAK_TOLERANCE, NIR_FORMAT, Layer, _check_dt, _pair, layers,
-                      require_nir)
+                      require_nir, restore_compression)
 
 
 def is_nir_file(path) -> bool:
@@ -60,7 +60,7 @@ def _check_version(path: Path, nir) -> None:
             raw = f["version"][()]
     except OSError as exc:
         reason = (str(exc).strip().splitlines() or [""])[0]
-        raise UserError(f"{path} is not a readable NIR file: {reason}") from None
+        raise UserError(f"{path} is not a readable NIR graph: {reason}") from None
     written = (raw.decode("utf8") if isinstance(raw, bytes) else str(raw)).strip()
     installed = str(getattr(nir, "version", "1"))
     try:
@@ -91,25 +91,6 @@ def _set(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     if tuple(value.shape) != tuple(target.shape):
         raise UserError(f"{attr} has shape {tuple(value.shape)} in the file and {tuple(target.shape)} in the model")
     target.copy_(value.to(target.dtype))
-
-
-def _restore_compression(name: str, attr: str, meta: dict, value: np.ndarray, masks: dict, quantizers: dict) -> None:
-    """Collect the mask and quantizer metadata of tensor ``name.attr``; checks that the codes give ``value``."""
-    if f"{attr}.mask" in meta:
-        mask = np.asarray(meta[f"{attr}.mask"])
-        if mask.size != np.size(value):
-            raise UserError(f"node {name}: {attr}.mask has {mask.size} entries, the {attr} {np.size(value)}")
-        masks[f"{name}.{attr}"] = torch.from_numpy(mask.reshape(np.shape(value))).bool()
-    if f"{attr}.quantizer" in meta:
-        quantizer = quantizer_from_config(json.loads(str(meta[f"{attr}.quantizer"])))
-        quantizer.scale.fill_(float(meta[f"{attr}.scale"]))
-        codes = np.asarray(meta[f"{attr}.codes"]).astype(np.int64)
-        if codes.size != np.size(value):
-            raise UserError(f"node {name}: {attr}.codes has {codes.size} entries, the {attr} {np.size(value)}")
-        decoded = quantizer.dequantize(torch.from_numpy(codes.reshape(np.shape(value)))).numpy()
-        if not np.array_equal(decoded, np.asarray(value, np.float32)):
-            raise UserError(f"node {name}: {attr}.codes * {attr}.scale differ from the node's {attr}")
-        quantizers[f"{name}.{attr}"] = quantizer
 
 
 def _import_neuron(nir, layer: Layer, node, dt: float, masks: dict, quantizers: dict) -> None:
@@ -147,7 +128,7 @@ def _import_neuron(nir, layer: Layer, node, dt: float, masks: dict, quantizers: 
     _set(lif, "leak", leak.float())
     _set(lif, "threshold", thr.float())
     for attr, value in (("leak", lif.leak), ("threshold", lif.threshold)):
-        _restore_compression(layer.name, attr, meta, value.detach().numpy(), masks, quantizers)
+        restore_compression(layer.name, attr, meta, value.detach().numpy(), masks, quantizers)
 
 
 def _import_batchnorm(layer: Layer, node) -> None:
@@ -201,7 +182,7 @@ def _import_layer(nir, layer: Layer, node, dt: float, masks: dict, quantizers: d
         raise UserError(f"node {layer.name}: {exc}") from None
     if m.bias is not None and bias is not None:
         _set(m, "bias", torch.from_numpy(np.asarray(bias, np.float32).copy()))
-    _restore_compression(layer.name, "weight", _meta(node), weight, masks, quantizers)
+    restore_compression(layer.name, "weight", _meta(node), weight, masks, quantizers)
     return None
 
 

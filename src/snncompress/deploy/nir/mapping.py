@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
+
+from ...compress.quantizers import quantizer_from_config
 
 from ...errors import UserError
 from ...models import SpikingNetwork
@@ -117,3 +121,22 @@ def layers(model: SpikingNetwork) -> list[Layer]:
                 raise UserError(f"{name}: {type(m).__name__} has no NIR node here")
             shape = found[-1].out_shape
     return found
+
+
+def restore_compression(name: str, attr: str, meta: dict, value: np.ndarray, masks: dict, quantizers: dict) -> None:
+    """Collect the mask and quantizer metadata of tensor ``name.attr``; checks that the codes give ``value``."""
+    if f"{attr}.mask" in meta:
+        mask = np.asarray(meta[f"{attr}.mask"])
+        if mask.size != np.size(value):
+            raise UserError(f"node {name}: {attr}.mask has {mask.size} entries, the {attr} {np.size(value)}")
+        masks[f"{name}.{attr}"] = torch.from_numpy(mask.reshape(np.shape(value))).bool()
+    if f"{attr}.quantizer" in meta:
+        quantizer = quantizer_from_config(json.loads(str(meta[f"{attr}.quantizer"])))
+        quantizer.scale.fill_(float(meta[f"{attr}.scale"]))
+        codes = np.asarray(meta[f"{attr}.codes"]).astype(np.int64)
+        if codes.size != np.size(value):
+            raise UserError(f"node {name}: {attr}.codes has {codes.size} entries, the {attr} {np.size(value)}")
+        decoded = quantizer.dequantize(torch.from_numpy(codes.reshape(np.shape(value)))).numpy()
+        if not np.array_equal(decoded, np.asarray(value, np.float32)):
+            raise UserError(f"node {name}: {attr}.codes * {attr}.scale differ from the node's {attr}")
+        quantizers[f"{name}.{attr}"] = quantizer
