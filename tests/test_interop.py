@@ -214,3 +214,73 @@ def test_graph_model_checkpoint_round_trip(tmp_path):
     assert torch.equal(graph_spikes(loaded, x)[1], graph_spikes(model, x)[1])
     images = torch.rand(3, *shape)
     assert torch.equal(loaded(images), model(images))  # direct input: the image at every one of T steps
+
+
+def _small_graph(*middle, edges=None):
+    """Input [4] -> Linear 4->3 -> middle nodes ... -> Output, as a NIR graph."""
+    nodes = {"input": nir.Input(input_type={"input": np.array([4])}),
+             "fc": nir.Linear(weight=np.ones((3, 4), np.float32))}
+    nodes.update({f"m{i}": node for i, node in enumerate(middle)})
+    nodes["output"] = nir.Output(output_type={"output": np.array([3])})
+    names = list(nodes)
+    return nir.NIRGraph(nodes=nodes, edges=edges or list(zip(names[:-1], names[1:])), type_check=False)
+
+
+def _lif(n=3):
+    return nir.LIF(tau=np.full(n, 1e-3, np.float32), r=np.full(n, 10.0, np.float32), v_leak=np.zeros(n, np.float32),
+                   v_threshold=np.ones(n, np.float32), v_reset=np.zeros(n, np.float32))
+
+
+def _refused(capsys, tmp_path, source, fragment):
+    out = tmp_path / "out.safetensors"
+    assert main(["import", str(source), "--out", str(out), "--timesteps", "2", "--dt", "1e-4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_import_refusals_are_one_line_exit_2_nothing_written(tmp_path, capsys):
+    delay = nir.Delay(delay=np.ones(3, np.float32))
+    nir.write(str(tmp_path / "delay.nir"), _small_graph(delay))
+    _refused(capsys, tmp_path, tmp_path / "delay.nir", "node m0 is a NIR Delay, which snncompress cannot import")
+    cyclic = _small_graph(_lif(), nir.Linear(weight=np.eye(3, dtype=np.float32)),
+                          edges=[("input", "fc"), ("fc", "m0"), ("m0", "m1"), ("m1", "m0"), ("m0", "output")])
+    nir.write(str(tmp_path / "cycle.nir"), cyclic)
+    _refused(capsys, tmp_path, tmp_path / "cycle.nir", "the graph has a cycle through 'm0', 'm1', 'output'")
+    newer = tmp_path / "newer.nir"
+    nir.write(str(newer), _small_graph(_lif()))
+    import h5py
+
+    with h5py.File(newer, "r+") as f:
+        del f["version"]
+        f.create_dataset("version", data="2.0.0", dtype=h5py.string_dtype())
+    _refused(capsys, tmp_path, newer, "was written by NIR 2.0.0, a newer major version")
+    (tmp_path / "notes.nir").write_text("not a graph\n")
+    _refused(capsys, tmp_path, tmp_path / "notes.nir", "is not a NIR file (HDF5)")
+    nir.write(str(tmp_path / "reset.nir"), _small_graph(nir.LIF(
+        tau=np.full(3, 1e-3, np.float32), r=np.ones(3, np.float32), v_leak=np.zeros(3, np.float32),
+        v_threshold=np.ones(3, np.float32), v_reset=np.full(3, 0.2, np.float32))))
+    _refused(capsys, tmp_path, tmp_path / "reset.nir", "node m0: v_reset != 0 is not supported")
+    nir.write(str(tmp_path / "nodt.nir"), _small_graph(_lif()))
+    out = tmp_path / "out.safetensors"
+    assert main(["import", str(tmp_path / "nodt.nir"), "--out", str(out), "--timesteps", "2"]) == 2
+    assert "give --dt" in capsys.readouterr().err and not out.exists()
+
+
+def test_import_command_writes_a_checkpoint_that_evaluates_and_exports(tmp_path, capsys):
+    net, shape = _snntorch_conv()
+    nir.write(str(tmp_path / "snn.nir"), _snntorch_export(net, shape))
+    ckpt = tmp_path / "model.safetensors"
+    assert main(["import", str(tmp_path / "snn.nir"), "--out", str(ckpt), "--timesteps", str(T),
+                 "--dt", "1e-4"]) == 0
+    line = capsys.readouterr().out
+    assert "1 conv2d, 2 lif, 1 avgpool2d, 1 flatten, 1 affine; input [1, 8, 8], 10 outputs, T 6, dt 0.0001" in line
+    model = load_checkpoint(ckpt).model
+    x = _inputs(shape, seed=9)
+    theirs, _ = _snntorch_run(net, x)
+    ours, _ = graph_spikes(model, x)
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "back.nir")]) == 0
+    assert "NIR graph of graph" in capsys.readouterr().out
+    spec = json.loads(nir.read(str(tmp_path / "back.nir")).metadata["snncompress_spec"])
+    assert spec["family"] == "graph" and spec["dt"] == 1e-4
