@@ -284,3 +284,108 @@ def test_import_command_writes_a_checkpoint_that_evaluates_and_exports(tmp_path,
     assert "NIR graph of graph" in capsys.readouterr().out
     spec = json.loads(nir.read(str(tmp_path / "back.nir")).metadata["snncompress_spec"])
     assert spec["family"] == "graph" and spec["dt"] == 1e-4
+
+
+# ----------------------------------------------------------------------------- Norse
+
+NORSE_DT = 1e-3  # Norse's default step (its cells' dt and to_nir's)
+
+
+def _norse():
+    return pytest.importorskip("norse.torch", reason="Norse is not installed (pip install norse)")
+
+
+def _norse_fc():
+    """20 -> 12 (LIFBoxCell: a NIR LIF) -> 5 (IAFCell: a NIR IF), set weights."""
+    norse = _norse()
+    torch.manual_seed(3)
+    net = norse.SequentialState(torch.nn.Linear(20, 12), norse.LIFBoxCell(), torch.nn.Linear(12, 5), norse.IAFCell())
+    with torch.no_grad():
+        net[0].weight.mul_(30.0)
+        net[2].weight.mul_(3.0)
+    return net.eval(), (20,)
+
+
+def _norse_conv():
+    """conv 1->4 (3x3, pad 1), LIFBoxCell, conv 4->2 (3x3, stride 2, pad 1), LIFCell (a NIR CubaLIF). Norse 1.1's
+    to_nir has no pooling or flatten (it writes empty nodes), so the network is convolutions only."""
+    norse = _norse()
+    torch.manual_seed(4)
+    net = norse.SequentialState(torch.nn.Conv2d(1, 4, 3, padding=1), norse.LIFBoxCell(),
+                                torch.nn.Conv2d(4, 2, 3, stride=2, padding=1), norse.LIFCell())
+    with torch.no_grad():
+        net[0].weight.mul_(20.0)
+        net[2].weight.mul_(12.0)
+    return net.eval(), (1, 8, 8)
+
+
+def _norse_run(net, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Norse's own simulation on ``x`` [T, B, ...] (its batch layout: one step at a time, batch first):
+    ``{module index: spikes [T, B, ...]}``."""
+    norse = _norse()
+    cells = {str(i): m for i, m in enumerate(net) if isinstance(m, (norse.LIFBoxCell, norse.LIFCell, norse.IAFCell))}
+    found = {n: [] for n in cells}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: found[n].append(o[0].detach().clone()))
+             for n, m in cells.items()]
+    state = None
+    try:
+        with torch.no_grad():
+            for t in range(x.shape[0]):
+                _, state = net(x[t], state)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.stack(v) for n, v in found.items()}
+
+
+def _norse_export(net, shape):
+    from norse.torch.utils.export_nir import to_nir
+
+    return to_nir(net, torch.rand(1, *shape), dt=NORSE_DT)
+
+
+@pytest.mark.parametrize("build", [_norse_conv, _norse_fc], ids=["conv", "fc"])
+def test_norse_import_fires_norses_spikes(build):
+    """The stated differences: (1) Norse 1.1's to_nir writes tau = dt / tau_inv = dt * tau (its time constants
+    times its dt), so the graph runs as Norse ran it with dt = NORSE_DT ** 2; (2) Norse's IAFCell and LIFCell add
+    their input as it is (integration="jump"), where NIR's ODE under forward Euler would scale it by dt r and
+    dt w_in / tau_syn. With both, every spike of every layer and step is Norse's."""
+    net, shape = build()
+    graph = _norse_export(net, shape)
+    model = import_graph(graph, timesteps=T, dt=NORSE_DT ** 2, integration="jump")
+    assert model.spec["in_shape"] == list(shape)  # Norse traces with a batch of one; the import drops it
+    x = _inputs(shape, seed=11)
+    ours, _ = graph_spikes(model, x)
+    theirs = _norse_run(net, x)
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert ours[name].sum() > 0 and (ours[name] == 0).any()
+        assert torch.equal(ours[name], theirs[name]), name
+    with pytest.raises(UserError, match="dt / tau outside"):  # Norse's own dt against its written tau
+        import_graph(graph, timesteps=T, dt=NORSE_DT, integration="jump")
+
+
+@pytest.mark.parametrize("build", [_norse_conv, _norse_fc], ids=["conv", "fc"])
+def test_norse_compressed_model_goes_back_with_the_same_predictions(build, tmp_path):
+    """Norse's from_nir reads tau as the time constant (1 / tau_inv), the inverse of what its to_nir writes; given
+    the same dt as the import (NORSE_DT ** 2) it runs the exported compressed model as this package does."""
+    from norse.torch import from_nir
+
+    net, shape = build()
+    model = import_graph(_norse_export(net, shape), timesteps=T, dt=NORSE_DT ** 2, integration="jump")
+    small = _compress(model)
+    path = tmp_path / "back.nir"
+    write_nir(small, path)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        back = from_nir(nir.read(str(path)), dt=NORSE_DT ** 2, ignore_warnings=True)
+    x = _inputs(shape, seed=13, batch=8)
+    _, logits = graph_spikes(small, x)
+    state, total = None, 0
+    with torch.no_grad():
+        for t in range(T):
+            out, state = back(x[t], state)
+            total = total + out.flatten(1)
+    assert torch.equal(total, logits)
+    assert torch.equal(total.argmax(1), logits.argmax(1))
+    again = load_nir(path)
+    assert torch.equal(graph_spikes(again, x)[1], logits)

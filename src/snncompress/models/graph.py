@@ -348,7 +348,8 @@ class GraphNetwork(SpikingNetwork):
                 raise ValueError(f"node {name!r} has no input")
             value, timed = self._sum(incoming)
             values[name] = self._run_node(self.kinds[name], module, value, timed)
-        return values[self.output_name]
+        out, has_time = values[self.output_name]
+        return out.flatten(2 if has_time else 1), has_time  # logits: one value per output neuron
 
     def _sum(self, incoming: list[tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, bool]:
         """The sum of a node's inputs; a time-less one is broadcast over T when another has time."""

@@ -31,8 +31,9 @@ broadcast to its layer's shape, a time step the graph does not record and the ca
 Export (:func:`export_graph`)
 -----------------------------
 
-The inverse map, node by node, under the spec's ``dt`` and ``integration``: the framework's importer gets
-back the kinds it wrote. Masked and quantized weights are written as what the model computes with (zeros
+The inverse map, node by node, in NIR's own form (the ODE under forward Euler with the spec's ``dt``): the
+framework's importer gets back the kinds it wrote. A model imported with ``integration="jump"`` is written
+with what its gains mean in the ODE (an IF's ``r = gain / dt``, a CubaLIF's ``w_in = gain tau_syn / dt``). Masked and quantized weights are written as what the model computes with (zeros
 under the mask, ``codes * scale``); the mask and codes travel as node metadata, the spec as graph metadata
 ``snncompress_spec`` so :func:`snncompress.load` rebuilds the compressed, trainable model.
 """
@@ -128,6 +129,9 @@ class _Layout:
 def _reject(name: str, node) -> None:
     nir = require_nir()
     kind = type(node).__name__
+    if node is None:
+        raise UserError(f"node {name} is empty: the exporter could not convert that layer (Norse 1.1's to_nir has "
+                        f"no pooling or flatten); remove the layer or export it another way")
     if isinstance(node, nir.NIRGraph):
         raise UserError(f"node {name} is a nested NIRGraph (a recurrent layer or subgraph); the graph family takes "
                         f"flat feed-forward graphs of {', '.join(SUPPORTED_NODES)}")
@@ -272,7 +276,7 @@ class _Importer:
         if kind in ("LIF", "IF", "CubaLIF", "LI"):
             return self.neuron(name, node, kind.lower(), shape), list(shape)
         if kind == "Output":
-            return {"name": name, "kind": "output"}, list(shape)
+            return {"name": name, "kind": "output", "shape": list(shape)}, list(shape)
         raise AssertionError(kind)  # Input is handled by the caller
 
 
@@ -328,8 +332,25 @@ def import_graph(graph, *, timesteps: int | None = None, input_shape=None, dt: f
     outputs = [n for n in names if isinstance(graph.nodes[n], nir.Output)]
     if len(inputs) != 1 or len(outputs) != 1:
         raise UserError(f"the graph needs one Input and one Output node, has {len(inputs)} and {len(outputs)}")
+    first = _input_shape(graph, inputs[0], input_shape)
+    try:
+        spec, tensors = _build(graph, order, edges, inputs[0], outputs[0], first, dt, integration)
+    except UserError:
+        if input_shape is not None or len(first) < 2 or first[0] != 1:
+            raise
+        # exporters that trace with a batch of one (Norse, Rockpool) write it into the Input type: drop it
+        spec, tensors = _build(graph, order, edges, inputs[0], outputs[0], first[1:], dt, integration)
+    spec.update({"timesteps": int(timesteps), "neuron": {**NEURON_DEFAULTS, **(neuron or {})}})
+    model = build_from_spec(spec)
+    _load_values(model, tensors)
+    return model.eval()
+
+
+def _build(graph, order, edges, input_name, output_name, input_shape, dt, integration):
+    """The spec (without ``timesteps`` and ``neuron``) and the tensors of each node, for one input shape."""
     importer = _Importer(graph, dt=None if dt is None else float(dt), integration=integration)
-    shapes: dict[str, list[int]] = {inputs[0]: _input_shape(graph, inputs[0], input_shape)}
+    inputs, outputs = [input_name], [output_name]
+    shapes: dict[str, list[int]] = {inputs[0]: list(input_shape)}
     spec_nodes = [{"name": inputs[0], "kind": "input", "shape": shapes[inputs[0]]}]
     for name in order:
         if name == inputs[0]:
@@ -345,12 +366,9 @@ def import_graph(graph, *, timesteps: int | None = None, input_shape=None, dt: f
         spec_nodes.append(entry)
     out_shape = shapes[outputs[0]]
     spec = {"family": "graph", "arch": "graph", "in_shape": shapes[inputs[0]], "num_classes": int(np.prod(out_shape)),
-            "timesteps": int(timesteps), "encoding": "direct", "dt": dt, "integration": integration,
-            "neuron": {**NEURON_DEFAULTS, **(neuron or {})},
+            "encoding": "direct", "dt": dt, "integration": integration,
             "graph": {"nodes": spec_nodes, "edges": [list(e) for e in edges]}}
-    model = build_from_spec(spec)
-    _load_values(model, importer.tensors)
-    return model.eval()
+    return spec, importer.tensors
 
 
 def _load_values(model: GraphNetwork, tensors: dict[str, dict[str, np.ndarray]]) -> None:
@@ -395,7 +413,7 @@ def _per_neuron(t: torch.Tensor | None, layout: str, shape: list[int], default: 
 
 def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, compression_metadata):
     shape, layout, kind = entry["shape"], entry.get("layout", "layer"), entry["kind"]
-    dt, integration = model.spec.get("dt"), model.spec.get("integration", "euler")
+    dt = _export_dt(model)
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     if kind == "li":
         leak = _per_neuron(module.leak, layout, shape, 1.0)
@@ -414,8 +432,7 @@ def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, 
     if kind == "if":
         if np.any(leak != 1.0):
             raise UserError(f"node {entry['name']}: an IF node whose leak was trained below 1 has no IF form")
-        r = gain / dt if integration == "euler" else gain
-        return nir.IF(r=f32(r), v_threshold=threshold, v_reset=zeros, metadata=meta)
+        return nir.IF(r=f32(gain / dt), v_threshold=threshold, v_reset=zeros, metadata=meta)
     if np.any(leak >= 1.0):
         raise UserError(f"node {entry['name']}: a leak of 1 in a {kind.upper()} node has no finite tau")
     a = 1.0 - leak
@@ -426,9 +443,16 @@ def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, 
     decay = _per_neuron(syn.decay, layout, shape, 0.0)
     syn_gain = _per_neuron(syn.gain, layout, shape, 1.0)
     a_syn = 1.0 - decay
-    w_in = syn_gain / a_syn if integration == "euler" else syn_gain
+    w_in = syn_gain / a_syn
     return nir.CubaLIF(tau_syn=f32(dt / a_syn), tau_mem=f32(dt / a), r=f32(gain / a), v_leak=f32(bias / a),
                        v_threshold=threshold, v_reset=zeros, w_in=f32(w_in), metadata=meta)
+
+
+def _export_dt(model: GraphNetwork) -> float:
+    """The step the export writes the neurons with: the imported ``dt`` (1 s for a graph of jump-integrated IF
+    nodes only, which needed none)."""
+    dt = model.spec.get("dt")
+    return 1.0 if dt is None else float(dt)
 
 
 @torch.no_grad()
@@ -437,10 +461,6 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
     nir = require_nir()
     if not model.spiking:
         raise UserError("the model is in ANN mode (ReLU twin); NIR export needs a spiking model")
-    uses_dt = [n["name"] for n in model.spec["graph"]["nodes"] if n["kind"] in ("lif", "cubalif", "li")
-               or (n["kind"] == "if" and model.spec.get("integration", "euler") == "euler")]
-    if uses_dt and model.spec.get("dt") is None:
-        raise UserError(f"the model has no time step dt for its neurons ({', '.join(uses_dt)})")
     was_training = model.training
     model.eval()
     try:
@@ -453,7 +473,8 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
             if kind == "input":
                 nodes[name] = nir.Input(input_type={"input": np.array(entry["shape"])})
             elif kind == "output":
-                nodes[name] = nir.Output(output_type={"output": np.array([model.spec["num_classes"]])})
+                nodes[name] = nir.Output(output_type={"output": np.array(entry.get("shape",
+                                                                                [model.spec["num_classes"]]))})
             elif kind in ("conv1d", "conv2d"):
                 meta = compression_metadata(stored.get(f"nodes.{key}.weight"), "weight")
                 bias = _np(module.bias) if module.bias is not None else np.zeros(module.out_channels)
@@ -487,8 +508,7 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
     metadata = {"producer": f"snncompress {version}", "snncompress_format": NIR_FORMAT,
                 "snncompress_spec": json.dumps(model.spec, sort_keys=True), "timesteps": int(model.timesteps),
                 "readout": "logits = sum of the output node over the T steps"}
-    if model.spec.get("dt") is not None:
-        metadata["dt"] = float(model.spec["dt"])
+    metadata["dt"] = _export_dt(model)
     return nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in model.spec["graph"]["edges"]], metadata=metadata,
                         type_check=False)
 
@@ -500,7 +520,7 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
 def import_own_graph(graph, spec: dict) -> GraphNetwork:
     """A :class:`GraphNetwork` exported by :func:`export_graph`: its spec, the nodes' values, masks and quantizers."""
     model = import_graph(graph, timesteps=int(spec["timesteps"]), input_shape=spec["in_shape"],
-                         dt=spec.get("dt"), integration=spec.get("integration", "euler"), neuron=spec.get("neuron"))
+                         dt=float(dict(graph.metadata)["dt"]), integration="euler", neuron=spec.get("neuron"))
     if [n["name"] for n in model.spec["graph"]["nodes"]] != [n["name"] for n in spec["graph"]["nodes"]]:
         raise UserError("the graph's nodes differ from its snncompress_spec")
     rebuilt = build_from_spec(spec)
