@@ -389,3 +389,129 @@ def test_norse_compressed_model_goes_back_with_the_same_predictions(build, tmp_p
     assert torch.equal(total.argmax(1), logits.argmax(1))
     again = load_nir(path)
     assert torch.equal(graph_spikes(again, x)[1], logits)
+
+
+# ----------------------------------------------------------------------------- Sinabs
+
+SINABS_BATCH = 4
+
+
+def _sinabs():
+    sinabs = pytest.importorskip("sinabs", reason="Sinabs is not installed (pip install --no-deps sinabs pbr: its "
+                                                  "metadata asks for nir<=1.0.4 and the closed samna)")
+    import sinabs.layers  # noqa: F401
+    import sinabs.activation  # noqa: F401
+
+    return sinabs
+
+
+def _sinabs_reset(net) -> None:
+    for m in net.modules():
+        if hasattr(m, "reset_states"):
+            m.reset_states()
+
+
+def _sinabs_conv(nir_semantics: bool = True):
+    """conv 1->4 (3x3, pad 1), IAFSqueeze, 2x2 SumPool2d, flatten, linear 64->10, IAFSqueeze. With
+    ``nir_semantics`` the neurons fire one spike per step and reset to 0 (SingleSpike, MembraneReset), what the
+    NIR IF node they are exported as says; else Sinabs' defaults (MultiSpike, MembraneSubtract)."""
+    sinabs = _sinabs()
+    sl, act = sinabs.layers, sinabs.activation
+    torch.manual_seed(5)
+    kw = ({"spike_fn": act.SingleSpike, "reset_fn": act.MembraneReset()} if nir_semantics else {})
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        sl.IAFSqueeze(batch_size=SINABS_BATCH, spike_threshold=torch.tensor(0.8), **kw),
+        sl.SumPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 10, bias=False),
+        sl.IAFSqueeze(batch_size=SINABS_BATCH, spike_threshold=torch.tensor(0.5), **kw))
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    return net.eval(), (1, 8, 8)
+
+
+def _sinabs_fc(nir_semantics: bool = True):
+    """20 -> 12 (IAFSqueeze) -> 5 (IAFSqueeze), set weights; neurons as in :func:`_sinabs_conv`."""
+    sinabs = _sinabs()
+    sl, act = sinabs.layers, sinabs.activation
+    torch.manual_seed(6)
+    kw = ({"spike_fn": act.SingleSpike, "reset_fn": act.MembraneReset()} if nir_semantics else {})
+    net = torch.nn.Sequential(
+        torch.nn.Linear(20, 12), sl.IAFSqueeze(batch_size=SINABS_BATCH, spike_threshold=torch.tensor(0.7), **kw),
+        torch.nn.Linear(12, 5), sl.IAFSqueeze(batch_size=SINABS_BATCH, spike_threshold=torch.tensor(0.4), **kw))
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+        net[2].weight.mul_(2.0)
+    return net.eval(), (20,)
+
+
+def _sinabs_export(net, shape):
+    graph = _sinabs().to_nir(net, torch.rand(SINABS_BATCH * T, *shape))
+    _sinabs_reset(net)  # to_nir ran the sample through the network: its membranes hold that run
+    return graph
+
+
+def _sinabs_run(net, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sinabs' own simulation of ``x`` [T, B, ...]: its layout is batch-major time folded into the batch,
+    ``[B*T, ...]``; returns ``{module index: spikes [T, B, ...]}``."""
+    sl = _sinabs().layers
+    _sinabs_reset(net)
+    steps, batch = x.shape[:2]
+    found = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=str(k): found.__setitem__(n, o.detach().clone()))
+             for k, m in enumerate(net) if isinstance(m, sl.IAFSqueeze)]
+    try:
+        with torch.no_grad():
+            net(x.transpose(0, 1).reshape(batch * steps, *x.shape[2:]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: o.reshape(batch, steps, *o.shape[1:]).transpose(0, 1) for n, o in found.items()}
+
+
+@pytest.mark.parametrize("build", [_sinabs_conv, _sinabs_fc], ids=["conv", "fc"])
+def test_sinabs_import_fires_sinabs_spikes(build):
+    """Sinabs writes its IAF as a NIR IF with r = 1 and v_reset = 0, and adds inputs as they are (no dt):
+    integration="jump". With SingleSpike and MembraneReset every spike is Sinabs'. The stated difference:
+    Sinabs' defaults (MultiSpike: several spikes per step; MembraneSubtract) cannot be said in NIR, and the
+    import (one spike, reset to 0) equals the SingleSpike/MembraneReset network, not the default one."""
+    net, shape = build(True)
+    graph = _sinabs_export(net, shape)
+    model = import_graph(graph, timesteps=T, integration="jump")
+    x = _inputs(shape, seed=17, batch=SINABS_BATCH)
+    ours, _ = graph_spikes(model, x)
+    theirs = _sinabs_run(net, x)
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert ours[name].sum() > 0 and (ours[name] == 0).any()
+        assert torch.equal(ours[name], theirs[name]), name
+    default, _ = build(False)
+    assert import_graph(_sinabs_export(default, shape), timesteps=T, integration="jump").spec == model.spec
+    assert any(not torch.equal(ours[n], s) for n, s in _sinabs_run(default, x).items())
+
+
+@pytest.mark.parametrize("build", [_sinabs_conv, _sinabs_fc], ids=["conv", "fc"])
+def test_sinabs_compressed_model_goes_back_with_the_same_predictions(build, tmp_path):
+    """Sinabs' from_nir builds IAFSqueeze layers with MultiSpike, MembraneSubtract and min_v_mem = -v_threshold
+    whatever the graph says; with those set to what the NIR IF node means (SingleSpike, MembraneReset, no floor)
+    the exported compressed model gives this package's outputs in Sinabs."""
+    sinabs = _sinabs()
+    sl, act = sinabs.layers, sinabs.activation
+    net, shape = build(True)
+    small = _compress(import_graph(_sinabs_export(net, shape), timesteps=T, integration="jump"))
+    path = tmp_path / "back.nir"
+    write_nir(small, path)
+    back = sinabs.from_nir(nir.read(str(path)), batch_size=SINABS_BATCH)
+    neurons = [m for m in back.modules() if isinstance(m, sl.IAFSqueeze)]
+    assert neurons and all(m.spike_fn is act.MultiSpike and m.min_v_mem is not None for m in neurons)
+    for m in neurons:
+        m.spike_fn, m.reset_fn, m.min_v_mem = act.SingleSpike, act.MembraneReset(), None
+    x = _inputs(shape, seed=19, batch=SINABS_BATCH)
+    _, logits = graph_spikes(small, x)
+    _sinabs_reset(back)
+    with torch.no_grad():
+        out = back(x.transpose(0, 1).reshape(SINABS_BATCH * T, *shape))
+    out = out[0] if isinstance(out, tuple) else out  # nirtorch's executor returns (output, state)
+    theirs = out.reshape(SINABS_BATCH, T, -1).sum(1)
+    assert torch.equal(theirs, logits)
+    assert torch.equal(theirs.argmax(1), logits.argmax(1))
+    assert torch.equal(graph_spikes(load_nir(path), x)[1], logits)

@@ -250,7 +250,7 @@ class _Importer:
             if weight.ndim != 2 or [weight.shape[1]] != [int(np.prod(shape))] or len(shape) != 1:
                 raise UserError(f"node {name}: a {kind} of weight {tuple(weight.shape)} gets input {shape} (flatten "
                                 f"first)")
-            has_bias = kind == "Affine" and bool(np.any(_a(node.bias) != 0))
+            has_bias = kind == "Affine"  # kept even when zero: importers such as Sinabs' take Affine only
             self.tensors[name] = {"weight": weight,
                                   **({"bias": np.broadcast_to(_a(node.bias), (weight.shape[0],))} if has_bias else {})}
             return ({"name": name, "kind": "affine" if has_bias else "linear", "in_features": int(weight.shape[1]),
