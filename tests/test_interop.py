@@ -515,3 +515,127 @@ def test_sinabs_compressed_model_goes_back_with_the_same_predictions(build, tmp_
     assert torch.equal(theirs, logits)
     assert torch.equal(theirs.argmax(1), logits.argmax(1))
     assert torch.equal(graph_spikes(load_nir(path), x)[1], logits)
+
+
+# ----------------------------------------------------------------------------- Rockpool
+
+ROCKPOOL_DT = 1e-3
+
+
+def _rockpool():
+    pytest.importorskip("rockpool", reason="Rockpool is not installed (pip install rockpool)")
+    from rockpool.nn import combinators, modules
+
+    return combinators, modules
+
+
+def _rockpool_fc(max_spikes: float = 1.0):
+    """20 -> 12 (LIFTorch: a NIR CubaLIF) -> 5 (LIFTorch), set weights. ``max_spikes`` per step: 1 is what a NIR
+    neuron can fire; Rockpool's default is 2**16."""
+    combinators, modules = _rockpool()
+    torch.manual_seed(7)
+    net = combinators.Sequential(
+        modules.LinearTorch((20, 12)),
+        modules.LIFTorch(12, tau_mem=0.02, tau_syn=0.01, threshold=1.0, dt=ROCKPOOL_DT, max_spikes_per_dt=max_spikes),
+        modules.LinearTorch((12, 5)),
+        modules.LIFTorch(5, tau_mem=0.03, tau_syn=0.005, threshold=0.5, dt=ROCKPOOL_DT, max_spikes_per_dt=max_spikes))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, modules.LinearTorch):
+                m.weight.mul_(3.0)
+    return net, (20,)
+
+
+def _rockpool_reset(net) -> None:
+    """Rockpool modules keep their state between calls: back to rest (a Rockpool network resets its own children;
+    the GraphExecutor of from_nir is not one, so its children are reset one by one)."""
+    if hasattr(net, "reset_state"):
+        net.reset_state()
+        return
+    for m in net.children():
+        if hasattr(m, "reset_state"):
+            m.reset_state()
+
+
+def _rockpool_run(net, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rockpool's own simulation of ``x`` [T, B, ...]; its layout is [B, T, ...]. ``{module name: spikes
+    [T, B, ...]}``."""
+    _, modules = _rockpool()
+    _rockpool_reset(net)
+    found = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: found.__setitem__(n, o.detach().clone()))
+             for n, m in net.named_modules() if isinstance(m, modules.LIFTorch)]
+    try:
+        with torch.no_grad():
+            net(x.transpose(0, 1).contiguous())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: o.transpose(0, 1) for n, o in found.items()}
+
+
+def _rockpool_export(net, shape):
+    from rockpool.nn.modules.torch.nir import to_nir
+
+    graph = to_nir(net, torch.rand(1, T, *shape))
+    _rockpool_reset(net)
+    return graph
+
+
+def test_rockpool_import_fires_rockpools_spikes():
+    """Rockpool writes LIFTorch as a NIR CubaLIF but runs its own discretisation: decays exp(-dt/tau), input into
+    the synaptic current before its decay, membrane gain 1 (integration="rockpool"), and a subtractive reset that its
+    export writes as v_reset = 0 (reset="subtract"). With max_spikes_per_dt = 1 every spike is Rockpool's. The stated
+    difference: Rockpool's default fires up to 2**16 spikes per step, which a NIR neuron cannot."""
+    net, shape = _rockpool_fc()
+    graph = _rockpool_export(net, shape)
+    model = import_graph(graph, timesteps=T, dt=ROCKPOOL_DT, integration="rockpool", reset="subtract")
+    assert model.spec["in_shape"] == [20]  # Rockpool's Input type is the [batch, time, 20] sample's
+    x = _inputs(shape, seed=23)
+    ours, _ = graph_spikes(model, x)
+    theirs = _rockpool_run(net, x)
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert ours[name].sum() > 0 and (ours[name] == 0).any()
+        assert torch.equal(ours[name], theirs[name]), name
+    multi, _ = _rockpool_fc(max_spikes=2.0 ** 16)
+    many = _rockpool_run(multi, x * 4)
+    assert max(float(s.max()) for s in many.values()) > 1  # several spikes in one step: not a NIR neuron's output
+
+
+def test_rockpool_compressed_model_goes_back_with_the_same_predictions(tmp_path):
+    """Rockpool's from_nir builds LIFTorch with its default 2**16 spikes per step and takes dt = tau_mem / (1 + r);
+    the export writes r = tau / dt - 1, and with max_spikes_per_dt = 1 set again Rockpool gives this package's
+    outputs."""
+    from rockpool.nn.modules.torch.nir import from_nir
+
+    _, modules = _rockpool()
+    net, shape = _rockpool_fc()
+    small = _compress(import_graph(_rockpool_export(net, shape), timesteps=T, dt=ROCKPOOL_DT,
+                                   integration="rockpool", reset="subtract"))
+    path = tmp_path / "back.nir"
+    write_nir(small, path)
+    back = from_nir(nir.read(str(path)))
+    for m in back.modules():
+        if isinstance(m, modules.LIFTorch):
+            m.max_spikes_per_dt = torch.tensor(1.0)
+    _rockpool_reset(back)
+    x = _inputs(shape, seed=29, batch=8)
+    _, logits = graph_spikes(small, x)
+    with torch.no_grad():
+        out = back(x.transpose(0, 1))
+    theirs = (out[0] if isinstance(out, tuple) else out).sum(1)
+    assert torch.equal(theirs, logits)
+    assert torch.equal(theirs.argmax(1), logits.argmax(1))
+    assert torch.equal(graph_spikes(load_nir(path), x)[1], logits)
+
+
+def test_rockpool_has_no_convolution_in_nir():
+    """The conv case cannot be made in Rockpool: its from_nir (and to_nir) know Linear, Affine, LIF, CubaLIF and LI
+    only, so a graph with a Conv2d is refused by Rockpool itself."""
+    from rockpool.nn.modules.torch.nir import from_nir
+
+    net, shape = _snntorch_conv()
+    graph = export_nir(import_graph(_snntorch_export(net, shape), timesteps=T, dt=1e-4))
+    with pytest.raises(NotImplementedError, match="Conv2d"):
+        from_nir(graph)

@@ -21,6 +21,10 @@ NIR node    discrete form (``a = dt / tau``; per neuron, reduced to one value pe
 ``LI``      a leaky integrator without spikes (``leak``, ``gain``, ``bias`` as for LIF): a readout
 ==========  ===============================================================================================
 
+``integration="rockpool"`` is Rockpool's discretisation: decays ``exp(-dt/tau)``, inputs added as they are to
+an LIF membrane, and into a CubaLIF's synaptic current before its decay (``I[t] = e^{-dt/tau_syn} (I[t-1] +
+x[t])``, membrane gain 1); ``r`` and ``w_in`` are not read (Rockpool writes ``r = tau e^{-dt/tau} / dt``).
+
 The reset: NIR neurons reset to ``v_reset`` (only 0 is taken: this package's neurons reset to 0), i.e.
 a hard reset; a node whose metadata says ``reset: subtract`` (this package's own export) gets the soft
 reset. A gain within float32 rounding of 1 (``|gain - 1| <= 1e-6``: ``r = tau/dt`` stored in float32) is
@@ -33,7 +37,9 @@ Export (:func:`export_graph`)
 
 The inverse map, node by node, in NIR's own form (the ODE under forward Euler with the spec's ``dt``): the
 framework's importer gets back the kinds it wrote. A model imported with ``integration="jump"`` is written
-with what its gains mean in the ODE (an IF's ``r = gain / dt``, a CubaLIF's ``w_in = gain tau_syn / dt``). Masked and quantized weights are written as what the model computes with (zeros
+with what its gains mean in the ODE (an IF's ``r = gain / dt``, a CubaLIF's ``w_in = gain tau_syn / dt``).
+A model imported with ``integration="rockpool"`` is written as Rockpool writes and reads it
+(``tau = -dt / ln(leak)``, ``r = tau / dt - 1`` from which Rockpool's importer takes its ``dt``). Masked and quantized weights are written as what the model computes with (zeros
 under the mask, ``codes * scale``); the mask and codes travel as node metadata, the spec as graph metadata
 ``snncompress_spec`` so :func:`snncompress.load` rebuilds the compressed, trainable model.
 """
@@ -59,7 +65,9 @@ from .mapping import LEAK_TOLERANCE, NIR_FORMAT, require_nir, restore_compressio
 SUPPORTED_NODES = ("Input", "Output", "Conv1d", "Conv2d", "Linear", "Affine", "Scale", "Flatten", "SumPool2d",
                    "AvgPool2d", "IF", "LIF", "CubaLIF", "LI")
 #: How an input enters an IF membrane and a CubaLIF's synaptic current (see the module docstring).
-INTEGRATIONS = ("euler", "jump")
+INTEGRATIONS = ("euler", "jump", "rockpool")
+#: Reset rules an import may impose on every spiking node (default: the graph's, i.e. v_reset = 0: "zero").
+RESETS = ("zero", "subtract")
 #: A neuron's input gain this close to 1 is 1 (``r = tau / dt`` rounded to float32).
 GAIN_ONE_TOLERANCE = 1e-6
 
@@ -118,6 +126,17 @@ class _Layout:
         return "neuron"
 
     @staticmethod
+    def stored_shape(size: int, shape: list[int]) -> tuple[int, ...]:
+        """How ``size`` values broadcast over a layer of ``shape``: one per neuron, per channel, or one."""
+        if size == int(np.prod(shape)):
+            return tuple(shape)
+        if size == shape[0]:
+            return (-1, *([1] * (len(shape) - 1)))
+        if size == 1:
+            return ()
+        raise UserError(f"{size} values do not fit a layer of shape {tuple(shape)}")
+
+    @staticmethod
     def reduce(array: np.ndarray, layout: str) -> np.ndarray:
         if layout == "layer":
             return np.array(array.reshape(-1)[0])
@@ -143,8 +162,8 @@ def _reject(name: str, node) -> None:
 class _Importer:
     """Builds the spec and the tensors of a foreign graph (one pass in topological order)."""
 
-    def __init__(self, graph, *, dt: float | None, integration: str):
-        self.graph, self.dt, self.integration = graph, dt, integration
+    def __init__(self, graph, *, dt: float | None, integration: str, reset: str | None = None):
+        self.graph, self.dt, self.integration, self.reset = graph, dt, integration, reset
         self.spec_nodes: list[dict] = []
         self.tensors: dict[str, dict[str, np.ndarray]] = {}
         self.shapes: dict[str, list[int]] = {}
@@ -166,27 +185,42 @@ class _Importer:
             raise UserError(f"node {name}: v_reset != 0 is not supported (snncompress neurons reset to 0 or "
                             f"subtract the threshold)")
         arrays: dict[str, np.ndarray] = {}
+        rockpool = self.integration == "rockpool"
+
+        def decay(tau_name: str, tau) -> tuple[np.ndarray, np.ndarray]:
+            """``(1 - leak, leak)`` of a time constant: forward Euler ``dt/tau``, or Rockpool's exp(-dt/tau)."""
+            ratio = self.need_dt(name) / lay.full(tau_name, tau)
+            leak = np.exp(-ratio) if rockpool else 1.0 - ratio
+            return 1.0 - leak if rockpool else ratio, leak
+
         if isinstance(node, (nir.LIF, nir.LI)):
-            dt = self.need_dt(name)
-            a = dt / lay.full("tau", node.tau)
-            arrays.update(leak=1.0 - a, gain=a * lay.full("r", node.r), bias=a * lay.full("v_leak", node.v_leak))
+            a, leak = decay("tau", node.tau)
+            gain = (leak if isinstance(node, nir.LI) else np.ones(shape)) if rockpool else a * lay.full("r", node.r)
+            arrays.update(leak=leak, gain=gain, bias=a * lay.full("v_leak", node.v_leak))
         elif isinstance(node, nir.IF):
             r = lay.full("r", node.r)
             arrays.update(leak=np.ones(shape), gain=r * self.need_dt(name) if self.integration == "euler" else r,
                           bias=np.zeros(shape))
         else:  # CubaLIF
-            dt = self.need_dt(name)
-            a_syn, a_mem = dt / lay.full("tau_syn", node.tau_syn), dt / lay.full("tau_mem", node.tau_mem)
+            a_mem, leak = decay("tau_mem", node.tau_mem)
+            a_syn, syn_decay = decay("tau_syn", node.tau_syn)
             w_in = lay.full("w_in", node.w_in)
-            arrays.update(leak=1.0 - a_mem, gain=a_mem * lay.full("r", node.r),
-                          bias=a_mem * lay.full("v_leak", node.v_leak), decay=1.0 - a_syn,
-                          syn_gain=a_syn * w_in if self.integration == "euler" else w_in)
+            syn_gain = {"euler": a_syn * w_in, "jump": w_in, "rockpool": syn_decay}[self.integration]
+            arrays.update(leak=leak, gain=np.ones(shape) if rockpool else a_mem * lay.full("r", node.r),
+                          bias=a_mem * lay.full("v_leak", node.v_leak), decay=syn_decay, syn_gain=syn_gain)
         if not isinstance(node, nir.LI):
             arrays["threshold"] = lay.full("v_threshold", node.v_threshold)
         for key in ("gain", "syn_gain"):
             if key in arrays and np.all(np.abs(arrays[key] - 1.0) <= GAIN_ONE_TOLERANCE):
                 arrays[key] = np.ones(shape)
-        if "leak" in meta and kind in ("lif", "if"):  # this package's export: the exact float32 leak
+        for key in ("decay", "syn_gain"):  # this package's export: the exact float32 synapse values
+            if key in arrays and f"synapse.{key}" in meta:
+                exact = np.broadcast_to(np.asarray(meta[f"synapse.{key}"], np.float64).reshape(
+                    _Layout.stored_shape(np.size(meta[f"synapse.{key}"]), shape)), tuple(shape))
+                if np.max(np.abs(exact - arrays[key])) > LEAK_TOLERANCE:
+                    raise UserError(f"node {name}: metadata synapse.{key} disagrees with tau_syn and w_in")
+                arrays[key] = exact.astype(np.float64)
+        if "leak" in meta and kind in ("lif", "if", "cubalif"):  # this package's export: the exact float32 leak
             exact = np.asarray(meta["leak"], np.float64).reshape(-1)
             if exact.size == int(np.prod(shape)):  # one per neuron
                 exact = exact.reshape(shape)
@@ -207,7 +241,8 @@ class _Importer:
         layout = lay.choose(list(arrays.values()))
         spec = {"name": name, "kind": kind, "shape": list(shape), "layout": layout}
         if kind != "li":
-            spec["reset"] = "soft" if str(meta.get("reset", "zero")) == "subtract" else "hard"
+            reset = self.reset or str(meta.get("reset", "zero"))
+            spec["reset"] = "soft" if reset == "subtract" else "hard"
             spec["gain"] = bool(np.any(arrays["gain"] != 1.0))
             spec["bias"] = bool(np.any(arrays["bias"] != 0.0))
         self.tensors[name] = {k: _Layout.reduce(v, layout) for k, v in arrays.items()}
@@ -291,7 +326,7 @@ def _input_shape(graph, name: str, given) -> list[int]:
 
 @torch.no_grad()
 def import_graph(graph, *, timesteps: int | None = None, input_shape=None, dt: float | None = None,
-                 integration: str = "euler", neuron: dict | None = None) -> GraphNetwork:
+                 integration: str = "euler", neuron: dict | None = None, reset: str | None = None) -> GraphNetwork:
     """A NIR graph from any framework as a :class:`GraphNetwork` in eval mode (see the module docstring).
 
     Args:
@@ -299,7 +334,9 @@ def import_graph(graph, *, timesteps: int | None = None, input_shape=None, dt: f
         timesteps: T for image input (default: the graph's metadata ``timesteps``; needed otherwise).
         input_shape: ``(C, H, W)`` or ``(N,)`` of one input, without batch (default: the Input node's type).
         dt: the step in seconds the neurons are made discrete with (default: metadata ``dt``).
-        integration: ``"euler"`` or ``"jump"`` (how inputs enter IF and CubaLIF nodes).
+        integration: ``"euler"``, ``"jump"`` or ``"rockpool"`` (see the module docstring).
+        reset: ``"zero"`` or ``"subtract"`` for every spiking node, whatever the graph says (exporters write
+            ``v_reset = 0`` for networks that subtracted: snnTorch's default, Sinabs' MembraneSubtract, Rockpool).
         neuron: LIF options for training (``surrogate``, ``learn_leak``, ...; defaults otherwise).
 
     Returns:
@@ -309,6 +346,8 @@ def import_graph(graph, *, timesteps: int | None = None, input_shape=None, dt: f
     nir = require_nir()
     if integration not in INTEGRATIONS:
         raise UserError(f"integration must be one of {', '.join(INTEGRATIONS)}, got {integration!r}")
+    if reset is not None and reset not in RESETS:
+        raise UserError(f"reset must be one of {', '.join(RESETS)}, got {reset!r}")
     meta = dict(getattr(graph, "metadata", None) or {})
     if dt is None and "dt" in meta:
         dt = float(meta["dt"])
@@ -333,22 +372,27 @@ def import_graph(graph, *, timesteps: int | None = None, input_shape=None, dt: f
     if len(inputs) != 1 or len(outputs) != 1:
         raise UserError(f"the graph needs one Input and one Output node, has {len(inputs)} and {len(outputs)}")
     first = _input_shape(graph, inputs[0], input_shape)
-    try:
-        spec, tensors = _build(graph, order, edges, inputs[0], outputs[0], first, dt, integration)
-    except UserError:
-        if input_shape is not None or len(first) < 2 or first[0] != 1:
-            raise
-        # exporters that trace with a batch of one (Norse, Rockpool) write it into the Input type: drop it
-        spec, tensors = _build(graph, order, edges, inputs[0], outputs[0], first[1:], dt, integration)
+    # exporters that trace with a batch of one (Norse) or a [batch, time] sample (Rockpool) write those into the
+    # Input type: without --input-shape, leading dims are dropped until the graph takes the shape
+    candidates = [first] if input_shape is not None or first[0] != 1 else [first[i:] for i in range(len(first))]
+    for i, shape in enumerate(candidates):
+        try:
+            spec, tensors = _build(graph, order, edges, inputs[0], outputs[0], shape, dt, integration, reset)
+            break
+        except UserError as exc:
+            if i == 0:
+                first_error = exc
+            if i == len(candidates) - 1:
+                raise first_error from None
     spec.update({"timesteps": int(timesteps), "neuron": {**NEURON_DEFAULTS, **(neuron or {})}})
     model = build_from_spec(spec)
     _load_values(model, tensors)
     return model.eval()
 
 
-def _build(graph, order, edges, input_name, output_name, input_shape, dt, integration):
+def _build(graph, order, edges, input_name, output_name, input_shape, dt, integration, reset):
     """The spec (without ``timesteps`` and ``neuron``) and the tensors of each node, for one input shape."""
-    importer = _Importer(graph, dt=None if dt is None else float(dt), integration=integration)
+    importer = _Importer(graph, dt=None if dt is None else float(dt), integration=integration, reset=reset)
     inputs, outputs = [input_name], [output_name]
     shapes: dict[str, list[int]] = {inputs[0]: list(input_shape)}
     spec_nodes = [{"name": inputs[0], "kind": "input", "shape": shapes[inputs[0]]}]
@@ -415,11 +459,21 @@ def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, 
     shape, layout, kind = entry["shape"], entry.get("layout", "layer"), entry["kind"]
     dt = _export_dt(model)
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    rockpool = model.spec.get("integration") == "rockpool"
+
+    def tau_of(leak: np.ndarray) -> np.ndarray:
+        """The time constant a leak stands for: ``dt / (1 - leak)`` (Euler) or ``-dt / ln(leak)`` (Rockpool)."""
+        return -dt / np.log(leak) if rockpool else dt / (1.0 - leak)
+
+    def r_of(tau: np.ndarray, gain: np.ndarray) -> np.ndarray:
+        """NIR's r: ``gain tau / dt`` (Euler), or ``tau / dt - 1``, from which Rockpool's importer recovers dt."""
+        return tau / dt - 1.0 if rockpool else gain * tau / dt
+
     if kind == "li":
         leak = _per_neuron(module.leak, layout, shape, 1.0)
         gain, bias = _per_neuron(module.gain, layout, shape, 1.0), _per_neuron(module.bias, layout, shape, 0.0)
-        a = 1.0 - leak
-        return nir.LI(tau=f32(dt / a), r=f32(gain / a), v_leak=f32(bias / a))
+        tau = tau_of(leak)
+        return nir.LI(tau=f32(tau), r=f32(r_of(tau, gain)), v_leak=f32(bias / (1.0 - leak)))
     lif = module.lif
     leak = _per_neuron(lif.leak, layout, shape, 1.0)
     threshold = f32(_per_neuron(lif.threshold, layout, shape, 1.0))
@@ -435,16 +489,17 @@ def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, 
         return nir.IF(r=f32(gain / dt), v_threshold=threshold, v_reset=zeros, metadata=meta)
     if np.any(leak >= 1.0):
         raise UserError(f"node {entry['name']}: a leak of 1 in a {kind.upper()} node has no finite tau")
-    a = 1.0 - leak
+    tau = tau_of(leak)
     if kind == "lif":
-        return nir.LIF(tau=f32(dt / a), r=f32(gain / a), v_leak=f32(bias / a), v_threshold=threshold,
-                       v_reset=zeros, metadata=meta)
+        return nir.LIF(tau=f32(tau), r=f32(r_of(tau, gain)), v_leak=f32(bias / (1.0 - leak)),
+                       v_threshold=threshold, v_reset=zeros, metadata=meta)
     syn = module.synapse
     decay = _per_neuron(syn.decay, layout, shape, 0.0)
     syn_gain = _per_neuron(syn.gain, layout, shape, 1.0)
-    a_syn = 1.0 - decay
-    w_in = syn_gain / a_syn
-    return nir.CubaLIF(tau_syn=f32(dt / a_syn), tau_mem=f32(dt / a), r=f32(gain / a), v_leak=f32(bias / a),
+    meta.update({"synapse.decay": f32(decay).reshape(-1), "synapse.syn_gain": f32(syn_gain).reshape(-1)})
+    tau_syn = tau_of(decay)
+    w_in = np.ones(shape) if rockpool else syn_gain * tau_syn / dt
+    return nir.CubaLIF(tau_syn=f32(tau_syn), tau_mem=f32(tau), r=f32(r_of(tau, gain)), v_leak=f32(bias / (1.0 - leak)),
                        v_threshold=threshold, v_reset=zeros, w_in=f32(w_in), metadata=meta)
 
 
@@ -502,7 +557,10 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
                 nodes[name] = cls(kernel_size=np.array(entry["kernel"]), stride=np.array(entry["stride"]),
                                   padding=np.array(entry["padding"]))
             else:
-                nodes[name] = _neuron_export(nir, model, entry, module, stored, compression_metadata)
+                node = _neuron_export(nir, model, entry, module, stored, compression_metadata)
+                node.input_type = {"input": np.array(entry["shape"])}  # importers size their neurons from it
+                node.output_type = {"output": np.array(entry["shape"])}
+                nodes[name] = node
     finally:
         model.train(was_training)
     metadata = {"producer": f"snncompress {version}", "snncompress_format": NIR_FORMAT,
@@ -519,8 +577,9 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
 @torch.no_grad()
 def import_own_graph(graph, spec: dict) -> GraphNetwork:
     """A :class:`GraphNetwork` exported by :func:`export_graph`: its spec, the nodes' values, masks and quantizers."""
+    integration = "rockpool" if spec.get("integration") == "rockpool" else "euler"  # the form export_graph wrote
     model = import_graph(graph, timesteps=int(spec["timesteps"]), input_shape=spec["in_shape"],
-                         dt=float(dict(graph.metadata)["dt"]), integration="euler", neuron=spec.get("neuron"))
+                         dt=float(dict(graph.metadata)["dt"]), integration=integration, neuron=spec.get("neuron"))
     if [n["name"] for n in model.spec["graph"]["nodes"]] != [n["name"] for n in spec["graph"]["nodes"]]:
         raise UserError("the graph's nodes differ from its snncompress_spec")
     rebuilt = build_from_spec(spec)
