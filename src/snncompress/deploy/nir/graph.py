@@ -375,15 +375,15 @@ def import_graph(graph, *, timesteps: int | None = None, input_shape=None, dt: f
     # exporters that trace with a batch of one (Norse) or a [batch, time] sample (Rockpool) write those into the
     # Input type: without --input-shape, leading dims are dropped until the graph takes the shape
     candidates = [first] if input_shape is not None or first[0] != 1 else [first[i:] for i in range(len(first))]
-    for i, shape in enumerate(candidates):
+    failures: list[tuple[int, UserError]] = []
+    for shape in candidates:
         try:
             spec, tensors = _build(graph, order, edges, inputs[0], outputs[0], shape, dt, integration, reset)
             break
         except UserError as exc:
-            if i == 0:
-                first_error = exc
-            if i == len(candidates) - 1:
-                raise first_error from None
+            failures.append((getattr(exc, "nodes_built", 0), exc))
+    else:  # the error of the shape that got furthest through the graph
+        raise max(failures, key=lambda f: f[0])[1] from None
     spec.update({"timesteps": int(timesteps), "neuron": {**NEURON_DEFAULTS, **(neuron or {})}})
     model = build_from_spec(spec)
     _load_values(model, tensors)
@@ -406,7 +406,12 @@ def _build(graph, order, edges, input_name, output_name, input_shape, dt, integr
         try:
             entry, shapes[name] = importer.node(name, graph.nodes[name], in_shapes[0] if in_shapes else None)
         except ValueError as exc:
-            raise UserError(f"node {name}: {exc}") from None
+            error = UserError(f"node {name}: {exc}")
+            error.nodes_built = len(spec_nodes)
+            raise error from None
+        except UserError as exc:
+            exc.nodes_built = len(spec_nodes)
+            raise
         spec_nodes.append(entry)
     out_shape = shapes[outputs[0]]
     spec = {"family": "graph", "arch": "graph", "in_shape": shapes[inputs[0]], "num_classes": int(np.prod(out_shape)),
