@@ -67,7 +67,7 @@ def train(epochs: int, train_images: int, seed: int = 0):
     torch.manual_seed(seed)
     train_loader, _, _ = load_data("mnist-builtin", batch_size=128, seed=seed, train_subset=train_images)
     net = build(batched=True)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(epochs):
         for images, labels in train_loader:
             loss = torch.nn.functional.cross_entropy(run_snntorch(net, images), labels)

@@ -81,7 +81,7 @@ def cmd_import(args) -> None:
     from .deploy.nir import import_command
 
     import_command(args.source, args.out_file, input_shape=args.input_shape, timesteps=args.timesteps, dt=args.dt,
-                   integration=args.integration)
+                   integration=args.integration, reset=args.reset)
 
 
 def cmd_stages(args) -> None:
@@ -203,9 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "otherwise)")
     im.add_argument("--dt", type=float, help="time step in seconds the neurons are made discrete with (default: "
                                              "the graph's metadata; snnTorch exports with 1e-4, Norse with 1e-3)")
-    im.add_argument("--integration", choices=["euler", "jump"], default="euler",
-                    help="how inputs enter IF and CubaLIF neurons: euler (NIR's ODE, snnTorch; default) or jump "
-                         "(added as they are: Norse's LIFCell and IAFCell, Sinabs)")
+    im.add_argument("--integration", choices=["euler", "jump", "rockpool"], default="euler",
+                    help="how the neurons are made discrete: euler (NIR's ODE, snnTorch; default), jump (inputs "
+                         "added as they are: Norse's LIFCell and IAFCell, Sinabs) or rockpool (exp(-dt/tau) decays)")
+    im.add_argument("--reset", choices=["zero", "subtract"],
+                    help="reset of every spiking node (default: the graph's, v_reset = 0: zero); exporters write "
+                         "zero for networks that subtracted (Sinabs' and Rockpool's defaults)")
     im.set_defaults(func=cmd_import)
 
     stages = sub.add_parser("stages", help="list the recipe stages with their options, defaults and descriptions")

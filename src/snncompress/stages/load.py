@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..checkpoint import load_checkpoint, read_metadata
-from ..deploy.nir import INTEGRATIONS, is_nir_file, load_nir
+from ..deploy.nir import INTEGRATIONS, RESETS, is_nir_file, load_nir
 from ..errors import UserError
 from .base import Chain, StageContext, StageOptions, StageResult, register_stage
 
@@ -34,16 +34,20 @@ class LoadOptions(StageOptions):
     timesteps: int | None = Field(None, ge=1, description="NIR file: T per image (default: the file's)")
     dt: float | None = Field(None, gt=0, description="NIR file: the neurons' time step in seconds (default: the "
                                                       "file's; snnTorch exports with 1e-4, Norse with 1e-3)")
-    integration: Literal[INTEGRATIONS] = Field("euler", description="NIR file: how inputs enter IF and CubaLIF "
-                                                                     "neurons (euler: snnTorch; jump: Norse, Sinabs)")
-    HASHED_WHEN_CHANGED = frozenset({"timesteps", "dt", "integration"})
+    integration: Literal[INTEGRATIONS] = Field("euler", description="NIR file: how the neurons are made discrete "
+                                                                     "(euler: snnTorch; jump: Norse, Sinabs; "
+                                                                     "rockpool)")
+    reset: Literal[RESETS] | None = Field(None, description="NIR file: reset of every spiking node (default: the "
+                                                             "file's, zero)")
+    HASHED_WHEN_CHANGED = frozenset({"timesteps", "dt", "integration", "reset"})
 
     def is_nir(self) -> bool:
         return is_nir_file(self.checkpoint)
 
     def load_nir(self):
         """The model in the NIR file (a graph network for a foreign graph)."""
-        return load_nir(self.checkpoint, timesteps=self.timesteps, dt=self.dt, integration=self.integration)
+        return load_nir(self.checkpoint, timesteps=self.timesteps, dt=self.dt, integration=self.integration,
+                        reset=self.reset)
 
     def leaves(self, chain: Chain) -> Chain:
         """The loaded model's mode and T, from the file's metadata (a NIR file: its graph, checked here)."""
@@ -53,8 +57,8 @@ class LoadOptions(StageOptions):
             except UserError as exc:
                 raise ValueError(f"checkpoint: {exc}") from None
             return replace(chain, mode="snn", timesteps=model.timesteps, source=self.name)
-        if self.timesteps is not None or self.dt is not None or self.integration != "euler":
-            raise ValueError("timesteps, dt and integration apply to a .nir file only")
+        if self.timesteps is not None or self.dt is not None or self.integration != "euler" or self.reset:
+            raise ValueError("timesteps, dt, integration and reset apply to a .nir file only")
         try:
             spec = read_metadata(self.checkpoint)["spec"]
         except (UserError, KeyError, TypeError) as exc:

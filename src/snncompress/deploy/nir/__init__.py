@@ -87,7 +87,7 @@ Modules: :mod:`.mapping` (constants and the layer walk both directions share), :
 from __future__ import annotations
 
 from .command import export_command, import_command
-from .graph import INTEGRATIONS, SUPPORTED_NODES, export_graph, import_graph
+from .graph import INTEGRATIONS, RESETS, SUPPORTED_NODES, export_graph, import_graph
 from .export import export_nir, export_notes, write_nir
 from .harness import layer_spike_counts, snntorch_spike_counts
 from .load import import_nir, is_nir_file, load_nir, read_nir
@@ -96,7 +96,7 @@ from .mapping import (DEFAULT_DT, HDF5_MAGIC, LEAK_ONE_MODES, LEAK_ONE_TAU_STEPS
 
 __all__ = [
     "DEFAULT_DT", "HDF5_MAGIC", "LEAK_ONE_MODES", "LEAK_ONE_TAU_STEPS", "LEAK_TOLERANCE", "NIR_FORMAT",
-    "SOFT_RESET_MODES", "Layer", "export_command", "import_command", "INTEGRATIONS", "SUPPORTED_NODES",
+    "SOFT_RESET_MODES", "Layer", "export_command", "import_command", "INTEGRATIONS", "RESETS", "SUPPORTED_NODES",
     "export_graph", "import_graph", "export_nir", "export_notes", "import_nir", "is_nir_file",
     "layer_spike_counts", "layers", "load_nir", "read_nir", "require_nir", "snntorch_spike_counts", "write_nir",
 ]

@@ -52,7 +52,7 @@ def describe_graph_model(model) -> str:
 
 
 def import_command(source, out, *, input_shape: str | None = None, timesteps: int | None = None,
-                   dt: float | None = None, integration: str = "euler") -> None:
+                   dt: float | None = None, integration: str = "euler", reset: str | None = None) -> None:
     """``snncompress import FILE.nir --out CKPT``: a NIR graph from any framework as a checkpoint of a graph
     network (a file this package wrote comes back as the model it was). Everything is checked before writing."""
     from ...checkpoint import save_checkpoint
@@ -69,7 +69,7 @@ def import_command(source, out, *, input_shape: str | None = None, timesteps: in
             model.timesteps = int(timesteps)
     else:
         model = import_graph(graph, timesteps=timesteps, input_shape=parse_shape(input_shape), dt=dt,
-                             integration=integration)
+                             integration=integration, reset=reset)
     save_checkpoint(out, model, info={"imported_from": source.name})
     what = describe_graph_model(model) if model.spec.get("family") == "graph" else f"{model.spec.get('arch')}"
     print(f"wrote {out}: snncompress checkpoint of {'graph network' if not own else 'model'} from {source.name} "
