@@ -695,3 +695,42 @@ def test_own_vgg_export_against_sinabs():
     default, _ = _own_convnet_exports()
     with pytest.raises(KeyError, match="features_2"):
         sinabs.from_nir(copy.deepcopy(default), batch_size=1)
+
+
+def test_channel_surgery_on_a_graph_network_is_refused_at_recipe_load(tmp_path, capsys):
+    net, shape = _snntorch_fc()
+    nir.write(str(tmp_path / "fc.nir"), _snntorch_export(net, shape))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {{dataset: mnist-builtin}}\nstages:\n  - {{kind: load, checkpoint: "
+                      f"{(tmp_path / 'fc.nir').as_posix()}, timesteps: 2, dt: 1.0e-4}}\n  - {{kind: prune_pca}}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prune_pca narrows channels (channel surgery)" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_measures_an_imported_graph_network(tmp_path, capsys):
+    """`snncompress evaluate` on the checkpoint of an imported snnTorch network: accuracy, SynOps, footprint."""
+    snn = snntorch
+    torch.manual_seed(8)
+    net = torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(784, 10),
+                              snn.Leaky(beta=torch.full((10,), 0.9), threshold=torch.ones(10), init_hidden=True,
+                                        reset_mechanism="zero"))
+    nir.write(str(tmp_path / "mnist.nir"), _snntorch_export(net, (1, 28, 28)))
+    ckpt = tmp_path / "model.safetensors"
+    assert main(["import", str(tmp_path / "mnist.nir"), "--out", str(ckpt), "--timesteps", "2", "--dt", "1e-4"]) == 0
+    assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "eval"), "--dataset", "mnist-builtin",
+                 "--set", "robustness_images=50", "--set", "noise_sigmas=[0.0]", "--set", "ops_images=64",
+                 "--set", "latency_repeats=2"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    final = report["final"]
+    assert final["timesteps"] == 2 and final["params"] == 784 * 10 + 10 + 2  # weights, bias, one leak, one threshold
+    assert final["footprint_bytes"] == 4 * final["params"]                   # float32, dense
+    assert final["synops"] == {"ac": 0.0, "mac": 7840.0, "dense": 7840.0}    # the image enters the linear once
+    from snncompress.data import load_data
+
+    _, test_loader, _ = load_data("mnist-builtin", batch_size=500)
+    model = load_checkpoint(ckpt).model
+    with torch.no_grad():
+        correct = sum(int((model(images).argmax(1) == labels).sum()) for images, labels in test_loader)
+    assert final["accuracy"] == correct / 2000

@@ -56,7 +56,8 @@ class LoadOptions(StageOptions):
                 model = self.load_nir()
             except UserError as exc:
                 raise ValueError(f"checkpoint: {exc}") from None
-            return replace(chain, mode="snn", timesteps=model.timesteps, source=self.name)
+            return replace(chain, mode="snn", timesteps=model.timesteps, source=self.name,
+                           arch=model.spec.get("arch", chain.arch))
         if self.timesteps is not None or self.dt is not None or self.integration != "euler" or self.reset:
             raise ValueError("timesteps, dt, integration and reset apply to a .nir file only")
         try:
