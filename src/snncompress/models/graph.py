@@ -128,6 +128,8 @@ class GraphNeuron(nn.Module):
         shape, layout = list(node["shape"]), node.get("layout", "layer")
         self.layout = layout
         options = {k: v for k, v in neuron.items() if k not in ("per_channel", "leak", "threshold", "reset")}
+        if node["kind"] == "if":
+            options["learn_leak"] = False  # an IF node stays one (leak 1) through training
         self.lif = NeuronLIF(layout, shape, reset=node.get("reset", "hard"), **options)
         self.synapse = SynapticCurrent(layout, shape) if node["kind"] == "cubalif" else None
         for name, present in (("gain", node.get("gain", False)), ("bias", node.get("bias", False))):

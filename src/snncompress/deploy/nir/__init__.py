@@ -1,4 +1,5 @@
-"""Export a spiking VGG / convnet to NIR (the Neuromorphic Intermediate Representation) and import it back.
+"""Export a spiking VGG / convnet to NIR (the Neuromorphic Intermediate Representation) and import it back;
+graphs from other frameworks (snnTorch, Norse, Sinabs, Rockpool) become graph networks (:mod:`.graph`).
 
 NIR (``pip install nir``) is the exchange format that snnTorch, SpikingJelly,
 Norse, sinabs, Lava and several chips read: a graph of nodes (``Conv2d``,

@@ -164,10 +164,7 @@ class _Importer:
 
     def __init__(self, graph, *, dt: float | None, integration: str, reset: str | None = None):
         self.graph, self.dt, self.integration, self.reset = graph, dt, integration, reset
-        self.spec_nodes: list[dict] = []
-        self.tensors: dict[str, dict[str, np.ndarray]] = {}
-        self.shapes: dict[str, list[int]] = {}
-        self.uses_dt: list[str] = []
+        self.tensors: dict[str, dict[str, np.ndarray]] = {}  # node name -> {parameter: array}
 
     def need_dt(self, name: str) -> float:
         if self.dt is None:
