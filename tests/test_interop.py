@@ -56,14 +56,16 @@ def _compress(model: GraphNetwork, bits: int = 4) -> GraphNetwork:
 
 # ----------------------------------------------------------------------------- snnTorch
 
-snntorch = pytest.importorskip("snntorch", reason="snnTorch is not installed (pip install snntorch)")
+def _snn():
+    """snnTorch, or a skip saying it is not installed."""
+    return pytest.importorskip("snntorch", reason="snnTorch is not installed (pip install snntorch)")
 
 
 def _snntorch_conv(reset: str = "zero"):
     """A small conv network in snnTorch: conv 1->4 (3x3, pad 1), Leaky, 2x2 avg pool, flatten, linear 64->10,
     Leaky. snnTorch 1.0's exporter needs per-neuron beta and threshold (scalars fail its type inference), an
     unbatched sample and ``Flatten(0)``."""
-    snn = snntorch
+    snn = _snn()
     torch.manual_seed(1)
     conv = torch.nn.Conv2d(1, 4, 3, padding=1)
     fc = torch.nn.Linear(64, 10)
@@ -81,7 +83,7 @@ def _snntorch_conv(reset: str = "zero"):
 
 def _snntorch_fc(reset: str = "zero"):
     """A small fully connected network in snnTorch: 20 -> 12 (Leaky) -> 5 (Leaky), set weights."""
-    snn = snntorch
+    snn = _snn()
     torch.manual_seed(2)
     fc1, fc2 = torch.nn.Linear(20, 12), torch.nn.Linear(12, 5, bias=False)
     with torch.no_grad():
@@ -96,6 +98,7 @@ def _snntorch_fc(reset: str = "zero"):
 
 
 def _snntorch_export(net, shape):
+    _snn()
     from snntorch.export_nir import export_to_nir
 
     return export_to_nir(net, torch.rand(*shape))
@@ -104,7 +107,7 @@ def _snntorch_export(net, shape):
 def _snntorch_run(net, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """snnTorch's own simulation of ``net`` on ``x`` [T, B, ...], one sample at a time (``Flatten(0)`` merges a
     batch): ``({module index: spikes [T, B, ...]}, output spikes summed over T [B, K])``."""
-    leaky = {str(i): m for i, m in enumerate(net) if isinstance(m, snntorch.Leaky)}
+    leaky = {str(i): m for i, m in enumerate(net) if isinstance(m, _snn().Leaky)}
     per_sample = []
     with torch.no_grad():
         for b in range(x.shape[1]):
@@ -163,6 +166,7 @@ def test_snntorch_subtract_reset_is_imported_as_zero_reset(build):
 
 @pytest.mark.parametrize("build", [_snntorch_conv, _snntorch_fc], ids=["conv", "fc"])
 def test_snntorch_compressed_model_goes_back_with_the_same_predictions(build, tmp_path):
+    _snn()
     from snntorch.import_nir import import_from_nir
 
     net, shape = build("zero")
@@ -174,7 +178,7 @@ def test_snntorch_compressed_model_goes_back_with_the_same_predictions(build, tm
         back = import_from_nir(nir.read(str(path)))
     x = _inputs(shape, seed=5, batch=8)
     ours, logits = graph_spikes(small, x)
-    leaky = [m for m in back.modules() if isinstance(m, snntorch.Leaky)]
+    leaky = [m for m in back.modules() if isinstance(m, _snn().Leaky)]
     theirs = []
     with torch.no_grad():
         for b in range(x.shape[1]):
@@ -663,6 +667,7 @@ def test_own_vgg_export_against_snntorch_norse_rockpool():
     2x2 average pooling): snnTorch 1.0 refuses IF nodes (r != 1) and loads the --leak-one lif form; Norse 1.1 has no
     AvgPool2d node (its importer drops it and fails), Rockpool 3.1 has no Conv2d. docs/interop.md states this
     table; networks imported from a framework go back in the node kinds it wrote (tests above)."""
+    _snn()
     _norse()
     _rockpool()
     default, lif_form = _own_convnet_exports()
@@ -714,7 +719,7 @@ def test_channel_surgery_on_a_graph_network_is_refused_at_recipe_load(tmp_path, 
 
 def test_evaluate_measures_an_imported_graph_network(tmp_path, capsys):
     """`snncompress evaluate` on the checkpoint of an imported snnTorch network: accuracy, SynOps, footprint."""
-    snn = snntorch
+    snn = _snn()
     torch.manual_seed(8)
     net = torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(784, 10),
                               snn.Leaky(beta=torch.full((10,), 0.9), threshold=torch.ones(10), init_hidden=True,
