@@ -81,8 +81,9 @@ returns computes the same logits as the exported one, bit for bit. Files are
 read with h5py (HDF5), never unpickled.
 
 Modules: :mod:`.mapping` (constants and the layer walk both directions share), :mod:`.export`,
-:mod:`.load` (import), :mod:`.graph` (graphs from other frameworks as graph networks, and back), :mod:`.harness` (spike counts against snnTorch's importer) and
-:mod:`.command` (``snncompress export``); this package re-exports their public names.
+:mod:`.load` (import), :mod:`.graph` (graphs from other frameworks as graph networks, and back),
+:mod:`.harness` (spike counts against snnTorch's importer) and :mod:`.command` (``snncompress export``,
+``snncompress import``); this package re-exports their public names.
 """
 
 from __future__ import annotations

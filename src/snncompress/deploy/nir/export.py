@@ -16,7 +16,7 @@ from ...models import SpikingNetwork
 from ...neuron import LIF
 from .graph import export_graph
 from .mapping import (DEFAULT_DT, LEAK_ONE_MODES, LEAK_ONE_TAU_STEPS, NIR_FORMAT, SOFT_RESET_MODES, Layer, _check_dt,
-                      _pair, layers, require_nir)
+                      _pair, layers, make_node, require_nir)
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -71,13 +71,14 @@ def _neuron_node(nir, layer: Layer, dt: float, soft_reset: str, leak_one: str, s
     for attr in ("leak", "threshold"):
         meta.update(_compression_metadata(stored.get(f"{layer.name}.{attr}"), attr))
     if leak_one == "if" and bool((leak == 1).all()):
-        return nir.IF(r=np.full(shape, 1.0 / dt, np.float32), v_threshold=threshold, v_reset=zeros, metadata=meta)
+        return make_node(nir.IF, r=np.full(shape, 1.0 / dt, np.float32), v_threshold=threshold, v_reset=zeros,
+                         metadata=meta)
     if leak_one == "if" and bool((leak == 1).any()):
         raise UserError(f"{layer.name}: per-channel leaks mix 1 (IF, no finite tau) and values below 1 (LIF); "
                         f"NIR has no node for such a layer (--leak-one lif writes leak 1 as tau = 1e8 dt)")
     one_minus = 1.0 - _per_neuron(leak, shape)
     one_minus[one_minus == 0] = 1.0 / LEAK_ONE_TAU_STEPS
-    return nir.LIF(tau=(dt / one_minus).astype(np.float32), r=(1.0 / one_minus).astype(np.float32),
+    return make_node(nir.LIF, tau=(dt / one_minus).astype(np.float32), r=(1.0 / one_minus).astype(np.float32),
                    v_leak=zeros, v_threshold=threshold, v_reset=zeros.copy(), metadata=meta)
 
 
@@ -94,8 +95,9 @@ def _batchnorm_node(nir, layer: Layer):
         meta.update({"batchnorm.weight": _array(bn.weight), "batchnorm.bias": _array(bn.bias)})
     # A diagonal 1x1 convolution rather than a depthwise one: nir 1.0's type check takes a Conv2d's input
     # channels from weight.shape[1], which a grouped convolution's weight does not hold.
-    return nir.Conv2d(input_shape=tuple(layer.in_shape[1:]), weight=_array(torch.diag(scale)).reshape(c, c, 1, 1),
-                      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+    return make_node(nir.Conv2d, input_shape=tuple(layer.in_shape[1:]),
+                     weight=_array(torch.diag(scale)).reshape(c, c, 1, 1), stride=(1, 1), padding=(0, 0),
+                     dilation=(1, 1), groups=1,
                       bias=_array(beta - mean * scale), metadata=meta)
 
 
@@ -103,14 +105,15 @@ def _node(nir, layer: Layer, dt: float, soft_reset: str, leak_one: str, stored: 
     m = layer.module
     if layer.kind == "conv":
         bias = _array(m.bias) if m.bias is not None else np.zeros(m.out_channels, np.float32)
-        return nir.Conv2d(input_shape=tuple(layer.in_shape[1:]), weight=_array(m.weight), stride=_pair(m.stride),
-                          padding=_pair(m.padding), dilation=_pair(m.dilation), groups=int(m.groups), bias=bias,
+        return make_node(nir.Conv2d, input_shape=tuple(layer.in_shape[1:]), weight=_array(m.weight),
+                         stride=_pair(m.stride), padding=_pair(m.padding), dilation=_pair(m.dilation),
+                         groups=int(m.groups), bias=bias,
                           metadata=_compression_metadata(stored.get(f"{layer.name}.weight"), "weight"))
     if layer.kind == "linear":
         meta = _compression_metadata(stored.get(f"{layer.name}.weight"), "weight")
         if m.bias is not None:
-            return nir.Affine(weight=_array(m.weight), bias=_array(m.bias), metadata=meta)
-        return nir.Linear(weight=_array(m.weight), metadata=meta)
+            return make_node(nir.Affine, weight=_array(m.weight), bias=_array(m.bias), metadata=meta)
+        return make_node(nir.Linear, weight=_array(m.weight), metadata=meta)
     if layer.kind == "batchnorm":
         return _batchnorm_node(nir, layer)
     if layer.kind == "lif":
@@ -118,8 +121,8 @@ def _node(nir, layer: Layer, dt: float, soft_reset: str, leak_one: str, stored: 
     if layer.kind == "pool":
         k = _pair(m.kernel_size)
         s = _pair(m.stride if m.stride is not None else m.kernel_size)
-        return nir.AvgPool2d(kernel_size=np.array(k), stride=np.array(s), padding=np.array([0, 0]))
-    return nir.Flatten(input_type={"input": np.array(layer.in_shape)}, start_dim=0, end_dim=-1)
+        return make_node(nir.AvgPool2d, kernel_size=np.array(k), stride=np.array(s), padding=np.array([0, 0]))
+    return make_node(nir.Flatten, input_type={"input": np.array(layer.in_shape)}, start_dim=0, end_dim=-1)
 
 
 def _version() -> str:
@@ -163,11 +166,11 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
     model.eval()
     try:
         stored = {t.name: t for t in stored_tensors(model)}
-        nodes = {"input": nir.Input(input_type={"input": np.array(found[0].in_shape if found else
+        nodes = {"input": make_node(nir.Input, input_type={"input": np.array(found[0].in_shape if found else
                                                                   model.spec["in_shape"])})}
         for layer in found:
             nodes[layer.name] = _node(nir, layer, dt, soft_reset, leak_one, stored)
-        nodes["output"] = nir.Output(output_type={"output": np.array(found[-1].out_shape)})
+        nodes["output"] = make_node(nir.Output, output_type={"output": np.array(found[-1].out_shape)})
     finally:
         model.train(was_training)
     names = list(nodes)
@@ -190,7 +193,8 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
         "reset": ("subtract: LIF/IF nodes with metadata reset='subtract' subtract v_threshold on a spike "
                   "instead of resetting to v_reset" if soft else "zero: v <- v_reset = 0 on a spike"),
     }
-    return nir.NIRGraph(nodes=nodes, edges=list(zip(names[:-1], names[1:])), metadata=metadata, type_check=True)
+    return make_node(nir.NIRGraph, nodes=nodes, edges=list(zip(names[:-1], names[1:])), metadata=metadata,
+                     type_check=True)
 
 
 def export_notes(graph) -> list[str]:

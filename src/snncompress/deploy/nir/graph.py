@@ -39,9 +39,9 @@ The inverse map, node by node, in NIR's own form (the ODE under forward Euler wi
 framework's importer gets back the kinds it wrote. A model imported with ``integration="jump"`` is written
 with what its gains mean in the ODE (an IF's ``r = gain / dt``, a CubaLIF's ``w_in = gain tau_syn / dt``).
 A model imported with ``integration="rockpool"`` is written as Rockpool writes and reads it
-(``tau = -dt / ln(leak)``, ``r = tau / dt - 1`` from which Rockpool's importer takes its ``dt``). Masked and quantized weights are written as what the model computes with (zeros
-under the mask, ``codes * scale``); the mask and codes travel as node metadata, the spec as graph metadata
-``snncompress_spec`` so :func:`snncompress.load` rebuilds the compressed, trainable model.
+(``tau = -dt / ln(leak)``, ``r = tau / dt - 1`` from which Rockpool's importer takes its ``dt``). Masked and
+quantized weights are written as what the model computes with (zeros under the mask, ``codes * scale``); the
+mask and codes travel as node metadata, the spec as graph metadata ``snncompress_spec`` so :func:`snncompress.load` rebuilds the compressed, trainable model.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from ...errors import UserError
 from ...models import GraphNetwork, build_from_spec
 from ...models.base import NEURON_DEFAULTS
 from ...models.graph import topological_order
-from .mapping import LEAK_TOLERANCE, NIR_FORMAT, require_nir, restore_compression
+from .mapping import LEAK_TOLERANCE, NIR_FORMAT, make_node, require_nir, restore_compression
 
 #: NIR node types the graph family takes, by their NIR class name.
 SUPPORTED_NODES = ("Input", "Output", "Conv1d", "Conv2d", "Linear", "Affine", "Scale", "Flatten", "SumPool2d",
@@ -475,7 +475,7 @@ def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, 
         leak = _per_neuron(module.leak, layout, shape, 1.0)
         gain, bias = _per_neuron(module.gain, layout, shape, 1.0), _per_neuron(module.bias, layout, shape, 0.0)
         tau = tau_of(leak)
-        return nir.LI(tau=f32(tau), r=f32(r_of(tau, gain)), v_leak=f32(bias / (1.0 - leak)))
+        return make_node(nir.LI, tau=f32(tau), r=f32(r_of(tau, gain)), v_leak=f32(bias / (1.0 - leak)))
     lif = module.lif
     leak = _per_neuron(lif.leak, layout, shape, 1.0)
     threshold = f32(_per_neuron(lif.threshold, layout, shape, 1.0))
@@ -488,12 +488,12 @@ def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, 
     if kind == "if":
         if np.any(leak != 1.0):
             raise UserError(f"node {entry['name']}: an IF node whose leak was trained below 1 has no IF form")
-        return nir.IF(r=f32(gain / dt), v_threshold=threshold, v_reset=zeros, metadata=meta)
+        return make_node(nir.IF, r=f32(gain / dt), v_threshold=threshold, v_reset=zeros, metadata=meta)
     if np.any(leak >= 1.0):
         raise UserError(f"node {entry['name']}: a leak of 1 in a {kind.upper()} node has no finite tau")
     tau = tau_of(leak)
     if kind == "lif":
-        return nir.LIF(tau=f32(tau), r=f32(r_of(tau, gain)), v_leak=f32(bias / (1.0 - leak)),
+        return make_node(nir.LIF, tau=f32(tau), r=f32(r_of(tau, gain)), v_leak=f32(bias / (1.0 - leak)),
                        v_threshold=threshold, v_reset=zeros, metadata=meta)
     syn = module.synapse
     decay = _per_neuron(syn.decay, layout, shape, 0.0)
@@ -501,8 +501,9 @@ def _neuron_export(nir, model: GraphNetwork, entry: dict, module, stored: dict, 
     meta.update({"synapse.decay": f32(decay).reshape(-1), "synapse.syn_gain": f32(syn_gain).reshape(-1)})
     tau_syn = tau_of(decay)
     w_in = np.ones(shape) if rockpool else syn_gain * tau_syn / dt
-    return nir.CubaLIF(tau_syn=f32(tau_syn), tau_mem=f32(tau), r=f32(r_of(tau, gain)), v_leak=f32(bias / (1.0 - leak)),
-                       v_threshold=threshold, v_reset=zeros, w_in=f32(w_in), metadata=meta)
+    return make_node(nir.CubaLIF, tau_syn=f32(tau_syn), tau_mem=f32(tau), r=f32(r_of(tau, gain)),
+                     v_leak=f32(bias / (1.0 - leak)), v_threshold=threshold, v_reset=zeros, w_in=f32(w_in),
+                     metadata=meta)
 
 
 def _export_dt(model: GraphNetwork) -> float:
@@ -528,9 +529,9 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
             module = model.node_module(name)
             key = model.keys[name]
             if kind == "input":
-                nodes[name] = nir.Input(input_type={"input": np.array(entry["shape"])})
+                nodes[name] = make_node(nir.Input, input_type={"input": np.array(entry["shape"])})
             elif kind == "output":
-                nodes[name] = nir.Output(output_type={"output": np.array(entry.get("shape",
+                nodes[name] = make_node(nir.Output, output_type={"output": np.array(entry.get("shape",
                                                                                 [model.spec["num_classes"]]))})
             elif kind in ("conv1d", "conv2d"):
                 meta = compression_metadata(stored.get(f"nodes.{key}.weight"), "weight")
@@ -538,22 +539,23 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
                 cls = nir.Conv1d if kind == "conv1d" else nir.Conv2d
                 padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
                 size = entry["input_size"]
-                nodes[name] = cls(input_shape=size[0] if kind == "conv1d" else tuple(size), weight=np.asarray(_np(module.weight), np.float32),
-                                  stride=tuple(entry["stride"]), padding=padding, dilation=tuple(entry["dilation"]),
-                                  groups=int(entry["groups"]), bias=np.asarray(bias, np.float32), metadata=meta)
+                nodes[name] = make_node(cls, input_shape=size[0] if kind == "conv1d" else tuple(size),
+                                        weight=np.asarray(_np(module.weight), np.float32), stride=tuple(entry["stride"]),
+                                        padding=padding, dilation=tuple(entry["dilation"]), groups=int(entry["groups"]),
+                                        bias=np.asarray(bias, np.float32), metadata=meta)
             elif kind in ("linear", "affine"):
                 meta = compression_metadata(stored.get(f"nodes.{key}.weight"), "weight")
                 weight = np.asarray(_np(module.weight), np.float32)
                 if module.bias is not None:
-                    nodes[name] = nir.Affine(weight=weight, bias=np.asarray(_np(module.bias), np.float32),
+                    nodes[name] = make_node(nir.Affine, weight=weight, bias=np.asarray(_np(module.bias), np.float32),
                                              metadata=meta)
                 else:
-                    nodes[name] = nir.Linear(weight=weight, metadata=meta)
+                    nodes[name] = make_node(nir.Linear, weight=weight, metadata=meta)
             elif kind == "scale":
-                nodes[name] = nir.Scale(scale=np.asarray(_np(module.scale), np.float32))
+                nodes[name] = make_node(nir.Scale, scale=np.asarray(_np(module.scale), np.float32))
             elif kind == "flatten":
-                nodes[name] = nir.Flatten(input_type={"input": np.array(entry["input_shape"])}, start_dim=entry["start_dim"],
-                                          end_dim=entry["end_dim"])
+                nodes[name] = make_node(nir.Flatten, input_type={"input": np.array(entry["input_shape"])},
+                                        start_dim=entry["start_dim"], end_dim=entry["end_dim"])
             elif kind in ("sumpool2d", "avgpool2d"):
                 cls = nir.SumPool2d if kind == "sumpool2d" else nir.AvgPool2d
                 nodes[name] = cls(kernel_size=np.array(entry["kernel"]), stride=np.array(entry["stride"]),
@@ -569,8 +571,8 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
                 "snncompress_spec": json.dumps(model.spec, sort_keys=True), "timesteps": int(model.timesteps),
                 "readout": "logits = sum of the output node over the T steps"}
     metadata["dt"] = _export_dt(model)
-    return nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in model.spec["graph"]["edges"]], metadata=metadata,
-                        type_check=False)
+    return make_node(nir.NIRGraph, nodes=nodes, edges=[tuple(e) for e in model.spec["graph"]["edges"]],
+                     metadata=metadata, type_check=False)
 
 
 # ----------------------------------------------------------------------------- re-import of our own graph export

@@ -40,6 +40,15 @@ def require_nir():
     return nir
 
 
+def make_node(cls, **fields):
+    """A NIR node (or graph) of class ``cls`` from the ``fields`` the installed nir knows: nir 1.0.4, which Sinabs
+    pins, has no node metadata, no ``v_reset`` on IF and no ``type_check``; what it cannot hold is left out."""
+    import inspect
+
+    known = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in fields.items() if k in known})
+
+
 def _check_dt(dt: float) -> float:
     dt = float(dt)
     if not math.isfinite(dt) or dt <= 0:
