@@ -41,7 +41,9 @@ with what its gains mean in the ODE (an IF's ``r = gain / dt``, a CubaLIF's ``w_
 A model imported with ``integration="rockpool"`` is written as Rockpool writes and reads it
 (``tau = -dt / ln(leak)``, ``r = tau / dt - 1`` from which Rockpool's importer takes its ``dt``). Masked and
 quantized weights are written as what the model computes with (zeros under the mask, ``codes * scale``); the
-mask and codes travel as node metadata, the spec as graph metadata ``snncompress_spec`` so :func:`snncompress.load` rebuilds the compressed, trainable model.
+mask and codes travel as node metadata, the spec as graph metadata ``snncompress_spec`` so
+:func:`snncompress.load` rebuilds the compressed, trainable model (nir 1.0.4, which Sinabs pins, has no node
+metadata: there the values travel, the masks and codes do not).
 """
 
 from __future__ import annotations
@@ -540,8 +542,9 @@ def export_graph(model: GraphNetwork, compression_metadata, version: str):
                 padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
                 size = entry["input_size"]
                 nodes[name] = make_node(cls, input_shape=size[0] if kind == "conv1d" else tuple(size),
-                                        weight=np.asarray(_np(module.weight), np.float32), stride=tuple(entry["stride"]),
-                                        padding=padding, dilation=tuple(entry["dilation"]), groups=int(entry["groups"]),
+                                        weight=np.asarray(_np(module.weight), np.float32),
+                                        stride=tuple(entry["stride"]), padding=padding,
+                                        dilation=tuple(entry["dilation"]), groups=int(entry["groups"]),
                                         bias=np.asarray(bias, np.float32), metadata=meta)
             elif kind in ("linear", "affine"):
                 meta = compression_metadata(stored.get(f"nodes.{key}.weight"), "weight")
