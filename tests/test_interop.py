@@ -751,3 +751,32 @@ def test_evaluate_measures_an_imported_graph_network(tmp_path, capsys):
     with torch.no_grad():
         correct = sum(int((model(images).argmax(1) == labels).sum()) for images, labels in test_loader)
     assert final["accuracy"] == correct / 2000
+
+
+def test_per_neuron_parameters_run_the_euler_steps_exactly():
+    """A LIF node whose tau and threshold vary inside a channel keeps one value per neuron and computes
+    v[t] = (1 - dt/tau) v[t-1] + (dt r / tau) x[t], spike at v >= v_threshold, v <- 0 after a spike, whatever
+    backend the network is set to."""
+    g = torch.Generator().manual_seed(31)
+    shape = (2, 3, 3)
+    tau = (1e-3 * (1 + torch.rand(shape, generator=g))).numpy()
+    thr = (0.5 + torch.rand(shape, generator=g)).numpy()
+    r = (tau / 1e-4).astype(np.float32)  # gain dt r / tau = 1 at dt = 1e-4
+    nodes = {"input": nir.Input(input_type={"input": np.array(shape)}),
+             "lif": make_node(nir.LIF, tau=tau, r=r, v_leak=np.zeros(shape, np.float32), v_threshold=thr,
+                              v_reset=np.zeros(shape, np.float32)),
+             "output": nir.Output(output_type={"output": np.array(shape)})}
+    graph = make_node(nir.NIRGraph, nodes=nodes, edges=[("input", "lif"), ("lif", "output")], type_check=False)
+    model = import_graph(graph, timesteps=T, dt=1e-4)
+    assert model.spec["graph"]["nodes"][1]["layout"] == "neuron"
+    model.set_lif_backend("auto")
+    x = torch.rand(T, 3, *shape, generator=g)
+    ours, _ = graph_spikes(model, x)
+    leak = torch.tensor(1 - 1e-4 / tau.astype(np.float64), dtype=torch.float32)
+    v, expected = torch.zeros(3, *shape), []
+    for t in range(T):
+        v = leak * v + x[t]
+        spikes = (v / torch.tensor(thr) - 1 >= 0).float()
+        expected.append(spikes)
+        v = v * (1 - spikes)
+    assert torch.equal(ours["lif"], torch.stack(expected)) and 0 < ours["lif"].mean() < 1

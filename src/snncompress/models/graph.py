@@ -75,15 +75,24 @@ class NeuronLIF(LIF):
 
     def __init__(self, layout: str, shape: list[int], **options):
         channels = int(shape[0]) if layout == "channel" else None
-        super().__init__(**options, per_channel=layout == "channel", num_channels=channels)
         self.layout = layout
+        super().__init__(**options, per_channel=layout == "channel", num_channels=channels)
         if layout == "neuron":
             for name in ("leak", "threshold"):
                 value = torch.full(param_shape(layout, shape), float(getattr(self, name).detach()))
                 trainable = isinstance(getattr(self, name), nn.Parameter)
                 delattr(self, name)
                 self._register(name, value, trainable)
-            self.backend = "reference"
+
+    @property
+    def backend(self) -> str:
+        """The LIF backend; always ``"reference"`` for per-neuron parameters (the fused kernels take one value per
+        layer or per channel), whatever :meth:`SpikingNetwork.set_lif_backend` asked for."""
+        return "reference" if self.layout == "neuron" else self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = value
 
     def _broadcast(self, p: torch.Tensor, ndim: int) -> torch.Tensor:
         return _broadcast(p, self.layout, ndim)
