@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--timesteps", type=int, help="T, steps per image (default: the graph's metadata; needed "
                                                   "otherwise)")
     im.add_argument("--dt", type=float, help="time step in seconds the neurons are made discrete with (default: "
-                                             "the graph's metadata; snnTorch exports with 1e-4, Norse with 1e-3)")
+                                             "the graph's metadata; snnTorch's export: 1e-4; Norse 1.1's: its dt squared, "
+                                             "1e-6; docs/interop.md)")
     im.add_argument("--integration", choices=["euler", "jump", "rockpool"], default="euler",
                     help="how the neurons are made discrete: euler (NIR's ODE, snnTorch; default), jump (inputs "
                          "added as they are: Norse's LIFCell and IAFCell, Sinabs) or rockpool (exp(-dt/tau) decays)")

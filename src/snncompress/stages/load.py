@@ -33,7 +33,8 @@ class LoadOptions(StageOptions):
                                                       "from any framework (only read)")
     timesteps: int | None = Field(None, ge=1, description="NIR file: T per image (default: the file's)")
     dt: float | None = Field(None, gt=0, description="NIR file: the neurons' time step in seconds (default: the "
-                                                      "file's; snnTorch exports with 1e-4, Norse with 1e-3)")
+                                                      "file's; snnTorch's export: 1e-4; Norse 1.1's: its dt "
+                                                      "squared, 1e-6; docs/interop.md)")
     integration: Literal[INTEGRATIONS] = Field("euler", description="NIR file: how the neurons are made discrete "
                                                                      "(euler: snnTorch; jump: Norse, Sinabs; "
                                                                      "rockpool)")

@@ -171,8 +171,8 @@ class _Importer:
     def need_dt(self, name: str) -> float:
         if self.dt is None:
             raise UserError(f"node {name}: the graph does not record its time step dt, which its neurons need; give "
-                            f"--dt in seconds (snnTorch's exporter uses 1e-4, Norse's 1e-3, Rockpool's its "
-                            f"module's dt)")
+                            f"--dt in seconds (snnTorch's export: 1e-4; Norse 1.1's: its dt squared, 1e-6 for "
+                            f"1e-3; Rockpool's: its modules' dt)")
         return self.dt
 
     def neuron(self, name: str, node, kind: str, shape: list[int]) -> dict:
