@@ -780,3 +780,45 @@ def test_per_neuron_parameters_run_the_euler_steps_exactly():
         expected.append(spikes)
         v = v * (1 - spikes)
     assert torch.equal(ours["lif"], torch.stack(expected)) and 0 < ours["lif"].mean() < 1
+
+
+def test_training_pruning_and_quantization_stages_run_on_a_loaded_nir_graph(tmp_path):
+    """A recipe that loads an snnTorch graph, trains it (train_snn), prunes it by magnitude (prune_imp) and sweeps
+    weight bit widths (quant_sweep) on the validation split; the final checkpoint is a masked, quantized graph
+    network that exports to NIR and comes back the same."""
+    snn = _snn()
+    torch.manual_seed(9)
+    net = torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(784, 10),
+                              snn.Leaky(beta=torch.full((10,), 0.9), threshold=torch.ones(10), init_hidden=True,
+                                        reset_mechanism="zero"))
+    nir.write(str(tmp_path / "mnist.nir"), _snntorch_export(net, (1, 28, 28)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+seed: 0
+device: cpu
+data: {{dataset: mnist-builtin, batch_size: 64, train_subset: 512, test_subset: 128}}
+stages:
+  - {{kind: load, checkpoint: {(tmp_path / 'mnist.nir').as_posix()}, timesteps: 2, dt: 1.0e-4}}
+  - {{kind: train_snn, epochs: 1, lr: 1.0e-3, max_batches: 3}}
+  - {{kind: prune_imp, final_sparsity: 0.5, rate: 0.5, epochs: 1, finetune_epochs: 1, max_batches: 2}}
+  - {{kind: quant_sweep, bits: [8, 4], tolerance: 0.05, max_batches: 2}}
+measure: {{robustness_images: 16, ops_images: 16, latency_repeats: 2, noise_sigmas: [0.0]}}
+""")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [s["kind"] for s in report["stages"]] == ["load", "train_snn", "prune_imp", "quant_sweep"]
+    final = load_checkpoint(tmp_path / "run" / report["final"]["checkpoint"]).model
+    assert isinstance(final, GraphNetwork)
+    from snncompress.compress import get_masks, get_quantizers
+
+    masks, quantizers = get_masks(final), get_quantizers(final)
+    weight = final.node_module("1").weight
+    assert set(masks) == {"nodes.n1.weight"} and float(masks["nodes.n1.weight"].float().mean()) == 0.5
+    assert "nodes.n1.weight" in quantizers and quantizers["nodes.n1.weight"].bits in (8, 4)
+    assert float((weight == 0).float().mean()) >= 0.5
+    assert report["final"]["footprint_bytes"] < report["baseline"]["footprint_bytes"] / 4
+    write_nir(final, tmp_path / "final.nir")
+    images = torch.rand(4, 1, 28, 28)
+    again = load_nir(tmp_path / "final.nir")
+    assert torch.equal(again(images), final.eval()(images))
+    assert set(get_masks(again)) == {"nodes.n1.weight"}
