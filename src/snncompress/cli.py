@@ -1,4 +1,4 @@
-"""Command line: ``snncompress run | demo | evaluate | quantize | report | export | stages``.
+"""Command line: ``snncompress run | demo | evaluate | quantize | report | export | import | stages``.
 
 User mistakes (bad recipe, missing data, incompatible checkpoint) end with one
 line on stderr and exit code 2; nothing is half-written.
@@ -75,6 +75,13 @@ def cmd_export(args) -> None:
 
     export_command(args.source, args.format, args.out_file, dt=args.dt, soft_reset=args.soft_reset,
                    leak_one=args.leak_one)
+
+
+def cmd_import(args) -> None:
+    from .deploy.nir import import_command
+
+    import_command(args.source, args.out_file, input_shape=args.input_shape, timesteps=args.timesteps, dt=args.dt,
+                   integration=args.integration, reset=args.reset)
 
 
 def cmd_stages(args) -> None:
@@ -189,6 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--leak-one", choices=["if", "lif"], default="if",
                     help="neurons with leak 1: IF nodes (default) or LIF nodes with tau = 1e8 dt (snnTorch)")
     ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="a NIR graph from snnTorch, Norse, Sinabs, Rockpool (or this package) as a "
+                                       "checkpoint of a graph network, ready for the compression stages")
+    im.add_argument("source", help="a .nir file")
+    im.add_argument("--out", dest="out_file", required=True, metavar="CKPT", help="the checkpoint to write")
+    im.add_argument("--input-shape", metavar="C,H,W", help="shape of one input without batch (default: the graph's "
+                                                          "Input node)")
+    im.add_argument("--timesteps", type=int, help="T, steps per image (default: the graph's metadata; needed "
+                                                  "otherwise)")
+    im.add_argument("--dt", type=float, help="time step in seconds the neurons are made discrete with (default: "
+                                             "the graph's metadata; snnTorch's export: 1e-4; Norse 1.1's: its dt squared, "
+                                             "1e-6; docs/interop.md)")
+    im.add_argument("--integration", choices=["euler", "jump", "rockpool"], default="euler",
+                    help="how the neurons are made discrete: euler (NIR's ODE, snnTorch; default), jump (inputs "
+                         "added as they are: Norse's LIFCell and IAFCell, Sinabs) or rockpool (exp(-dt/tau) decays)")
+    im.add_argument("--reset", choices=["zero", "subtract"],
+                    help="reset of every spiking node (default: the graph's, v_reset = 0: zero); exporters write "
+                         "zero for networks that subtracted (Sinabs' and Rockpool's defaults)")
+    im.set_defaults(func=cmd_import)
 
     stages = sub.add_parser("stages", help="list the recipe stages with their options, defaults and descriptions")
     stages.add_argument("kind", nargs="?", help="one stage kind (default: all)")

@@ -10,11 +10,13 @@ from ..errors import UserError, format_validation_error
 from .base import NEURON_DEFAULTS, ChannelGroup, FamilyOptions, SpikingNetwork
 from .stdp import ARCH as STDP_ARCH
 from .stdp import DiehlCookNetwork, DiehlCookOptions, diehl_cook_spec
+from .graph import GRAPH_NODE_KINDS, GraphNetwork, GraphOptions
 from .resnet import RESNET_LAYOUTS, ResNetOptions, SpikingResNet, resnet_spec
 from .vgg import VGG_FEATURES, SpikingVGG, VGGOptions, vgg_spec
 
 #: Every model family, by its name in specs; each class says which archs it builds and how.
-FAMILIES: dict[str, type[SpikingNetwork]] = {cls.FAMILY: cls for cls in (SpikingVGG, SpikingResNet, DiehlCookNetwork)}
+FAMILIES: dict[str, type[SpikingNetwork]] = {cls.FAMILY: cls for cls in (SpikingVGG, SpikingResNet, DiehlCookNetwork,
+                                                                    GraphNetwork)}
 MODEL_NAMES = tuple(name for cls in FAMILIES.values() for name in cls.ARCHS)
 
 
@@ -84,7 +86,7 @@ def build_from_spec(spec: dict) -> SpikingNetwork:
         raise UserError(f"model spec is not valid: {exc}") from None
 
 
-__all__ = ["FAMILIES", "MODEL_NAMES", "ChannelGroup", "DiehlCookNetwork", "DiehlCookOptions", "FamilyOptions",
+__all__ = ["FAMILIES", "GRAPH_NODE_KINDS", "GraphNetwork", "GraphOptions", "MODEL_NAMES", "ChannelGroup", "DiehlCookNetwork", "DiehlCookOptions", "FamilyOptions",
            "RESNET_LAYOUTS", "ResNetOptions", "STDP_ARCH", "SpikingNetwork", "SpikingResNet", "SpikingVGG",
            "VGGOptions", "VGG_FEATURES", "build_from_spec", "build_model", "diehl_cook_spec", "family_of",
            "family_options", "resnet_spec", "vgg_spec"]

@@ -68,6 +68,10 @@ class StageOptions(Strict):
     def check(self, chain: Chain) -> None:
         """Rules between these options and what the stages before leave; raises ValueError("option: ...")."""
 
+    def needs_channel_surgery(self) -> bool:
+        """Whether these options narrow the model's channels (refused on graph networks at recipe load)."""
+        return False
+
     def input_digest(self) -> str:
         """Hash of what the stage reads besides the run (e.g. a checkpoint file); part of its fingerprint."""
         return ""
@@ -83,6 +87,10 @@ class StageOptions(Strict):
         if self.needs in MODES and chain.mode != self.needs:
             raise ValueError(f"needs {NEEDS[self.needs]}, but stage {chain.source!r} before it leaves "
                              f"{MODES[chain.mode]}")
+        if chain.arch == "graph" and self.needs_channel_surgery():
+            raise ValueError(f"kind: {self.kind} narrows channels (channel surgery), which an imported graph network "
+                             f"does not expose: its layers' shapes are the graph's; prune with masks instead "
+                             f"(prune_imp, prune_criticality mode: unstructured)")
         self.check(chain)
         left = self.leaves(chain)
         return replace(left, earlier=(*chain.earlier, (self.name, left.mode)))

@@ -146,6 +146,9 @@ class PruneCriticalityOptions(_PruneOptions):
         """The :func:`~snncompress.compress.criticality.reduce_criticality` reduction ``spatial`` names."""
         return "channel" if self.spatial == "max" else "channel_mean"
 
+    def needs_channel_surgery(self) -> bool:
+        return self.mode == "structured"
+
     def check(self, chain: Chain) -> None:
         """An option the chosen mode does not use is an error (it would be silently ignored)."""
         super().check(chain)

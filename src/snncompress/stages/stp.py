@@ -66,6 +66,9 @@ class PrunePCAOptions(TrainOptions):
     recalibrate: bool = Field(False, description="finetune: recalibrate every threshold of the narrow model "
                                                  "(calib_* options) before fine-tuning")
 
+    def needs_channel_surgery(self) -> bool:
+        return True
+
     def check(self, chain: Chain) -> None:
         """An option the chosen mode does not use is an error (it would be silently ignored)."""
         super().check(chain)

@@ -428,6 +428,8 @@ def checkpoint_layers(model: nn.Module, enable: bool = True) -> nn.Module:
     :func:`lean_memory` so that the segment inputs (spikes) are stored as uint8.
     """
     names = [n for n in _WRAPPED if callable(getattr(type(model), n, None))]
+    if not names and not enable:
+        return model  # nothing was wrapped, nothing to undo (e.g. an imported graph network)
     if not names:
         raise TypeError(f"checkpoint_layers does not know how to segment {type(model).__name__}")
     for name in names:

@@ -1,4 +1,5 @@
-"""Export a spiking VGG / convnet to NIR (the Neuromorphic Intermediate Representation) and import it back.
+"""Export a spiking VGG / convnet to NIR (the Neuromorphic Intermediate Representation) and import it back;
+graphs from other frameworks (snnTorch, Norse, Sinabs, Rockpool) become graph networks (:mod:`.graph`).
 
 NIR (``pip install nir``) is the exchange format that snnTorch, SpikingJelly,
 Norse, sinabs, Lava and several chips read: a graph of nodes (``Conv2d``,
@@ -80,13 +81,15 @@ returns computes the same logits as the exported one, bit for bit. Files are
 read with h5py (HDF5), never unpickled.
 
 Modules: :mod:`.mapping` (constants and the layer walk both directions share), :mod:`.export`,
-:mod:`.load` (import), :mod:`.harness` (spike counts against snnTorch's importer) and
-:mod:`.command` (``snncompress export``); this package re-exports their public names.
+:mod:`.load` (import), :mod:`.graph` (graphs from other frameworks as graph networks, and back),
+:mod:`.harness` (spike counts against snnTorch's importer) and :mod:`.command` (``snncompress export``,
+``snncompress import``); this package re-exports their public names.
 """
 
 from __future__ import annotations
 
-from .command import export_command
+from .command import export_command, import_command
+from .graph import INTEGRATIONS, RESETS, SUPPORTED_NODES, export_graph, import_graph
 from .export import export_nir, export_notes, write_nir
 from .harness import layer_spike_counts, snntorch_spike_counts
 from .load import import_nir, is_nir_file, load_nir, read_nir
@@ -95,6 +98,7 @@ from .mapping import (DEFAULT_DT, HDF5_MAGIC, LEAK_ONE_MODES, LEAK_ONE_TAU_STEPS
 
 __all__ = [
     "DEFAULT_DT", "HDF5_MAGIC", "LEAK_ONE_MODES", "LEAK_ONE_TAU_STEPS", "LEAK_TOLERANCE", "NIR_FORMAT",
-    "SOFT_RESET_MODES", "Layer", "export_command", "export_nir", "export_notes", "import_nir", "is_nir_file",
+    "SOFT_RESET_MODES", "Layer", "export_command", "import_command", "INTEGRATIONS", "RESETS", "SUPPORTED_NODES",
+    "export_graph", "import_graph", "export_nir", "export_notes", "import_nir", "is_nir_file",
     "layer_spike_counts", "layers", "load_nir", "read_nir", "require_nir", "snntorch_spike_counts", "write_nir",
 ]

@@ -14,8 +14,9 @@ from ...errors import UserError
 from ...io import atomic_write
 from ...models import SpikingNetwork
 from ...neuron import LIF
+from .graph import export_graph
 from .mapping import (DEFAULT_DT, LEAK_ONE_MODES, LEAK_ONE_TAU_STEPS, NIR_FORMAT, SOFT_RESET_MODES, Layer, _check_dt,
-                      _pair, layers, require_nir)
+                      _pair, layers, make_node, require_nir)
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -70,13 +71,14 @@ def _neuron_node(nir, layer: Layer, dt: float, soft_reset: str, leak_one: str, s
     for attr in ("leak", "threshold"):
         meta.update(_compression_metadata(stored.get(f"{layer.name}.{attr}"), attr))
     if leak_one == "if" and bool((leak == 1).all()):
-        return nir.IF(r=np.full(shape, 1.0 / dt, np.float32), v_threshold=threshold, v_reset=zeros, metadata=meta)
+        return make_node(nir.IF, r=np.full(shape, 1.0 / dt, np.float32), v_threshold=threshold, v_reset=zeros,
+                         metadata=meta)
     if leak_one == "if" and bool((leak == 1).any()):
         raise UserError(f"{layer.name}: per-channel leaks mix 1 (IF, no finite tau) and values below 1 (LIF); "
                         f"NIR has no node for such a layer (--leak-one lif writes leak 1 as tau = 1e8 dt)")
     one_minus = 1.0 - _per_neuron(leak, shape)
     one_minus[one_minus == 0] = 1.0 / LEAK_ONE_TAU_STEPS
-    return nir.LIF(tau=(dt / one_minus).astype(np.float32), r=(1.0 / one_minus).astype(np.float32),
+    return make_node(nir.LIF, tau=(dt / one_minus).astype(np.float32), r=(1.0 / one_minus).astype(np.float32),
                    v_leak=zeros, v_threshold=threshold, v_reset=zeros.copy(), metadata=meta)
 
 
@@ -93,8 +95,9 @@ def _batchnorm_node(nir, layer: Layer):
         meta.update({"batchnorm.weight": _array(bn.weight), "batchnorm.bias": _array(bn.bias)})
     # A diagonal 1x1 convolution rather than a depthwise one: nir 1.0's type check takes a Conv2d's input
     # channels from weight.shape[1], which a grouped convolution's weight does not hold.
-    return nir.Conv2d(input_shape=tuple(layer.in_shape[1:]), weight=_array(torch.diag(scale)).reshape(c, c, 1, 1),
-                      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+    return make_node(nir.Conv2d, input_shape=tuple(layer.in_shape[1:]),
+                     weight=_array(torch.diag(scale)).reshape(c, c, 1, 1), stride=(1, 1), padding=(0, 0),
+                     dilation=(1, 1), groups=1,
                       bias=_array(beta - mean * scale), metadata=meta)
 
 
@@ -102,14 +105,15 @@ def _node(nir, layer: Layer, dt: float, soft_reset: str, leak_one: str, stored: 
     m = layer.module
     if layer.kind == "conv":
         bias = _array(m.bias) if m.bias is not None else np.zeros(m.out_channels, np.float32)
-        return nir.Conv2d(input_shape=tuple(layer.in_shape[1:]), weight=_array(m.weight), stride=_pair(m.stride),
-                          padding=_pair(m.padding), dilation=_pair(m.dilation), groups=int(m.groups), bias=bias,
+        return make_node(nir.Conv2d, input_shape=tuple(layer.in_shape[1:]), weight=_array(m.weight),
+                         stride=_pair(m.stride), padding=_pair(m.padding), dilation=_pair(m.dilation),
+                         groups=int(m.groups), bias=bias,
                           metadata=_compression_metadata(stored.get(f"{layer.name}.weight"), "weight"))
     if layer.kind == "linear":
         meta = _compression_metadata(stored.get(f"{layer.name}.weight"), "weight")
         if m.bias is not None:
-            return nir.Affine(weight=_array(m.weight), bias=_array(m.bias), metadata=meta)
-        return nir.Linear(weight=_array(m.weight), metadata=meta)
+            return make_node(nir.Affine, weight=_array(m.weight), bias=_array(m.bias), metadata=meta)
+        return make_node(nir.Linear, weight=_array(m.weight), metadata=meta)
     if layer.kind == "batchnorm":
         return _batchnorm_node(nir, layer)
     if layer.kind == "lif":
@@ -117,8 +121,8 @@ def _node(nir, layer: Layer, dt: float, soft_reset: str, leak_one: str, stored: 
     if layer.kind == "pool":
         k = _pair(m.kernel_size)
         s = _pair(m.stride if m.stride is not None else m.kernel_size)
-        return nir.AvgPool2d(kernel_size=np.array(k), stride=np.array(s), padding=np.array([0, 0]))
-    return nir.Flatten(input_type={"input": np.array(layer.in_shape)}, start_dim=0, end_dim=-1)
+        return make_node(nir.AvgPool2d, kernel_size=np.array(k), stride=np.array(s), padding=np.array([0, 0]))
+    return make_node(nir.Flatten, input_type={"input": np.array(layer.in_shape)}, start_dim=0, end_dim=-1)
 
 
 def _version() -> str:
@@ -136,7 +140,9 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
     """The model as a ``nir.NIRGraph`` (see the module docstring for the mapping and its conventions).
 
     Args:
-        model: a spiking VGG / convnet (pruned, masked, quantized or not); it is left as it was.
+        model: a spiking VGG / convnet or an imported graph network (pruned, masked, quantized or not); it is
+            left as it was. A graph network is written in the node kinds, ``dt`` and reset it was imported
+            with (:mod:`.graph`); ``dt``, ``soft_reset`` and ``leak_one`` apply to the VGG family.
         dt: the simulation step the consumer must use; ``tau = dt / (1 - leak)``.
         soft_reset: ``"annotate"`` (keep soft reset as node metadata ``reset = "subtract"``) or
             ``"refuse"`` (raise UserError for a soft-reset model).
@@ -144,6 +150,12 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
             (LIF nodes with ``tau = 1e8 dt``; see the module docstring).
     """
     nir = require_nir()
+    if "nir" not in type(model).EXPORTS:
+        arch = model.spec.get("arch", model.spec.get("family"))
+        raise UserError(f"{arch} is not supported by NIR export (family {model.spec.get('family')}): it writes the "
+                        f"VGG family (vgg5/9/11/16, convnet) and imported graph networks")
+    if model.spec.get("family") == "graph":  # the graph's own node kinds, dt and integration
+        return export_graph(model, _compression_metadata, _version())
     dt = _check_dt(dt)
     if soft_reset not in SOFT_RESET_MODES:
         raise UserError(f"soft_reset must be one of {SOFT_RESET_MODES}, got {soft_reset!r}")
@@ -154,11 +166,11 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
     model.eval()
     try:
         stored = {t.name: t for t in stored_tensors(model)}
-        nodes = {"input": nir.Input(input_type={"input": np.array(found[0].in_shape if found else
+        nodes = {"input": make_node(nir.Input, input_type={"input": np.array(found[0].in_shape if found else
                                                                   model.spec["in_shape"])})}
         for layer in found:
             nodes[layer.name] = _node(nir, layer, dt, soft_reset, leak_one, stored)
-        nodes["output"] = nir.Output(output_type={"output": np.array(found[-1].out_shape)})
+        nodes["output"] = make_node(nir.Output, output_type={"output": np.array(found[-1].out_shape)})
     finally:
         model.train(was_training)
     names = list(nodes)
@@ -181,7 +193,8 @@ def export_nir(model: SpikingNetwork, *, dt: float = DEFAULT_DT, soft_reset: str
         "reset": ("subtract: LIF/IF nodes with metadata reset='subtract' subtract v_threshold on a spike "
                   "instead of resetting to v_reset" if soft else "zero: v <- v_reset = 0 on a spike"),
     }
-    return nir.NIRGraph(nodes=nodes, edges=list(zip(names[:-1], names[1:])), metadata=metadata, type_check=True)
+    return make_node(nir.NIRGraph, nodes=nodes, edges=list(zip(names[:-1], names[1:])), metadata=metadata,
+                     type_check=True)
 
 
 def export_notes(graph) -> list[str]:
@@ -190,8 +203,9 @@ def export_notes(graph) -> list[str]:
     per_channel = [n for n, node in graph.nodes.items()
                    if hasattr(node, "v_threshold") and np.unique(node.v_threshold).size > 1]
     if_nodes = [n for n, node in graph.nodes.items() if type(node).__name__ == "IF"]
-    notes = [f"simulate with dt = {float(graph.metadata['dt']):g} and feed the input at each of the "
-             f"{int(graph.metadata['timesteps'])} steps; logits = sum of the output over the steps"]
+    step = f"dt = {float(graph.metadata['dt']):g}" if "dt" in graph.metadata else "any dt (no node depends on it)"
+    notes = [f"simulate with {step} and feed the input at each of the {int(graph.metadata['timesteps'])} steps; "
+             f"logits = sum of the output over the steps"]
     if soft:
         notes.append(f"soft reset kept as metadata reset='subtract' on {', '.join(soft)}: a consumer that ignores "
                      f"it resets to v_reset = 0 (hard reset)")
@@ -199,7 +213,8 @@ def export_notes(graph) -> list[str]:
         notes.append(f"per-neuron thresholds on {', '.join(per_channel)} (importers that take one threshold per "
                      f"layer, such as snnTorch's, refuse them)")
     if if_nodes:
-        notes.append(f"leak 1 exported as IF with r = 1/dt on {', '.join(if_nodes)}")
+        notes.append(f"leak 1 exported as IF with r = 1/dt on {', '.join(if_nodes)}; snnTorch 1.0's importer "
+                     f"refuses IF nodes (r != 1): for snnTorch export with --leak-one lif")
     slow = [n for n, node in graph.nodes.items() if type(node).__name__ == "LIF"
             and np.any(np.asarray(node.r, np.float64) >= LEAK_ONE_TAU_STEPS / 2)]
     if slow:

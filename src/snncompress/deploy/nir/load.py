@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from ...compress.masks import original, set_masks
-from ...compress.quantizers import attach_quantizer, quantizer_from_config
+from ...compress.quantizers import attach_quantizer
 from ...errors import UserError
 from ...models import SpikingNetwork, build_from_spec
 from ...neuron import LIF
+from .graph import import_graph, import_own_graph
 from .mapping import (DEFAULT_DT, HDF5_MAGIC, LEAK_TOLERANCE, NIR_FORMAT, Layer, _check_dt, _pair, layers,
-                      require_nir)
+                      require_nir, restore_compression)
 
 
 def is_nir_file(path) -> bool:
@@ -37,6 +38,7 @@ def read_nir(path):
         raise UserError(f"NIR file not found: {path}")
     if not is_nir_file(path):
         raise UserError(f"{path} is not a NIR file (HDF5)")
+    _check_version(path, nir)
     try:
         graph = nir.read(str(path))
     except Exception as exc:  # noqa: BLE001 - h5py / nir raise many kinds on a damaged file
@@ -45,6 +47,29 @@ def read_nir(path):
     if not isinstance(graph, nir.NIRGraph):
         raise UserError(f"{path} holds a single NIR node, not a graph")
     return graph
+
+
+def _check_version(path: Path, nir) -> None:
+    """Refuse a file whose NIR major version is newer than the installed ``nir`` reads (or that has none)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "version" not in f or "node" not in f:
+                raise UserError(f"{path} is an HDF5 file but not a NIR graph (no 'version' and 'node' entries)")
+            raw = f["version"][()]
+    except OSError as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"{path} is not a readable NIR graph: {reason}") from None
+    written = (raw.decode("utf8") if isinstance(raw, bytes) else str(raw)).strip()
+    installed = str(getattr(nir, "version", "1"))
+    try:
+        major, ours = int(written.split(".")[0]), int(installed.split(".")[0])
+    except ValueError:
+        raise UserError(f"{path}: NIR version {written!r} is not a version number") from None
+    if major > ours:
+        raise UserError(f"{path} was written by NIR {written}, a newer major version than the installed nir "
+                        f"{installed} reads; upgrade nir (pip install -U nir) or export with NIR {ours}.x")
 
 
 def _reduce(name: str, what: str, per_neuron: np.ndarray, per_channel: bool) -> torch.Tensor:
@@ -66,25 +91,6 @@ def _set(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     if tuple(value.shape) != tuple(target.shape):
         raise UserError(f"{attr} has shape {tuple(value.shape)} in the file and {tuple(target.shape)} in the model")
     target.copy_(value.to(target.dtype))
-
-
-def _restore_compression(name: str, attr: str, meta: dict, value: np.ndarray, masks: dict, quantizers: dict) -> None:
-    """Collect the mask and quantizer metadata of tensor ``name.attr``; checks that the codes give ``value``."""
-    if f"{attr}.mask" in meta:
-        mask = np.asarray(meta[f"{attr}.mask"])
-        if mask.size != np.size(value):
-            raise UserError(f"node {name}: {attr}.mask has {mask.size} entries, the {attr} {np.size(value)}")
-        masks[f"{name}.{attr}"] = torch.from_numpy(mask.reshape(np.shape(value))).bool()
-    if f"{attr}.quantizer" in meta:
-        quantizer = quantizer_from_config(json.loads(str(meta[f"{attr}.quantizer"])))
-        quantizer.scale.fill_(float(meta[f"{attr}.scale"]))
-        codes = np.asarray(meta[f"{attr}.codes"]).astype(np.int64)
-        if codes.size != np.size(value):
-            raise UserError(f"node {name}: {attr}.codes has {codes.size} entries, the {attr} {np.size(value)}")
-        decoded = quantizer.dequantize(torch.from_numpy(codes.reshape(np.shape(value)))).numpy()
-        if not np.array_equal(decoded, np.asarray(value, np.float32)):
-            raise UserError(f"node {name}: {attr}.codes * {attr}.scale differ from the node's {attr}")
-        quantizers[f"{name}.{attr}"] = quantizer
 
 
 def _import_neuron(nir, layer: Layer, node, dt: float, masks: dict, quantizers: dict) -> None:
@@ -122,7 +128,7 @@ def _import_neuron(nir, layer: Layer, node, dt: float, masks: dict, quantizers: 
     _set(lif, "leak", leak.float())
     _set(lif, "threshold", thr.float())
     for attr, value in (("leak", lif.leak), ("threshold", lif.threshold)):
-        _restore_compression(layer.name, attr, meta, value.detach().numpy(), masks, quantizers)
+        restore_compression(layer.name, attr, meta, value.detach().numpy(), masks, quantizers)
 
 
 def _import_batchnorm(layer: Layer, node) -> None:
@@ -176,7 +182,7 @@ def _import_layer(nir, layer: Layer, node, dt: float, masks: dict, quantizers: d
         raise UserError(f"node {layer.name}: {exc}") from None
     if m.bias is not None and bias is not None:
         _set(m, "bias", torch.from_numpy(np.asarray(bias, np.float32).copy()))
-    _restore_compression(layer.name, "weight", _meta(node), weight, masks, quantizers)
+    restore_compression(layer.name, "weight", _meta(node), weight, masks, quantizers)
     return None
 
 
@@ -193,8 +199,8 @@ def import_nir(graph) -> SpikingNetwork:
         graph = read_nir(graph)
     meta = _meta(graph)
     if "snncompress_spec" not in meta:
-        raise UserError("this NIR graph was not written by snncompress (no snncompress_spec metadata); "
-                        "importing foreign graphs is not supported")
+        raise UserError("this NIR graph was not written by snncompress (no snncompress_spec metadata); import it "
+                        "as a graph network: snncompress import FILE.nir --out CKPT (or load_nir(path, timesteps=...))")
     if int(meta.get("snncompress_format", 0)) != NIR_FORMAT:
         raise UserError(f"NIR metadata format {meta.get('snncompress_format')} is not {NIR_FORMAT}")
     try:
@@ -203,6 +209,8 @@ def import_nir(graph) -> SpikingNetwork:
         raise UserError("the graph's snncompress_spec metadata is not JSON") from None
     if not isinstance(spec, dict):
         raise UserError("the graph's snncompress_spec metadata is not a mapping")
+    if spec.get("family") == "graph":
+        return import_own_graph(graph, spec)
     dt = _check_dt(meta.get("dt", DEFAULT_DT))
     try:
         with torch.device("meta"):  # a spec asking for a huge network fails before memory is allocated
@@ -226,6 +234,11 @@ def import_nir(graph) -> SpikingNetwork:
     return model.eval()
 
 
-def load_nir(path) -> SpikingNetwork:
-    """The snncompress model stored in the NIR file ``path`` (written by :func:`write_nir`), in eval mode."""
-    return import_nir(read_nir(path))
+def load_nir(path, **import_options) -> SpikingNetwork:
+    """The model in the NIR file ``path``, in eval mode: the one :func:`write_nir` wrote (its spec is in the file),
+    or, for a graph from another framework, a graph network built by :func:`.graph.import_graph` with
+    ``import_options`` (``timesteps``, ``input_shape``, ``dt``, ``integration``)."""
+    graph = read_nir(path)
+    if "snncompress_spec" not in _meta(graph):
+        return import_graph(graph, **import_options)
+    return import_nir(graph)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
+
+from ...compress.quantizers import quantizer_from_config
 
 from ...errors import UserError
 from ...models import SpikingNetwork
 from ...models.base import TimeDropout
-from ...models.vgg import SpikingVGG
 from ...neuron import LIF
 
 #: The simulation step a consumer should use (snnTorch's NIR importer hard-codes 1e-4).
@@ -35,6 +38,15 @@ def require_nir():
         raise UserError("NIR export needs the 'nir' package: pip install 'snncompress[nir]' "
                         "(or: pip install nir nirtorch)") from None
     return nir
+
+
+def make_node(cls, **fields):
+    """A NIR node (or graph) of class ``cls`` from the ``fields`` the installed nir knows: nir 1.0.4, which Sinabs
+    pins, has no node metadata, no ``v_reset`` on IF and no ``type_check``; what it cannot hold is left out."""
+    import inspect
+
+    known = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in fields.items() if k in known})
 
 
 def _check_dt(dt: float) -> float:
@@ -72,10 +84,10 @@ def layers(model: SpikingNetwork) -> list[Layer]:
 
     Raises UserError for what cannot be exported (see the module docstring).
     """
-    if not isinstance(model, SpikingVGG):
+    if "nir" not in type(model).EXPORTS or not hasattr(model, "features"):
         arch = model.spec.get("arch", model.spec.get("family"))
-        raise UserError(f"NIR export supports the VGG family (vgg5/9/11/16, convnet); {arch} is not supported yet "
-                        f"(its residual sums would need multi-input nodes)")
+        raise UserError(f"NIR export supports the VGG family (vgg5/9/11/16, convnet) and imported graph networks; "
+                        f"{arch} is not supported yet (its residual sums would need multi-input nodes)")
     if not model.spiking:
         raise UserError("the model is in ANN mode (ReLU twin); NIR export needs a spiking model")
     shape: tuple[int, ...] = tuple(int(v) for v in model.spec["in_shape"])
@@ -118,3 +130,22 @@ def layers(model: SpikingNetwork) -> list[Layer]:
                 raise UserError(f"{name}: {type(m).__name__} has no NIR node here")
             shape = found[-1].out_shape
     return found
+
+
+def restore_compression(name: str, attr: str, meta: dict, value: np.ndarray, masks: dict, quantizers: dict) -> None:
+    """Collect the mask and quantizer metadata of tensor ``name.attr``; checks that the codes give ``value``."""
+    if f"{attr}.mask" in meta:
+        mask = np.asarray(meta[f"{attr}.mask"])
+        if mask.size != np.size(value):
+            raise UserError(f"node {name}: {attr}.mask has {mask.size} entries, the {attr} {np.size(value)}")
+        masks[f"{name}.{attr}"] = torch.from_numpy(mask.reshape(np.shape(value))).bool()
+    if f"{attr}.quantizer" in meta:
+        quantizer = quantizer_from_config(json.loads(str(meta[f"{attr}.quantizer"])))
+        quantizer.scale.fill_(float(meta[f"{attr}.scale"]))
+        codes = np.asarray(meta[f"{attr}.codes"]).astype(np.int64)
+        if codes.size != np.size(value):
+            raise UserError(f"node {name}: {attr}.codes has {codes.size} entries, the {attr} {np.size(value)}")
+        decoded = quantizer.dequantize(torch.from_numpy(codes.reshape(np.shape(value)))).numpy()
+        if not np.array_equal(decoded, np.asarray(value, np.float32)):
+            raise UserError(f"node {name}: {attr}.codes * {attr}.scale differ from the node's {attr}")
+        quantizers[f"{name}.{attr}"] = quantizer
