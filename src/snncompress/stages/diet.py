@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import Field
 
 from ..convert import calibrate_thresholds
+from ..data import calibration_batch
 from ..training import evaluate_accuracy
-from .base import (Chain, StageContext, StageOptions, StageResult, TrainOptions, calibration_images, fit,
+from .base import (Chain, StageContext, StageOptions, StageResult, TrainOptions, fit,
                    register_stage, training_metrics)
 
 
@@ -61,7 +62,7 @@ class ConvertOptions(StageOptions):
 def convert(ctx: StageContext, opts: ConvertOptions) -> StageResult:
     """Copy the ANN's weights into the SNN and calibrate thresholds layer by layer."""
     model = ctx.require_model("convert").set_spiking(True)
-    images = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
+    images = calibration_batch(ctx.train_loader, opts.calib_images).to(ctx.device)
     thresholds = calibrate_thresholds(model, images, calib_timesteps=opts.calib_timesteps,
                                       percentile=opts.percentile, scale=opts.scale, chunk=opts.chunk)
     accuracy = evaluate_accuracy(model, ctx.val_loader, ctx.device)
