@@ -1,5 +1,7 @@
 """Threshold calibration: layer by layer, in forward order, exact percentiles."""
 
+import copy
+
 import pytest
 import torch
 
@@ -50,3 +52,38 @@ def test_percentile_is_exact_and_independent_of_chunking():
     expected = torch.sort(current1.flatten(), descending=True).values[11]
     assert a["classifier.1"] == pytest.approx(expected.item(), rel=1e-6)
     assert a == pytest.approx(b)
+
+
+def test_rescale_batchnorm_makes_it_see_the_ann_scale():
+    # conv 2 -> BN -> LIF, pool, conv 3 -> BN -> LIF, hidden linear 4 (no BN), output: conv 3 reads 0/1
+    # spikes of layer 1, so calibration with rescale_batchnorm multiplies its weights by layer 1's threshold (its BatchNorm's
+    # running mean stays in the ANN's units); conv 1 (images) and the linear layers (no BN) are untouched
+    torch.manual_seed(0)
+    model = build_model("convnet", 2, (1, 4, 4), 3, features=[2, "A", 3], classifier=[4], batchnorm=True,
+                        dropout=0.0)
+    with torch.no_grad():
+        for bn in (model.features[1], model.features[5]):
+            bn.running_mean.uniform_(-1.0, 1.0)
+            bn.running_var.uniform_(0.5, 2.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("weight")}
+    images = torch.rand(6, 1, 4, 4)
+    untouched = copy.deepcopy(model)
+    calibrate_thresholds(untouched, images, calib_timesteps=5, percentile=100.0, scale=0.5)  # default: off
+    assert all(torch.equal(a, before[n]) for n, a in untouched.named_parameters() if n.endswith("weight"))
+    thresholds = calibrate_thresholds(model, images, calib_timesteps=5, percentile=100.0, scale=0.5,
+                                      rescale_batchnorm=True)
+    assert list(thresholds) == ["features.2", "features.6", "classifier.1"]
+    after = dict(model.named_parameters())
+    assert torch.equal(after["features.4.weight"], before["features.4.weight"] * thresholds["features.2"])
+    for name in ("features.0.weight", "features.1.weight", "features.5.weight", "classifier.0.weight",
+                 "classifier.3.weight"):
+        assert torch.equal(after[name], before[name]), name
+
+
+def test_networks_without_batchnorm_keep_their_weights():
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters() if p.dim() > 1]
+    calibrate_thresholds(model, torch.rand(5, 1, 2, 2), calib_timesteps=4, percentile=99.0, scale=0.5,
+                         rescale_batchnorm=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, [p for p in model.parameters() if p.dim() > 1],
+                                                  strict=True))

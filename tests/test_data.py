@@ -163,6 +163,55 @@ def test_augmented_rgb_loader_shapes_and_determinism():
     assert not torch.equal(batches_a[0][0], plain_x)  # augmentation changed pixels
 
 
+def test_crop_flip_mode_on_28x28_moves_a_pixel_by_at_most_the_padding():
+    # one bright pixel at row 5, column 9 of each 28x28 image; crop_padding 2 moves it by -2..2 rows and
+    # columns, and a flip mirrors its column (27 - column)
+    images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 5, 9] = 255
+    loader = TensorBatchLoader(images, torch.zeros(64, dtype=torch.int64), (0.0,), (1.0,), 64, shuffle=True,
+                               augment=True, seed=3, crop_padding=2)
+    assert loader.crop_padding == 2
+    (batch, _), = list(loader)
+    assert batch.shape == (64, 1, 28, 28)
+    rows, cols, flips = set(), set(), 0
+    for image in batch:
+        where = (image[0] == 1.0).nonzero().tolist()
+        assert len(where) == 1 and int((image != 0).sum()) == 1  # the pixel moved, nothing else appeared
+        row, col = where[0]
+        rows.add(row - 5)
+        if col not in range(7, 12):
+            flips += 1
+            col = 27 - col
+        cols.add(col - 9)
+    assert rows == {-2, -1, 0, 1, 2} and cols == {-2, -1, 0, 1, 2}
+    assert 20 < flips < 44  # about half of 64
+
+
+def test_augment_default_is_bit_identical_and_crop_flip_is_opt_in(builtin):
+    train, _, _ = builtin
+    default = _all_batches(load_data("mnist-builtin", batch_size=256)[0])  # augment=True: MNIST-style -> none
+    plain = _all_batches(load_data("mnist-builtin", batch_size=256, augment=False)[0])
+    assert torch.equal(default[0], plain[0]) and torch.equal(default[1], plain[1])
+    unaugmented = TensorBatchLoader(train.images, train.labels, train.mean, train.std, 256, shuffle=True,
+                                    augment=False, seed=0)
+    assert torch.equal(default[0], _all_batches(unaugmented)[0])
+    assert default[0].shape == (12000, 1, 28, 28)
+    cropped = load_data("mnist-builtin", batch_size=256, augment="crop_flip", crop_padding=2)[0]
+    assert cropped.augment and cropped.crop_padding == 2
+    images, labels = _all_batches(cropped)
+    assert torch.equal(labels, default[1])  # same order, only the pixels move
+    assert not torch.equal(images, default[0])
+    # the CIFAR-style default keeps its 4-pixel padding: the loader's default equals an explicit 4
+    rgb = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    stats = ((0.5,) * 3, (0.25,) * 3)
+    a = _all_batches(TensorBatchLoader(rgb, torch.arange(20), *stats, 8, shuffle=True, augment=True, seed=1))
+    b = _all_batches(TensorBatchLoader(rgb, torch.arange(20), *stats, 8, shuffle=True, augment=True, seed=1,
+                                       crop_padding=4))
+    assert torch.equal(a[0], b[0])
+    with pytest.raises(UserError, match="augment must be true, false or 'crop_flip'"):
+        load_data("mnist-builtin", augment="flip")
+
+
 def test_calibration_batch_is_first_images_unaugmented(builtin):
     train, test, _ = builtin
     calib = calibration_batch(train, 100)

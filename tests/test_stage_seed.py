@@ -83,3 +83,20 @@ def test_each_stage_seed_has_its_own_fingerprint(tmp_path):
     options = {opts.name: opts for _, opts in validate_stages(loaded, "test")}
     seeds = [options["a"].model_copy(update={"seed": seed}) for seed in (5, 6, None)]
     assert len({fingerprint(loaded, opts, "") for opts in seeds}) == 3
+
+
+def test_crop_padding_left_at_its_default_keeps_existing_fingerprints(tmp_path):
+    # data.crop_padding was added after runs existed: at its default (4) the stages' hashes are those of a
+    # recipe that does not name it, so finished run folders still resume; another padding or augment mode
+    # is a different run
+    recipe = tmp_path / "seeds.yaml"
+    recipe.write_text(PAIRED_RECIPE)
+    prints = []
+    for overrides in ([], ["data.crop_padding=4"], ["data.crop_padding=2"], ["data.augment=crop_flip"]):
+        loaded, _ = load_recipe(recipe, overrides)
+        (_, opts), *_ = validate_stages(loaded, "test")
+        prints.append(fingerprint(loaded, opts, ""))
+    assert prints[0] == prints[1]
+    assert len(set(prints)) == 3
+    loaded, _ = load_recipe(recipe, ["data.augment=crop_flip", "data.crop_padding=2"])
+    assert (loaded.data.augment, loaded.data.crop_padding) == ("crop_flip", 2)

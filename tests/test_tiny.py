@@ -274,9 +274,11 @@ def test_quantize_command_writes_the_chosen_model_and_its_report(tmp_path):
 def test_quantize_stage_in_a_recipe(tmp_path, tiny_recipe):
     from snncompress.pipeline import run_recipe
 
-    # a full epoch of ANN training at 1e-2 so that quantizing the neurons changes a prediction: on the 26
-    # validation images the float model scores 3/26, 6-bit truncated thresholds and leaks 2/26 (-3.8 points)
+    # a full epoch of ANN training at 1e-2 (and 64 calibration images) so that quantizing the neurons changes a
+    # prediction: on the 26 validation images the float model scores 3/26, 6-bit truncated thresholds and
+    # leaks 2/26 (-3.8 points)
     text = tiny_recipe.read_text().replace("lr: 1.0e-3, max_batches: 2", "lr: 1.0e-2, max_batches: 8").replace(
+        "calib_images: 32", "calib_images: 64").replace(
         "measure:", "  - {kind: quantize, max_accuracy_drop: 0.02, val_batches: 1, roundings: [truncate],\n"
                     "     bits: {weights: [6, 3], neurons: [6, 4]}}\nmeasure:")
     tiny_recipe.write_text(text)

@@ -97,6 +97,12 @@ NOT_IN_FINGERPRINT = {"snapshot_every_steps"}
 DATA_NOT_IN_FINGERPRINT = {"data_dir", "num_workers", "test_batch_size", "on_device"}
 
 
+def _data_not_in_fingerprint(data) -> set[str]:
+    """``DATA_NOT_IN_FINGERPRINT``, and ``crop_padding`` (added later) while it holds its default."""
+    default = type(data).model_fields["crop_padding"].default
+    return DATA_NOT_IN_FINGERPRINT | ({"crop_padding"} if data.crop_padding == default else set())
+
+
 def _not_in_fingerprint(opts) -> set[str]:
     """Options left out of a stage's hash: ``NOT_IN_FINGERPRINT``, and the options of
     ``HASHED_WHEN_CHANGED`` (added later) while they hold their default."""
@@ -128,7 +134,7 @@ def fingerprint(recipe: Recipe, opts, previous: str) -> str:
     another keeps its finished stages.
     """
     payload = {"version": __version__,
-               "data": recipe.data.model_dump(exclude=DATA_NOT_IN_FINGERPRINT),
+               "data": recipe.data.model_dump(exclude=_data_not_in_fingerprint(recipe.data)),
                "model": {**recipe.model.model_dump(), "neuron": recipe.model.neuron.spec()}, "seed": recipe.seed,
                "stage": opts.model_dump(exclude=_not_in_fingerprint(opts)), "inputs": opts.input_digest(),
                "previous": previous}
@@ -159,7 +165,7 @@ class Run:
         d = self.recipe.data
         self.train_loader, self.test_loader, self.info = load_data(
             d.dataset, d.data_dir, d.batch_size, train_subset=d.train_subset, test_subset=d.test_subset,
-            augment=d.augment, seed=self.recipe.seed, num_workers=d.num_workers,
+            augment=d.augment, seed=self.recipe.seed, num_workers=d.num_workers, crop_padding=d.crop_padding,
             test_batch_size=d.test_batch_size)
         self.train_loader, self.val_loader = hold_out_validation(
             self.train_loader, d.val_fraction, self.recipe.seed, d.test_batch_size)

@@ -56,7 +56,11 @@ class DataConfig(Strict):
     test_batch_size: int = Field(512, ge=1)
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
-    augment: bool = True
+    augment: bool | Literal["crop_flip"] = Field(True, description=(
+        "true: the dataset's default (random crop + flip on CIFAR-style and image-folder data, none on "
+        "MNIST-style data); crop_flip: random crop (crop_padding) + horizontal flip on any in-memory dataset; "
+        "false: none"))
+    crop_padding: int = Field(4, ge=0, description="zero pixels added on each side before the random crop")
     val_fraction: float = Field(0.1, gt=0, lt=1, description=(
         "seeded, class-stratified slice of the training split held out for every selection "
         "(timesteps, bit widths, schedules); the test split is only reported"))

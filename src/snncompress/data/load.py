@@ -17,7 +17,10 @@ from .readers import _read_builtin, _read_torchvision_cifar
 from .registry import (CIFAR10_STATS, CIFAR100_STATS, FASHION_MNIST_STATS, MNIST_STATS, DatasetInfo, Splits,
                        canonical_name)
 from .sampling import balanced_subset
-from .tensor_loader import TensorBatchLoader
+from .tensor_loader import CROP_PADDING, TensorBatchLoader
+
+#: ``augment`` values besides True/False: random crop + horizontal flip on any in-memory dataset.
+CROP_FLIP = "crop_flip"
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def _subset(images: np.ndarray, labels: np.ndarray, n: int | None) -> tuple[torc
 
 def _load_tensor_dataset(
     name: str, data_dir: str | None, batch_sizes: tuple[int, int], train_subset: int | None,
-    test_subset: int | None, augment: bool, seed: int,
+    test_subset: int | None, augment: bool | str, seed: int, crop_padding: int,
 ) -> tuple[TensorBatchLoader, TensorBatchLoader, DatasetInfo]:
     spec = _TENSOR_DATASETS[name]
     train_images, train_labels, test_images, test_labels = spec.reader(data_dir)
@@ -68,16 +71,22 @@ def _load_tensor_dataset(
     train_x, train_y = _subset(train_images, train_labels, train_subset)
     test_x, test_y = _subset(test_images, test_labels, test_subset)
     mean, std = spec.stats
+    crop_flip = augment == CROP_FLIP or (augment is True and spec.crop_flip)
     train = TensorBatchLoader(train_x, train_y, mean, std, batch_sizes[0], shuffle=True,
-                              augment=augment and spec.crop_flip, seed=seed)
+                              augment=crop_flip, seed=seed, crop_padding=crop_padding)
     test = TensorBatchLoader(test_x, test_y, mean, std, batch_sizes[1], shuffle=False, augment=False, seed=seed)
     info = DatasetInfo(name, spec.in_shape, spec.num_classes, mean, std, len(train_y), len(test_y))
     return train, test, info
 
 
 def _check_arguments(
-    batch_sizes: tuple[int, int], train_subset: int | None, test_subset: int | None, num_workers: int
+    batch_sizes: tuple[int, int], train_subset: int | None, test_subset: int | None, num_workers: int,
+    augment: bool | str, crop_padding: int,
 ) -> None:
+    if not isinstance(augment, bool) and augment != CROP_FLIP:
+        raise UserError(f"augment must be true, false or {CROP_FLIP!r}, got {augment!r}")
+    if crop_padding < 0:
+        raise UserError(f"crop_padding must be >= 0, got {crop_padding}")
     for label, value in zip(("batch_size", "test_batch_size"), batch_sizes, strict=True):
         if value < 1:
             raise UserError(f"{label} must be a positive integer, got {value}")
@@ -95,10 +104,11 @@ def load_data(
     *,
     train_subset: int | None = None,
     test_subset: int | None = None,
-    augment: bool = True,
+    augment: bool | str = True,
     seed: int = 0,
     num_workers: int = 0,
     test_batch_size: int | None = None,
+    crop_padding: int = CROP_PADDING,
 ) -> tuple[Iterable, Iterable, DatasetInfo]:
     """Load dataset ``name`` and return ``(train_loader, test_loader, info)``.
 
@@ -111,9 +121,12 @@ def load_data(
     Loaders yield ``(float32 [B, C, H, W] normalised, int64 [B])`` with
     ``B <= batch_size``. ``train_subset``/``test_subset`` keep at most that
     many images, chosen class-balanced with the fixed :data:`SUBSET_SEED`
-    (independent of ``seed``). ``augment``: random crop (4-pixel zero pad) +
-    horizontal flip on CIFAR-style RGB data and ImageFolder trees (ImageNet:
-    random-resized crop + flip); MNIST-style data is never augmented.
+    (independent of ``seed``). ``augment``: ``True`` is each dataset's default:
+    random crop (``crop_padding`` zero pixels, default 4) + horizontal flip on
+    CIFAR-style RGB data and ImageFolder trees (ImageNet: random-resized crop +
+    flip), none on MNIST-style data; ``"crop_flip"`` applies the random crop +
+    flip to any in-memory dataset (MNIST-style included: e.g. ``crop_padding=2``
+    on 28x28 Fashion-MNIST); ``False``: none.
     ``seed``: shuffling and augmentation seed. ``num_workers``: DataLoader
     workers for ImageFolder trees; in-memory datasets ignore it.
     ``test_batch_size``: batch size of the test loader (default ``batch_size``).
@@ -123,10 +136,15 @@ def load_data(
     """
     canonical = canonical_name(name)
     sizes = (batch_size, test_batch_size or batch_size)
-    _check_arguments(sizes, train_subset, test_subset, num_workers)
+    _check_arguments(sizes, train_subset, test_subset, num_workers, augment, crop_padding)
     if canonical in _TENSOR_DATASETS:
-        return _load_tensor_dataset(canonical, data_dir, sizes, train_subset, test_subset, augment, seed)
-    return _load_folder_dataset(canonical, data_dir, sizes, train_subset, test_subset, augment, seed, num_workers)
+        return _load_tensor_dataset(canonical, data_dir, sizes, train_subset, test_subset, augment, seed,
+                                    crop_padding)
+    if augment == CROP_FLIP or crop_padding != CROP_PADDING:
+        raise UserError(f"augment: {CROP_FLIP!r} and crop_padding apply to in-memory datasets "
+                        f"({', '.join(_TENSOR_DATASETS)}); {name!r} keeps its own augmentation (augment: true/false)")
+    return _load_folder_dataset(canonical, data_dir, sizes, train_subset, test_subset, bool(augment), seed,
+                                num_workers)
 
 
 def image_count(loader) -> int:

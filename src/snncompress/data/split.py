@@ -57,7 +57,8 @@ def hold_out_validation(train, fraction: float, seed: int, batch_size: int):
             return TensorBatchLoader(train.images[index], train.labels[index], train.mean, train.std,
                                      seed=train.seed, **kw)
 
-        return (part(np.flatnonzero(keep), batch_size=train.batch_size, shuffle=True, augment=train.augment),
+        return (part(np.flatnonzero(keep), batch_size=train.batch_size, shuffle=True, augment=train.augment,
+                     crop_padding=train.crop_padding),
                 part(val_index, batch_size=batch_size, shuffle=False, augment=False))
     if isinstance(train, FolderBatchLoader):
         samples = train.dataset.samples

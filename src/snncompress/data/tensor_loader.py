@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .sampling import _epoch_generator
 
 CROP_PADDING = 4
-"""Zero padding (pixels) of the random-crop augmentation on 32x32-style RGB data."""
+"""Zero padding (pixels) of the random-crop augmentation on 32x32-style RGB data (the default)."""
 
 
 def random_crop_flip(pixels: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,7 +47,8 @@ class TensorBatchLoader:
     smaller. With ``shuffle`` the order (and the crop/flip augmentation when
     ``augment``) comes from a generator seeded by ``(seed, epoch)``; the epoch
     counter starts at 0 and advances at every ``iter()``; :meth:`set_epoch`
-    moves it (e.g. when resuming). :meth:`to` moves the uint8 images onto a GPU:
+    moves it (e.g. when resuming). ``crop_padding``: zero pixels added on each side before the
+    random crop when ``augment`` (default :data:`CROP_PADDING`). :meth:`to` moves the uint8 images onto a GPU:
     batches are then cut, augmented and normalised there (the random draws stay
     on the CPU generator, so the batches equal the CPU loader's).
     """
@@ -63,6 +64,7 @@ class TensorBatchLoader:
         shuffle: bool,
         augment: bool,
         seed: int = 0,
+        crop_padding: int = CROP_PADDING,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
@@ -71,6 +73,9 @@ class TensorBatchLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        self.crop_padding = crop_padding
         self.seed = seed
         self.epoch = 0
         self.mean, self.std = tuple(mean), tuple(std)
@@ -112,5 +117,5 @@ class TensorBatchLoader:
             index = order[start:stop] if order is not None else slice(start, stop)
             pixels = self.images[index]
             if self.augment:
-                pixels = random_crop_flip(pixels, CROP_PADDING, generator)
+                pixels = random_crop_flip(pixels, self.crop_padding, generator)
             yield self.normalise(pixels), self.labels[index]

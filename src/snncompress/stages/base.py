@@ -231,14 +231,3 @@ def save_selection_plot(fig, ax, path: Path, xlabel: str, title: str) -> str:
     ax.set(xlabel=xlabel, ylabel="validation accuracy", title=title)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
-
-
-def calibration_images(loader, n: int) -> torch.Tensor:
-    """The first ``n`` images the training loader yields ``[n, C, H, W]``."""
-    batches, count = [], 0
-    for images, _ in loader:
-        batches.append(images)
-        count += images.shape[0]
-        if count >= n:
-            break
-    return torch.cat(batches)[:n]

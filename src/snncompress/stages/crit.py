@@ -47,11 +47,12 @@ from ..compress.pruning import (PruneRegrow, StepCost, attach_masks, global_magn
 from ..compress.importance import per_group_mean
 from ..compress.slimming import GammaL1, batchnorms, select_channels
 from ..compress.structure import channel_groups, narrow_model
+from ..data import calibration_batch
 from ..errors import UserError
 from ..io import write_json
 from ..models import SpikingNetwork
 from ..training import evaluate_accuracy
-from .base import Chain, StageContext, StageResult, TrainOptions, calibration_images, fit, register_stage
+from .base import Chain, StageContext, StageResult, TrainOptions, fit, register_stage
 
 
 class _PruneOptions(TrainOptions):
@@ -302,7 +303,7 @@ def _structured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticality
                          [GammaL1(bns, opts.gamma_l1)])
         parts.append(cost)
     start, cpu = time.perf_counter(), time.process_time()
-    images = calibration_images(ctx.train_loader, opts.score_images).to(ctx.device)
+    images = calibration_batch(ctx.train_loader, opts.score_images).to(ctx.device)
     scores = criticality_scores(model, images, opts.chunk, opts.score, opts.alpha, opts.normalized, opts.reduce)
     keep, summary = select_channels(model, groups, opts.prune_fraction, opts.regrow_fraction,
                                     per_group_mean(groups, scores), opts.min_channels)

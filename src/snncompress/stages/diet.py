@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from ..convert import calibrate_thresholds
+from ..data import calibration_batch
 from ..training import evaluate_accuracy
-from .base import (Chain, StageContext, StageOptions, StageResult, TrainOptions, calibration_images, fit,
+from .base import (Chain, StageContext, StageOptions, StageResult, TrainOptions, fit,
                    register_stage, training_metrics)
 
 
@@ -48,6 +49,7 @@ def train_snn(ctx: StageContext, opts: TrainSNNOptions) -> StageResult:
 
 class ConvertOptions(StageOptions):
     needs, produces = "ann", "snn"
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"rescale_batchnorm"})
 
     kind: Literal["convert"] = "convert"
     calib_images: int = Field(512, ge=1, description="training images used for calibration")
@@ -55,15 +57,19 @@ class ConvertOptions(StageOptions):
     percentile: float = Field(99.7, gt=0, le=100)
     scale: float = Field(1.0, gt=0, description="factor on every calibrated threshold")
     chunk: int = Field(64, ge=1, description="images per calibration forward pass (memory)")
+    rescale_batchnorm: bool = Field(False, description=(
+        "multiply a conv/linear layer that reads spikes and feeds a BatchNorm by the previous threshold "
+        "(the BatchNorm then sees the ANN's scale; convert.py)"))
 
 
 @register_stage("convert", ConvertOptions)
 def convert(ctx: StageContext, opts: ConvertOptions) -> StageResult:
     """Copy the ANN's weights into the SNN and calibrate thresholds layer by layer."""
     model = ctx.require_model("convert").set_spiking(True)
-    images = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
+    images = calibration_batch(ctx.train_loader, opts.calib_images).to(ctx.device)
     thresholds = calibrate_thresholds(model, images, calib_timesteps=opts.calib_timesteps,
-                                      percentile=opts.percentile, scale=opts.scale, chunk=opts.chunk)
+                                      percentile=opts.percentile, scale=opts.scale, chunk=opts.chunk,
+                                      rescale_batchnorm=opts.rescale_batchnorm)
     accuracy = evaluate_accuracy(model, ctx.val_loader, ctx.device)
     print(f"[convert] thresholds {', '.join(f'{v:.3g}' for v in thresholds.values())}; "
           f"SNN validation accuracy at T={model.timesteps} before training: {accuracy:.4f}", flush=True)

@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..data import calibration_batch
 from ..errors import UserError
-from .base import StageContext, StageOptions, StageResult, calibration_images, register_stage
+from .base import StageContext, StageOptions, StageResult, register_stage
 
 NIR_FILE = "model.nir"
 C_FOLDER = "c"
@@ -54,7 +55,7 @@ def export(ctx: StageContext, opts: ExportOptions) -> StageResult:
     metrics = {"nir_file": ctx.relative(path), "nir_bytes": path.stat().st_size if path.exists() else None,
                "nir_nodes": len(graph.nodes), "nir_dt": opts.dt, "nir_notes": export_notes(graph)}
     if opts.verify_images and path.exists() and ctx.val_loader is not None:
-        images = calibration_images(ctx.val_loader, opts.verify_images)
+        images = calibration_batch(ctx.val_loader, opts.verify_images)
         reference, back = copy.deepcopy(model).cpu().eval(), load_nir(path)  # both on the CPU: bit for bit
         with torch.no_grad():
             before, after = reference(images.cpu()), back(images.cpu())
@@ -82,7 +83,7 @@ def _export_c(ctx: StageContext, opts: ExportOptions, model) -> StageResult:
     metrics = {"c_folder": ctx.relative(folder), "c_integer": engine.integer,
                "c_bytes": sum(p.stat().st_size for p in folder.iterdir())}
     if opts.verify_images and ctx.val_loader is not None:
-        images = calibration_images(ctx.val_loader, opts.verify_images).cpu()
+        images = calibration_batch(ctx.val_loader, opts.verify_images).cpu()
         mean = torch.tensor(ctx.info.mean).view(1, -1, 1, 1)
         std = torch.tensor(ctx.info.std).view(1, -1, 1, 1)
         pixels = torch.round((images * std + mean) * 255).clamp(0, 255).to(torch.uint8).numpy()

@@ -27,11 +27,12 @@ from ..compress.structure import (channel_groups, group_widths, narrow_fresh, na
                                   select_channels)
 from ..compress.temporal import check_schedule, default_schedule, prune_timesteps, trials_table
 from ..convert import calibrate_thresholds
+from ..data import calibration_batch
 from ..errors import UserError
 from ..io import save_figure, write_json
 from ..models import SpikingNetwork
 from ..training import Distillation, evaluate_accuracy
-from .base import (Chain, StageContext, StageResult, TrainOptions, calibration_images, fit, register_stage,
+from .base import (Chain, StageContext, StageResult, TrainOptions, fit, register_stage,
                    save_selection_plot)
 
 
@@ -90,7 +91,7 @@ def layer_targets(model: SpikingNetwork, pca: dict[str, LayerPCA], opts: PrunePC
 
 def recalibrate(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> None:
     """Calibrate every threshold of the narrow SNN on ``calib_images`` training images (calib_* options)."""
-    images = calibration_images(ctx.train_loader, opts.calib_images).to(ctx.device)
+    images = calibration_batch(ctx.train_loader, opts.calib_images).to(ctx.device)
     calibrate_thresholds(narrow, images, calib_timesteps=opts.calib_timesteps,
                          percentile=opts.calib_percentile, scale=opts.calib_scale, chunk=opts.chunk)
 
@@ -144,7 +145,7 @@ def plot_variance(pca: dict[str, LayerPCA], theta: float, path: Path) -> str:
 def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
     """PCA significance per spiking layer -> narrower dense SNN, trained from scratch or fine-tuned."""
     model = ctx.require_model("prune_pca").set_spiking(True)
-    images = calibration_images(ctx.train_loader, opts.pca_images).to(ctx.device)
+    images = calibration_batch(ctx.train_loader, opts.pca_images).to(ctx.device)
     pca = pca_significance(model, images, opts.theta, opts.accumulate, opts.chunk)
     groups = channel_groups(model)
     widths = group_widths(groups, layer_targets(model, pca, opts), opts.min_channels,
