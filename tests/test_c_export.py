@@ -227,6 +227,26 @@ def test_tiny_snn_candidates_run_integer_and_bit_exact(tmp_path, bits):
     assert (engine.layers[1].state_mul is not None) == ("state" in bits)
 
 
+@needs_cc
+def test_a_channel_whose_weights_decayed_to_nothing_is_silenced_not_refused(tmp_path):
+    """A hidden channel with weights of ~1e-38 gets a power-of-two scale of ~2^-127: its threshold would need
+    more than an int32 membrane. It can never fire, so the engine zeroes its codes and runs as PyTorch does."""
+    from snncompress.compress.exploration import Candidate, QuantSpace, quantize_model
+
+    model = make_model(timesteps=4, per_channel=True)
+    with torch.no_grad():
+        model.classifier[0].weight[3] *= 1e-38
+    quantized = quantize_model(model, Candidate.of({"weights": 5}, "nearest"),
+                               QuantSpace({"weights": [5]}, per_channel=True))
+    images = random_images(6, seed=5)
+    engine, traced = assert_bit_exact(tmp_path, quantized, images)
+    hidden = engine.layers[2]
+    assert hidden.name == "classifier.0" and hidden.dense  # fan-out layout: [inputs, outputs]
+    assert not np.any(hidden.weights.reshape(-1, hidden.out_shape[0])[:, 3]) and np.any(hidden.weights)
+    assert hidden.frac_bits > 0
+    assert [t[2] for t in traced] == torch_logits(quantized, images).argmax(1).tolist()
+
+
 def test_pack_codes_round_trips_by_hand():
     from snncompress.deploy.c.emit import pack_codes, signed_bits
 

@@ -172,6 +172,38 @@ def _bn_affine(bn: nn.BatchNorm2d | None, channels: int) -> tuple[np.ndarray, np
     return gain, shift
 
 
+def _silence_channels_that_cannot_fire(codes: np.ndarray, input_unit: np.ndarray, shift: np.ndarray, lif: LIF,
+                                       t: int) -> np.ndarray:
+    """``codes`` with the channels zeroed whose membrane can never reach threshold in ``t`` steps.
+
+    ``input_unit``: real current per code unit and input spike ``[out]``; ``shift``: the folded bias ``[out]``.
+    Even if every input spiked at every step, such a channel's membrane stays below ``t * (fan-in + |bias|)``
+    (leak <= 1), below its threshold: it never spikes, in PyTorch or here, so its codes change nothing
+    observable. Channels whose weights decayed to ~1e-38 (a power-of-two scale of 2^-127) would otherwise
+    need a threshold beyond any int32 membrane.
+    """
+    out_c = codes.shape[0]
+    fan_in = np.abs(codes.reshape(out_c, -1)).sum(1) * input_unit
+    never = t * (fan_in + np.abs(shift)) < _per_channel(lif.threshold, out_c)
+    if not never.any():
+        return codes
+    codes = codes.copy()
+    codes[never] = 0
+    return codes
+
+
+def _units_of_dead_channels(codes: np.ndarray, unit_c: np.ndarray) -> np.ndarray:
+    """``unit_c`` with the unit of every output channel whose codes are all zero set to the layer's largest.
+
+    Such a channel's current is its bias alone, so its unit is free; the quantizer's scale for an all-zero
+    channel can be subnormal (1e-39), which would put its threshold beyond any int32 membrane.
+    """
+    dead = ~np.any(codes.reshape(codes.shape[0], -1) != 0, axis=1)
+    if not dead.any() or dead.all():
+        return unit_c
+    return np.where(dead, unit_c[~dead].max(), unit_c)
+
+
 def _per_channel(value: torch.Tensor, channels: int) -> np.ndarray:
     """A scalar or ``[C]`` parameter as float64 ``[C]``."""
     v = value.detach().double().reshape(-1).numpy()
@@ -299,6 +331,9 @@ def compile_engine(model, mean, std) -> Engine:
             weight = weight * sign.reshape(-1, *([1] * (weight.ndim - 1)))
             if gain.min() == 0:
                 weight[gain == 0] = 0
+            if not first and lif is not None:
+                weight = _silence_channels_that_cannot_fire(weight, unit_c * divisor, shift, lif, t)
+            unit_c = _units_of_dead_channels(weight, unit_c)
         else:
             weight = weight * gain.reshape(-1, *([1] * (weight.ndim - 1))) / divisor
             unit_c = np.ones(out_c)
