@@ -117,6 +117,12 @@ def describe_stages(kinds: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def add_checkpoint_data(parser: argparse.ArgumentParser) -> None:
+    """``--dataset`` and ``--data-dir`` of a command that reads a checkpoint's dataset."""
+    parser.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
+    parser.add_argument("--data-dir", help="offline data folder (default: env SNNCOMPRESS_DATA)")
+
+
 def add_ignore_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-limits", action="store_true",
                         help="run even when the memory estimate or a count ceiling says it does not fit "
@@ -147,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="measure a checkpoint: accuracy, spikes, SynOps, energy, ...")
     ev.add_argument("checkpoint", help="model.safetensors written by a stage")
     ev.add_argument("--out", required=True, help="folder for report.json, report.md and plots")
-    ev.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
-    ev.add_argument("--data-dir", help="offline data folder (default: env SNNCOMPRESS_DATA)")
+    add_checkpoint_data(ev)
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="measurement option, e.g. --set energy_preset=int8")
     add_ignore_limits(ev)
@@ -161,8 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--max-accuracy-drop", type=float, default=1.0,
                     help="accepted validation accuracy drop in points (default: 1)")
     qu.add_argument("--out", default="runs/quantize", help="folder for model.safetensors, report.json/.md, pareto.png")
-    qu.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
-    qu.add_argument("--data-dir", help="offline data folder (default: env SNNCOMPRESS_DATA)")
+    add_checkpoint_data(qu)
     qu.add_argument("--val-fraction", type=float, default=0.1,
                     help="validation slice of the training split, as the training run held it out (default 0.1)")
     qu.add_argument("--seed", type=int, default=0, help="the training run's seed (draws the same validation slice)")
