@@ -230,6 +230,32 @@ def _small_graph(*middle, edges=None):
     return make_node(nir.NIRGraph, nodes=nodes, edges=edges or list(zip(names[:-1], names[1:])), type_check=False)
 
 
+def test_scale_and_li_readout_follow_the_euler_steps_of_nirs_equations():
+    """Input [4] -> Linear(ones) -> Scale [1, 2, 3] -> LI (tau 1 ms, r 2, v_leak 0.5) at dt 0.1 ms, T = 3.
+
+    NIR's LI is tau dv/dt = (v_leak - v) + r I; Euler with dt/tau = 0.1 from v = 0 and I = 4, 8, 12:
+    v1 = 0.1 (0.5 + 2 I), v2 = 0.9 v1 + v1, v3 = 0.9 v2 + v1; the logits are v1 + v2 + v3 = 4.7685, 9.2565, 13.7445.
+    """
+    li = make_node(nir.LI, tau=np.full(3, 1e-3, np.float32), r=np.full(3, 2.0, np.float32),
+                   v_leak=np.full(3, 0.5, np.float32))
+    model = import_graph(_small_graph(nir.Scale(scale=np.array([1, 2, 3], np.float32)), li), timesteps=3, dt=1e-4)
+    assert model(torch.ones(1, 4))[0].tolist() == pytest.approx([4.7685, 9.2565, 13.7445], abs=1e-4)
+
+
+def test_conv1d_is_a_cross_correlation_with_its_padding():
+    """Conv1d kernel [1, 0, -1], padding 1 on 1..5 gives x[i-1] - x[i+1] = -2, -2, -2, -2, 4 per step; no neuron,
+    so the network integrates it over T = 2."""
+    nodes = {"input": nir.Input(input_type={"input": np.array([1, 5])}),
+             "conv": make_node(nir.Conv1d, input_shape=5, weight=np.array([[[1.0, 0.0, -1.0]]], np.float32), stride=1,
+                               padding=1, dilation=1, groups=1, bias=np.zeros(1, np.float32)),
+             "flat": make_node(nir.Flatten, input_type={"input": np.array([1, 5])}, start_dim=0, end_dim=-1),
+             "output": nir.Output(output_type={"output": np.array([5])})}
+    names = list(nodes)
+    graph = make_node(nir.NIRGraph, nodes=nodes, edges=list(zip(names[:-1], names[1:])), type_check=False)
+    model = import_graph(graph, timesteps=2, dt=1e-4)
+    assert model(torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0]]])).tolist() == [[-4.0, -4.0, -4.0, -4.0, 8.0]]
+
+
 def _lif(n=3, v_reset=0.0):
     return make_node(nir.LIF, tau=np.full(n, 1e-3, np.float32), r=np.full(n, 10.0, np.float32),
                      v_leak=np.zeros(n, np.float32), v_threshold=np.ones(n, np.float32),
