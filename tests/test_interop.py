@@ -220,6 +220,17 @@ def test_graph_model_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded(images), model(images))  # direct input: the image at every one of T steps
 
 
+def test_checkpoint_layers_refuses_a_graph_network_it_cannot_segment():
+    """A graph network runs its own layers, not run_sequence: wrapping run_sequence would do nothing silently."""
+    from snncompress.training.memory import checkpoint_layers, is_checkpointed
+
+    net, shape = _snntorch_fc()
+    model = import_graph(_snntorch_export(net, shape), timesteps=T, dt=1e-4)
+    assert checkpoint_layers(model, False) is model and not is_checkpointed(model)
+    with pytest.raises(TypeError, match="does not know how to segment GraphNetwork"):
+        checkpoint_layers(model, True)
+
+
 def _small_graph(*middle, edges=None):
     """Input [4] -> Linear 4->3 -> middle nodes ... -> Output, as a NIR graph."""
     nodes = {"input": nir.Input(input_type={"input": np.array([4])}),
@@ -740,15 +751,19 @@ def test_own_vgg_export_against_sinabs():
         sinabs.from_nir(copy.deepcopy(default), batch_size=1)
 
 
-def test_channel_surgery_on_a_graph_network_is_refused_at_recipe_load(tmp_path, capsys):
+@pytest.mark.parametrize("stage, message", [
+    ("{kind: prune_pca}", "prune_pca narrows channels (channel surgery)"),
+    ("{kind: train_snn, checkpoint_layers: true}", "checkpoint_layers: an imported graph network runs its own layers"),
+])
+def test_what_a_graph_network_cannot_do_is_refused_at_recipe_load(tmp_path, capsys, stage, message):
     net, shape = _snntorch_fc()
     nir.write(str(tmp_path / "fc.nir"), _snntorch_export(net, shape))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"data: {{dataset: mnist-builtin}}\nstages:\n  - {{kind: load, checkpoint: "
-                      f"{(tmp_path / 'fc.nir').as_posix()}, timesteps: 2, dt: 1.0e-4}}\n  - {{kind: prune_pca}}\n")
+                      f"{(tmp_path / 'fc.nir').as_posix()}, timesteps: 2, dt: 1.0e-4}}\n  - {stage}\n")
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "prune_pca narrows channels (channel surgery)" in err, err
+    assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
 
 

@@ -97,18 +97,12 @@ NOT_IN_FINGERPRINT = {"snapshot_every_steps"}
 DATA_NOT_IN_FINGERPRINT = {"data_dir", "num_workers", "test_batch_size", "on_device"}
 
 
-def _data_not_in_fingerprint(data) -> set[str]:
-    """``DATA_NOT_IN_FINGERPRINT``, and ``crop_padding`` (added later) while it holds its default."""
-    default = type(data).model_fields["crop_padding"].default
-    return DATA_NOT_IN_FINGERPRINT | ({"crop_padding"} if data.crop_padding == default else set())
-
-
-def _not_in_fingerprint(opts) -> set[str]:
-    """Options left out of a stage's hash: ``NOT_IN_FINGERPRINT``, and the options of
-    ``HASHED_WHEN_CHANGED`` (added later) while they hold their default."""
-    fields = type(opts).model_fields
-    return NOT_IN_FINGERPRINT | {name for name in getattr(opts, "HASHED_WHEN_CHANGED", ())
-                                 if getattr(opts, name) == fields[name].default}
+def _not_in_fingerprint(options, always: set[str]) -> set[str]:
+    """Options left out of a hash: ``always``, and those of ``options.HASHED_WHEN_CHANGED`` (added later, so
+    that runs made before them keep their fingerprints) while they hold their default."""
+    fields = type(options).model_fields
+    return always | {name for name in getattr(options, "HASHED_WHEN_CHANGED", ())
+                     if getattr(options, name) == fields[name].default}
 
 
 @contextmanager
@@ -134,9 +128,9 @@ def fingerprint(recipe: Recipe, opts, previous: str) -> str:
     another keeps its finished stages.
     """
     payload = {"version": __version__,
-               "data": recipe.data.model_dump(exclude=_data_not_in_fingerprint(recipe.data)),
+               "data": recipe.data.model_dump(exclude=_not_in_fingerprint(recipe.data, DATA_NOT_IN_FINGERPRINT)),
                "model": {**recipe.model.model_dump(), "neuron": recipe.model.neuron.spec()}, "seed": recipe.seed,
-               "stage": opts.model_dump(exclude=_not_in_fingerprint(opts)), "inputs": opts.input_digest(),
+               "stage": opts.model_dump(exclude=_not_in_fingerprint(opts, NOT_IN_FINGERPRINT)), "inputs": opts.input_digest(),
                "previous": previous}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

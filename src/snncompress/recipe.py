@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from .data import CROP_PADDING
 from .errors import UserError, format_validation_error
 from .models import MODEL_NAMES, build_model, family_options
 from .neuron import NeuronOptions
@@ -60,7 +61,9 @@ class DataConfig(Strict):
         "true: the dataset's default (random crop + flip on CIFAR-style and image-folder data, none on "
         "MNIST-style data); crop_flip: random crop (crop_padding) + horizontal flip on any in-memory dataset; "
         "false: none"))
-    crop_padding: int = Field(4, ge=0, description="zero pixels added on each side before the random crop")
+    crop_padding: int = Field(CROP_PADDING, ge=0, description="zero pixels added on each side before the random crop")
+    #: added after runs were made: hashed into fingerprints only when changed (pipeline.fingerprint)
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"crop_padding"})
     val_fraction: float = Field(0.1, gt=0, lt=1, description=(
         "seeded, class-stratified slice of the training split held out for every selection "
         "(timesteps, bit widths, schedules); the test split is only reported"))

@@ -107,11 +107,14 @@ class SpikingNetwork(nn.Module):
     """
 
     #: The family's name in specs (``spec["family"]``), the arch names it builds, its options model, and
-    #: what it can be exported to ("plan": the PyTorch inference plan, "nir"); set by each family class.
+    #: what it can be exported to ("plan": the PyTorch inference plan, "nir", "c"); set by each family class.
     FAMILY: ClassVar[str] = ""
     ARCHS: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[FamilyOptions]] = FamilyOptions
     EXPORTS: ClassVar[frozenset[str]] = frozenset()
+    #: whether the family runs its layers through :meth:`run_sequence` (and ``run_block``), the methods
+    #: ``training.memory.checkpoint_layers`` wraps to recompute each spiking layer in backward
+    RUNS_SEQUENCES: ClassVar[bool] = False
 
     @classmethod
     def make_spec(cls, name: str, **options) -> dict:

@@ -61,6 +61,7 @@ class SpikingResNet(SpikingNetwork):
 
     FAMILY = "resnet"
     ARCHS = tuple(RESNET_LAYOUTS)
+    RUNS_SEQUENCES = True
 
     @classmethod
     def make_spec(cls, name: str, **options) -> dict:

@@ -49,6 +49,7 @@ class SpikingVGG(SpikingNetwork):
     FAMILY = "vgg"
     ARCHS = tuple(VGG_FEATURES)
     EXPORTS = frozenset({"plan", "nir", "c"})
+    RUNS_SEQUENCES = True
 
     @classmethod
     def make_spec(cls, name: str, **options) -> dict:

@@ -91,6 +91,9 @@ class StageOptions(Strict):
             raise ValueError(f"kind: {self.kind} narrows channels (channel surgery), which an imported graph network "
                              f"does not expose: its layers' shapes are the graph's; prune with masks instead "
                              f"(prune_imp, prune_criticality mode: unstructured)")
+        if chain.arch == "graph" and getattr(self, "checkpoint_layers", False):
+            raise ValueError("checkpoint_layers: an imported graph network runs its own layers, which "
+                             "checkpoint_layers cannot segment; leave it false")
         self.check(chain)
         left = self.leaves(chain)
         return replace(left, earlier=(*chain.earlier, (self.name, left.mode)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -40,7 +40,7 @@ class LoadOptions(StageOptions):
                                                                      "rockpool)")
     reset: Literal[RESETS] | None = Field(None, description="NIR file: reset of every spiking node (default: the "
                                                              "file's, zero)")
-    HASHED_WHEN_CHANGED = frozenset({"timesteps", "dt", "integration", "reset"})
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"timesteps", "dt", "integration", "reset"})
 
     def is_nir(self) -> bool:
         return is_nir_file(self.checkpoint)

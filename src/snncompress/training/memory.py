@@ -427,11 +427,11 @@ def checkpoint_layers(model: nn.Module, enable: bool = True) -> nn.Module:
     it). Active only in training mode with autograd enabled. Combine with
     :func:`lean_memory` so that the segment inputs (spikes) are stored as uint8.
     """
-    names = [n for n in _WRAPPED if callable(getattr(type(model), n, None))]
-    if not names and not enable:
-        return model  # nothing was wrapped, nothing to undo (e.g. an imported graph network)
-    if not names:
+    if not getattr(type(model), "RUNS_SEQUENCES", False):
+        if not enable:
+            return model  # nothing was wrapped, nothing to undo (e.g. an imported graph network)
         raise TypeError(f"checkpoint_layers does not know how to segment {type(model).__name__}")
+    names = [n for n in _WRAPPED if callable(getattr(type(model), n, None))]
     for name in names:
         model.__dict__.pop(name, None)
         if enable:

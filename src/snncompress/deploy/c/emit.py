@@ -25,10 +25,9 @@ def runtime_sources() -> dict[str, str]:
 
 
 def _int_type(low: int, high: int) -> str:
-    for bits in (8, 16, 32):
-        if -(2 ** (bits - 1)) <= low and high < 2 ** (bits - 1):
-            return f"int{bits}_t"
-    return "int64_t"
+    """The narrowest C integer type that holds ``low .. high``."""
+    needed = signed_bits(low, high)
+    return next((f"int{bits}_t" for bits in (8, 16, 32) if needed <= bits), "int64_t")
 
 
 def _uint_type(high: int) -> str:

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ...compress.quantizers import quantizer_from_config
-
 from ...errors import UserError
 from ...models import SpikingNetwork
 from ...models.base import TimeDropout
