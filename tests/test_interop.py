@@ -44,6 +44,14 @@ def graph_spikes(model: GraphNetwork, x: torch.Tensor) -> tuple[dict[str, torch.
     return found, logits
 
 
+def assert_same_spikes(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """The same spiking layers, each firing (and not everywhere), with equal spikes at every step."""
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert ours[name].sum() > 0 and (ours[name] == 0).any(), name
+        assert torch.equal(ours[name], theirs[name]), name
+
+
 def _compress(model: GraphNetwork, bits: int = 4) -> GraphNetwork:
     """Prune half of every conv/linear weight by magnitude (masks) and quantize the weights to ``bits``."""
     model = copy.deepcopy(model)
@@ -142,10 +150,7 @@ def test_snntorch_import_fires_snntorchs_spikes(build):
     x = _inputs(shape)
     ours, logits = graph_spikes(model, x)
     theirs, counts = _snntorch_run(net, x)
-    assert set(ours) == set(theirs)
-    for name in theirs:
-        assert ours[name].sum() > 0 and (ours[name] == 0).any()  # the layer fires, and not everywhere
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_same_spikes(ours, theirs)
     assert torch.equal(logits, counts)
 
 
@@ -403,10 +408,7 @@ def test_norse_import_fires_norses_spikes(build):
     x = _inputs(shape, seed=11)
     ours, _ = graph_spikes(model, x)
     theirs = _norse_run(net, x)
-    assert set(ours) == set(theirs)
-    for name in theirs:
-        assert ours[name].sum() > 0 and (ours[name] == 0).any()
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_same_spikes(ours, theirs)
     with pytest.raises(UserError, match="dt / tau outside"):  # Norse's own dt against its written tau
         import_graph(graph, timesteps=T, dt=NORSE_DT, integration="jump")
 
@@ -527,10 +529,7 @@ def test_sinabs_import_fires_sinabs_spikes(build):
     x = _inputs(shape, seed=17, batch=SINABS_BATCH)
     ours, _ = graph_spikes(model, x)
     theirs = _sinabs_run(net, x)
-    assert set(ours) == set(theirs)
-    for name in theirs:
-        assert ours[name].sum() > 0 and (ours[name] == 0).any()
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_same_spikes(ours, theirs)
     default, _ = build(False)
     assert import_graph(_sinabs_export(default, shape), timesteps=T, integration="jump").spec == model.spec
     assert any(not torch.equal(ours[n], s) for n, s in _sinabs_run(default, x).items())
@@ -642,10 +641,7 @@ def test_rockpool_import_fires_rockpools_spikes():
     x = _inputs(shape, seed=23)
     ours, _ = graph_spikes(model, x)
     theirs = _rockpool_run(net, x)
-    assert set(ours) == set(theirs)
-    for name in theirs:
-        assert ours[name].sum() > 0 and (ours[name] == 0).any()
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_same_spikes(ours, theirs)
     multi, _ = _rockpool_fc(max_spikes=2.0 ** 16)  # Rockpool's default: the same graph, more spikes per step
     assert import_graph(_rockpool_export(multi, shape), timesteps=T, dt=ROCKPOOL_DT, integration="rockpool",
                         reset="subtract").spec == model.spec
@@ -767,14 +763,19 @@ def test_what_a_graph_network_cannot_do_is_refused_at_recipe_load(tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
-def test_evaluate_measures_an_imported_graph_network(tmp_path, capsys):
-    """`snncompress evaluate` on the checkpoint of an imported snnTorch network: accuracy, SynOps, footprint."""
+def _write_snntorch_mnist_nir(path, seed: int) -> None:
+    """An snnTorch network for 28x28 MNIST (Linear 784 -> 10, Leaky beta 0.9, reset to zero), seeded, as NIR."""
     snn = _snn()
-    torch.manual_seed(8)
+    torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(784, 10),
                               snn.Leaky(beta=torch.full((10,), 0.9), threshold=torch.ones(10), init_hidden=True,
                                         reset_mechanism="zero"))
-    nir.write(str(tmp_path / "mnist.nir"), _snntorch_export(net, (1, 28, 28)))
+    nir.write(str(path), _snntorch_export(net, (1, 28, 28)))
+
+
+def test_evaluate_measures_an_imported_graph_network(tmp_path, capsys):
+    """`snncompress evaluate` on the checkpoint of an imported snnTorch network: accuracy, SynOps, footprint."""
+    _write_snntorch_mnist_nir(tmp_path / "mnist.nir", seed=8)
     ckpt = tmp_path / "model.safetensors"
     assert main(["import", str(tmp_path / "mnist.nir"), "--out", str(ckpt), "--timesteps", "2", "--dt", "1e-4"]) == 0
     assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "eval"), "--dataset", "mnist-builtin",
@@ -827,12 +828,7 @@ def test_training_pruning_and_quantization_stages_run_on_a_loaded_nir_graph(tmp_
     """A recipe that loads an snnTorch graph, trains it (train_snn), prunes it by magnitude (prune_imp) and sweeps
     weight bit widths (quant_sweep) on the validation split; the final checkpoint is a masked, quantized graph
     network that exports to NIR and comes back the same."""
-    snn = _snn()
-    torch.manual_seed(9)
-    net = torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(784, 10),
-                              snn.Leaky(beta=torch.full((10,), 0.9), threshold=torch.ones(10), init_hidden=True,
-                                        reset_mechanism="zero"))
-    nir.write(str(tmp_path / "mnist.nir"), _snntorch_export(net, (1, 28, 28)))
+    _write_snntorch_mnist_nir(tmp_path / "mnist.nir", seed=9)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 seed: 0
