@@ -10,6 +10,8 @@
    weights by magnitude with fine-tuning, and sweeps weight bit widths on the validation split.
 4. Export the result to NIR, load it with snnTorch's ``import_from_nir``, and check that snnTorch predicts what
    snncompress predicts on the test images. Prints accuracy, footprint and SynOps before and after.
+5. Where a C compiler (``cc``) is on the PATH: export the result as the C engine (``snncompress export
+   --format c``; quantized weights make it integer-only), build it, and run it on the test images' pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import argparse
 import contextlib
 import io
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,6 +132,25 @@ def snntorch_predictions(path: Path, images: torch.Tensor) -> torch.Tensor:
     return torch.stack(counts).argmax(1)
 
 
+def c_predictions(checkpoint: Path, folder: Path, images: torch.Tensor) -> torch.Tensor | None:
+    """Predictions ``[B]`` of the C engine exported from ``checkpoint`` on ``images`` (normalised ``[B, 1, 28,
+    28]``, turned back into the uint8 pixels the engine reads), or None without a C compiler."""
+    from snncompress.cli import main as snncompress
+    from snncompress.data import normalisation
+
+    if shutil.which("cc") is None:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        if snncompress(["export", str(checkpoint), "--format", "c", "--out", str(folder)]) != 0:
+            raise SystemExit("snncompress export --format c failed")
+    sources = sorted(str(p) for p in folder.glob("*.c"))
+    subprocess.run(["cc", "-O2", "-o", str(folder / "snn"), *sources], check=True)
+    mean, std = normalisation("mnist-builtin")
+    pixels = torch.round((images * std[0] + mean[0]) * 255).clamp(0, 255).to(torch.uint8)
+    out = subprocess.run([str(folder / "snn")], input=pixels.numpy().tobytes(), capture_output=True, check=True)
+    return torch.tensor([int(line.split()[0]) for line in out.stdout.decode().splitlines()])
+
+
 def synops(metrics: dict) -> float:
     """Synaptic operations per image: accumulates driven by spikes plus multiply-accumulates of the analog input."""
     ops = metrics.get("synops") or {}
@@ -174,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         ours = final.eval()(images).argmax(1)
     timings["back in snnTorch"] = time.perf_counter() - start - sum(timings.values())
+    in_c = c_predictions(folder / "run" / report["final"]["checkpoint"], folder / "c", images)
+    timings["C engine"] = time.perf_counter() - start - sum(timings.values())
     base, end = report["baseline"], report["final"]
     rows = [("accuracy (test, %)", f"{100 * base['accuracy']:.2f}", f"{100 * end['accuracy']:.2f}"),
             ("footprint (bytes)", f"{base['footprint_bytes']:,}", f"{end['footprint_bytes']:,}"),
@@ -186,10 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
     accuracy_back = int((theirs == labels).sum()) / len(labels)
     print(f"back in snnTorch: test accuracy {100 * accuracy_back:.2f}%, predictions equal to snncompress's on "
           f"{agree}/{len(labels)} test images")
+    agree_c = None if in_c is None else int((in_c == ours).sum())
+    if in_c is None:
+        print("no C compiler (cc): the C engine step was skipped")
+    else:
+        print(f"in C (integer-only engine): test accuracy {100 * int((in_c == labels).sum()) / len(labels):.2f}%, "
+              f"predictions equal to snncompress's on {agree_c}/{len(labels)} test images")
     print(f"wall time {time.perf_counter() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}); "
           f"files in {folder}")
     return {"trained_accuracy": trained_accuracy, "baseline": base, "final": end, "agree": agree,
-            "images": len(labels), "accuracy_back": accuracy_back}
+            "images": len(labels), "accuracy_back": accuracy_back, "agree_c": agree_c}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from torch import nn
 from ..parametrization import own_classes
 from ..encoding import encode
 from ..neuron import LIF, NeuronOptions
+from .chain import ChainUnit
 
 #: The neuron options a spec stores by default (derived from :class:`~snncompress.neuron.NeuronOptions`).
 NEURON_DEFAULTS = NeuronOptions().spec()
@@ -133,6 +134,11 @@ class SpikingNetwork(nn.Module):
         """``[(module name, channels or None)]``: modules whose input is a block-end activation
         (attention transfer's taps; ``channels`` set where that input arrives flattened)."""
         raise ValueError(f"attention transfer does not know model family {self.spec.get('family')!r}")
+
+    def synaptic_chain(self) -> list["ChainUnit"]:
+        """The network as a chain of synaptic layers (:mod:`snncompress.models.chain`), for runtimes that run
+        one layer after another; ValueError naming what makes it no chain."""
+        raise ValueError(f"model family {self.spec.get('family')!r} is not a chain of synaptic layers")
 
     def __init__(self, spec: dict):
         super().__init__()

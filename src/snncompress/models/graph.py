@@ -41,6 +41,7 @@ from torch import nn
 
 from ..neuron import LIF
 from .base import FamilyOptions, SpikingNetwork, fold_time
+from .chain import ChainUnit, start_unit
 
 #: Node kinds the graph family builds (the names its spec uses).
 GRAPH_NODE_KINDS = ("input", "output", "conv1d", "conv2d", "linear", "affine", "scale", "flatten", "sumpool2d",
@@ -230,6 +231,30 @@ def _stateless_module(node: dict) -> nn.Module:
                      f"{', '.join(GRAPH_NODE_KINDS)}")
 
 
+def _channel_values(value: torch.Tensor, layout: str, channels: int, node: str) -> torch.Tensor:
+    """A node's parameter stored in ``layout`` as float64 ``[channels]`` (one value per output channel);
+    ValueError when a per-neuron parameter differs within a channel (a chain unit has one per channel)."""
+    v = value.detach().double().cpu()
+    if layout == "layer" or v.numel() == 1:
+        return v.reshape(1).expand(channels).clone()
+    v = v.reshape(channels, -1)
+    if not torch.equal(v, v[:, :1].expand_as(v)):
+        raise ValueError(f"node {node!r} has per-neuron values that differ within a channel")
+    return v[:, 0].clone()
+
+
+def _chain_pool(unit: ChainUnit, name: str, kind: str, node: dict) -> None:
+    """Add a pooling node of the spikes to ``unit``: square, stride = kernel, no padding."""
+    kernel, stride, padding = list(node["kernel"]), list(node["stride"]), list(node["padding"])
+    if unit.lif is None:
+        raise ValueError(f"pooling node {name!r} pools currents (no neuron before it); the chain pools spikes")
+    if len(set(kernel)) != 1 or stride != kernel or any(padding):
+        raise ValueError(f"pooling node {name!r} is not k x k with stride k and no padding (kernel {kernel}, "
+                         f"stride {stride}, padding {padding})")
+    unit.pool *= int(kernel[0])
+    unit.pool_divisor *= 1 if kind == "sumpool2d" else int(kernel[0]) ** 2
+
+
 def module_key(name: str, taken: set[str]) -> str:
     """A ``ModuleDict`` key for node ``name`` (dots and other non-identifier characters become ``_``; unique)."""
     key = "".join(c if c.isalnum() or c == "_" else "_" for c in str(name)) or "node"
@@ -282,7 +307,7 @@ class GraphNetwork(SpikingNetwork):
 
     FAMILY = "graph"
     ARCHS: ClassVar[tuple[str, ...]] = ()  # not built by name: only from an imported graph's spec
-    EXPORTS = frozenset({"nir"})
+    EXPORTS = frozenset({"nir", "c"})
 
     @classmethod
     def make_spec(cls, name: str, **options) -> dict:
@@ -294,6 +319,57 @@ class GraphNetwork(SpikingNetwork):
 
     def block_ends(self):
         raise ValueError("attention transfer is not available for imported graph networks")
+
+    def synaptic_chain(self) -> list[ChainUnit]:
+        """The graph as a chain (:mod:`snncompress.models.chain`) when it is one: a single path from input to
+        output of conv2d / linear / affine layers, each followed by Scale nodes, an IF or LIF neuron (its input
+        gain and bias folded into the unit) and sum or average pooling of its spikes, with a flatten before the
+        first linear layer. ValueError naming the first node that does not fit."""
+        nodes = {str(node["name"]): node for node in self.spec["graph"]["nodes"]}
+        successors = {name: [b for b in self.order if name in self.sources[b]] for name in self.order}
+        units: list[ChainUnit] = []
+        for name in self.order:
+            kind, module = self.kinds[name], self.node_module(name)
+            if len(self.sources[name]) > 1 or len(successors[name]) > 1:
+                raise ValueError(f"node {name!r} ({kind}) joins or splits the graph; a chain has one path")
+            if kind in ("conv2d", "linear", "affine"):
+                units.append(start_unit(module))
+            elif kind in ("input", "output"):
+                continue
+            elif not units:
+                raise ValueError(f"node {name!r} ({kind}) comes before the first conv2d / linear layer")
+            elif kind in ("lif", "if"):
+                self._chain_neuron(units[-1], name, module)
+            elif kind == "scale":
+                if units[-1].lif is not None:
+                    raise ValueError(f"Scale node {name!r} scales spikes (it follows a neuron)")
+                units[-1].scale_current(_channel_values(module.scale, "neuron", units[-1].out_channels, name))
+            elif kind in ("sumpool2d", "avgpool2d"):
+                _chain_pool(units[-1], name, kind, nodes[name])
+            elif kind == "flatten":
+                dims = len(nodes[name].get("input_shape", [0, 0, 0]))
+                if nodes[name]["start_dim"] % dims != 0 or nodes[name]["end_dim"] % dims != dims - 1:
+                    raise ValueError(f"Flatten node {name!r} flattens part of a sample (dims "
+                                     f"{nodes[name]['start_dim']}..{nodes[name]['end_dim']}), not all of it")
+            else:
+                reason = {"cubalif": "its synaptic current is a second state per neuron",
+                          "li": "a leaky readout membrane is not a sum of currents",
+                          "conv1d": "one-dimensional convolution"}.get(kind, "")
+                raise ValueError(f"node {name!r} is {kind} ({reason}), outside a chain of conv2d / linear "
+                                 f"layers with IF / LIF neurons")
+        return units
+
+    @staticmethod
+    def _chain_neuron(unit: ChainUnit, name: str, neuron: "GraphNeuron") -> None:
+        """Fold an IF / LIF node's input gain and bias into ``unit`` and attach its LIF."""
+        if unit.lif is not None:
+            raise ValueError(f"neuron node {name!r} follows another neuron without a synaptic layer between")
+        channels, layout = unit.out_channels, neuron.layout
+        gain = torch.ones(channels) if neuron.gain is None else _channel_values(neuron.gain, layout, channels, name)
+        bias = None if neuron.bias is None else _channel_values(neuron.bias, layout, channels, name)
+        unit.scale_current(gain, bias)
+        unit.set_neuron(neuron.lif, _channel_values(neuron.lif.leak, layout, channels, name),
+                        _channel_values(neuron.lif.threshold, layout, channels, name))
 
     def __init__(self, spec: dict):
         super().__init__(spec)

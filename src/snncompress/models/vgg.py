@@ -21,6 +21,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import short_repr
+from ..neuron import LIF
+from .chain import ChainUnit, batchnorm_affine, per_channel, start_unit
 from .base import (ChannelGroup, FamilyOptions, SpikingNetwork, TimeDropout, classifier_head, init_weights, make_lif,
                    sequential_channel_groups)
 
@@ -75,6 +77,26 @@ class SpikingVGG(SpikingNetwork):
         if not last_pool and channels is not None:
             ends.append(("classifier.0", channels))
         return ends
+
+    def synaptic_chain(self) -> list[ChainUnit]:
+        """Each conv / linear with its BatchNorm, LIF and the 2x2 pooling after it (dropout is inference's
+        identity); the flatten before the classifier is implied by the first linear layer."""
+        units: list[ChainUnit] = []
+        for module in [*self.features, *self.classifier]:
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                units.append(start_unit(module))
+            elif not units and not isinstance(module, (TimeDropout, nn.Dropout)):
+                raise ValueError(f"the network starts with {type(module).__name__}, not a convolution")
+            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                units[-1].scale_current(*batchnorm_affine(module))
+            elif isinstance(module, LIF):
+                units[-1].set_neuron(module, per_channel(module.leak, units[-1].out_channels),
+                                     per_channel(module.threshold, units[-1].out_channels))
+            elif isinstance(module, nn.AvgPool2d):
+                k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
+                units[-1].pool *= int(k)
+                units[-1].pool_divisor *= int(k) ** 2
+        return units
 
     def __init__(self, spec: dict):
         super().__init__(spec)

@@ -1,4 +1,5 @@
-"""The C engine: compile a spiking VGG / convnet to dependency-free C99 (docs/deployment/c.md).
+"""The C engine: compile a spiking VGG / convnet or an imported graph chain to dependency-free C99
+(docs/deployment/c.md).
 
 :func:`compile_engine` folds the model into tables (:mod:`.engine`), :func:`c_sources` writes
 them as ``snn_model.h`` / ``snn_model.c`` beside the runtime (``snn_runtime.c``/``.h``,

@@ -1,4 +1,9 @@
-"""Compile a spiking VGG / convnet into the tables of the C engine (docs/deployment/c.md).
+"""Compile a spiking network into the tables of the C engine (docs/deployment/c.md).
+
+The engine runs any model that describes itself as a chain of synaptic layers
+(:meth:`SpikingNetwork.synaptic_chain`, :mod:`snncompress.models.chain`): spiking VGG / convnet
+models and imported graph networks of that shape. Each :class:`ChainUnit` (conv/linear, its
+affine map, neuron and pooling) becomes one :class:`EngineLayer`.
 
 :func:`compile_engine` turns a model into an :class:`Engine`: a list of :class:`EngineLayer`
 holding numpy arrays, exactly the constants the generated ``snn_model.c`` stores and the
@@ -16,8 +21,10 @@ Layer kinds:
   ``(p/255 - mean)/std`` and BatchNorm are folded into its weights and a bias table
   ``bias[c][border]`` (border = which taps fall outside the image, 16 classes), computed once
   per image (direct input, as the model does).
-* ``conv`` / ``linear``: fed by spike events (index, count); a count > 1 comes from average
-  pooling (the pool's ``1/k^2`` is folded into this layer's weights or units). A pruned layer
+* ``conv`` / ``linear``: fed by spike events (index, count); a count > 1 comes from pooling
+  (average pooling's ``1/k^2`` is folded into this layer's weights or units; sum pooling has none).
+  The last layer is the output: without a neuron it sums currents into the logits, with one
+  (a network that ends in spiking neurons) the logits count its spikes. A pruned layer
   (where that is smaller) stores only its nonzero weights: per input channel and tap (conv)
   or per input (linear), a run of ``(target, weight)`` pairs; otherwise the dense run of all
   output channels, with no targets.
@@ -44,7 +51,7 @@ from torch import nn
 
 from ...compress.quantizers import get_quantizers
 from ...errors import UserError
-from ...models.vgg import SpikingVGG
+from ...models.chain import ChainUnit, per_channel
 from ...neuron import LIF
 
 #: Fraction bits of the Q16 leak of the integer engine.
@@ -122,8 +129,9 @@ class Engine:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_supported(model) -> None:
-    """Raise a one-line UserError for what the C engine does not run."""
+def check_supported(model) -> list[ChainUnit]:
+    """The model's chain of synaptic layers (:mod:`snncompress.models.chain`) when the C engine runs it;
+    a one-line UserError naming what it does not run otherwise."""
     spec = getattr(model, "spec", {}) or {}
     family = spec.get("family")
     if family == "resnet":
@@ -132,51 +140,53 @@ def check_supported(model) -> None:
         raise UserError("the C engine does not run the Diehl & Cook STDP network (lateral inhibition, "
                         "adaptive thresholds); export a VGG or convnet")
     if "c" not in getattr(model, "EXPORTS", ()):
-        raise UserError(f"the C engine runs spiking VGG / convnet models, not {type(model).__name__}")
+        raise UserError(f"the C engine runs spiking VGG / convnet and imported graph models, not "
+                        f"{type(model).__name__}")
     if not model.spiking:
         raise UserError("the C engine runs spiking models; this checkpoint is an ANN (ReLU)")
     if spec.get("encoding", "direct") != "direct":
         raise UserError(f"the C engine needs direct input; this model uses {spec.get('encoding')!r} "
                         f"encoding (random spike trains)")
-    features = spec.get("features", [])
-    if not features or features[0] == "A":
+    try:
+        chain = model.synaptic_chain()
+    except ValueError as err:
+        raise UserError(f"the C engine runs a chain of conv / linear layers with neurons: {err}") from None
+    if not chain or not isinstance(chain[0].op, nn.Conv2d):
         raise UserError("the C engine needs a convolution as the first layer")
+    for index, unit in enumerate(chain):
+        name = _name(model, unit.op)
+        last = index == len(chain) - 1
+        if isinstance(unit.op, nn.Conv2d):
+            _check_conv(unit.op, name)
+            if unit.lif is None:
+                raise UserError("the C engine needs a neuron after every convolution")
+        if unit.lif is None and not last:
+            raise UserError(f"layer {name}: only the output layer may have no neuron in the C engine")
+        if last and (not isinstance(unit.op, nn.Linear) or unit.pool > 1):
+            raise UserError(f"layer {name}: the C engine's output layer is a linear layer without pooling")
+    return chain
 
 
-# ----------------------------------------------------------------------------- walking the model
+def _check_conv(conv: nn.Conv2d, name: str) -> None:
+    """A UserError unless ``conv`` is the engine's 3x3, stride 1, padding 1 ('same') convolution."""
+    same = (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and conv.groups == 1
+            and conv.padding in ((1, 1), "same") and tuple(conv.dilation) == (1, 1)
+            and conv.padding_mode == "zeros")
+    if not same:
+        raise UserError(f"layer {name}: the C engine runs 3x3 convolutions with stride 1 and zero padding 1 "
+                        f"(this one: kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, padding "
+                        f"{conv.padding}, dilation {tuple(conv.dilation)}, groups {conv.groups})")
 
 
-def _units(model: SpikingVGG) -> list[dict]:
-    """The model as units ``{"op": module, "bn": module|None, "lif": LIF|None, "pool": k}`` in order."""
-    units: list[dict] = []
-    modules = list(model.features) + [None] + list(model.classifier)  # None marks the flatten
-    for m in modules:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            units.append({"op": m, "bn": None, "lif": None, "pool": 1})
-        elif isinstance(m, nn.BatchNorm2d):
-            units[-1]["bn"] = m
-        elif isinstance(m, LIF):
-            units[-1]["lif"] = m
-        elif isinstance(m, nn.AvgPool2d):
-            units[-1]["pool"] *= int(m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0])
-    return units
+# ----------------------------------------------------------------------------- compiling helpers
 
 
-def _bn_affine(bn: nn.BatchNorm2d | None, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(gain, shift)`` float64 ``[C]`` of an eval-mode BatchNorm (1, 0 without one)."""
-    if bn is None:
-        return np.ones(channels), np.zeros(channels)
-    var = bn.running_var.detach().double().numpy()
-    gain = bn.weight.detach().double().numpy() / np.sqrt(var + bn.eps)
-    shift = bn.bias.detach().double().numpy() - bn.running_mean.detach().double().numpy() * gain
-    return gain, shift
-
-
-def _silence_channels_that_cannot_fire(codes: np.ndarray, input_unit: np.ndarray, shift: np.ndarray, lif: LIF,
-                                       t: int) -> np.ndarray:
+def _silence_channels_that_cannot_fire(codes: np.ndarray, input_unit: np.ndarray, shift: np.ndarray,
+                                       threshold: np.ndarray, t: int) -> np.ndarray:
     """``codes`` with the channels zeroed whose membrane can never reach threshold in ``t`` steps.
 
-    ``input_unit``: real current per code unit and input spike ``[out]``; ``shift``: the folded bias ``[out]``.
+    ``input_unit``: the largest real current per code unit from one input event ``[out]``; ``shift``: the
+    folded bias ``[out]``; ``threshold``: ``[out]``.
     Even if every input spiked at every step, such a channel's membrane stays below ``t * (fan-in + |bias|)``
     (leak <= 1), below its threshold: it never spikes, in PyTorch or here, so its codes change nothing
     observable. Channels whose weights decayed to ~1e-38 (a power-of-two scale of 2^-127) would otherwise
@@ -184,7 +194,7 @@ def _silence_channels_that_cannot_fire(codes: np.ndarray, input_unit: np.ndarray
     """
     out_c = codes.shape[0]
     fan_in = np.abs(codes.reshape(out_c, -1)).sum(1) * input_unit
-    never = t * (fan_in + np.abs(shift)) < _per_channel(lif.threshold, out_c)
+    never = t * (fan_in + np.abs(shift)) < threshold
     if not never.any():
         return codes
     codes = codes.copy()
@@ -202,12 +212,6 @@ def _units_of_dead_channels(codes: np.ndarray, unit_c: np.ndarray) -> np.ndarray
     if not dead.any() or dead.all():
         return unit_c
     return np.where(dead, unit_c[~dead].max(), unit_c)
-
-
-def _per_channel(value: torch.Tensor, channels: int) -> np.ndarray:
-    """A scalar or ``[C]`` parameter as float64 ``[C]``."""
-    v = value.detach().double().reshape(-1).numpy()
-    return np.full(channels, v[0]) if v.size == 1 else v.copy()
 
 
 def _hwc_columns(weight: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -282,7 +286,7 @@ def _weights(op: nn.Module, integer: bool) -> tuple[np.ndarray, np.ndarray]:
         return w.double().numpy(), np.ones(out)
     quantizer = next(q for name, q in get_quantizers(op).items() if name == "weight")
     codes = quantizer.codes(w, stochastic=False).numpy().astype(np.int64)
-    return codes, _per_channel(quantizer.scale, out)
+    return codes, per_channel(quantizer.scale, out).numpy()
 
 
 def _state_quantizer(lif: LIF):
@@ -295,35 +299,36 @@ def _state_quantizer(lif: LIF):
 
 
 def compile_engine(model, mean, std) -> Engine:
-    """The C engine's tables for ``model`` (a spiking VGG/convnet) fed ``(p/255 - mean)/std`` images.
+    """The C engine's tables for ``model`` (a spiking VGG/convnet or an imported graph chain) fed
+    ``(p/255 - mean)/std`` images.
 
     Args:
         model: the network (eval mode, on any device; read only).
         mean, std: per-channel normalisation on the 0..1 pixel scale (the dataset's).
     """
-    check_supported(model)
+    chain = check_supported(model)
     model = model.eval()
     in_shape = tuple(int(v) for v in model.spec["in_shape"])
     if len(mean) != in_shape[0] or len(std) != in_shape[0]:
         raise UserError(f"normalisation has {len(mean)} channels, the model's input {in_shape[0]}")
-    units = _units(model)
     quantized = get_quantizers(model)
-    integer = all(f"{n}.weight" in quantized for n, m in model.named_modules()
-                  if isinstance(m, (nn.Conv2d, nn.Linear)))
+    integer = all(f"{_name(model, unit.op)}.weight" in quantized for unit in chain)
     t = model.timesteps
-    layers, shape, divisor = [], in_shape, 1
     bits = [q.bits for name, q in quantized.items() if name.endswith("weight")] if integer else [32]
     weight_bytes = 1 if max(bits) <= 8 else (2 if max(bits) <= 16 else 4)
-    for index, unit in enumerate(units):
-        op, lif, bn = unit["op"], unit["lif"], unit["bn"]
+    layers, shape = [], in_shape
+    divisor, max_count = 1, 1  # the previous unit's pooling: divisor folded into weights, largest event count
+    for index, unit in enumerate(chain):
+        op, lif = unit.op, unit.lif
         first = index == 0
         weight, scale = _weights(op, integer)
         out_c = weight.shape[0]
-        gain, shift = _bn_affine(bn, out_c)
+        gain = unit.gain.numpy()
+        shift = np.zeros(out_c) if unit.shift is None else unit.shift.numpy()
         out_shape = (out_c, shape[1], shape[2]) if isinstance(op, nn.Conv2d) else (out_c, 1, 1)
         kind = "input_conv" if first else ("conv" if isinstance(op, nn.Conv2d) else "linear")
         layer = EngineLayer(kind=kind, in_shape=shape, out_shape=out_shape, spiking=lif is not None,
-                            weights=np.zeros(0), pool=unit["pool"], name=_name(model, op))
+                            weights=np.zeros(0), pool=unit.pool, name=_name(model, op))
         if integer:
             sign = np.where(gain < 0, -1, 1)
             unit_c = np.abs(scale * gain) / divisor
@@ -332,7 +337,8 @@ def compile_engine(model, mean, std) -> Engine:
             if gain.min() == 0:
                 weight[gain == 0] = 0
             if not first and lif is not None:
-                weight = _silence_channels_that_cannot_fire(weight, unit_c * divisor, shift, lif, t)
+                weight = _silence_channels_that_cannot_fire(weight, unit_c * max_count, shift,
+                                                            unit.threshold.numpy(), t)
             unit_c = _units_of_dead_channels(weight, unit_c)
         else:
             weight = weight * gain.reshape(-1, *([1] * (weight.ndim - 1))) / divisor
@@ -341,23 +347,20 @@ def compile_engine(model, mean, std) -> Engine:
             _compile_input(layer, weight, shift, unit_c, mean, std, integer)
         else:
             layer.__dict__.update(_event_tables(_fan_out(op, weight, shape), integer, weight_bytes))
-            if bn is not None:
+            if unit.shift is not None:
                 layer.bias = shift
         if lif is not None:
-            _compile_neuron(layer, lif, unit_c, integer, t, divisor)
-        else:
-            layer.frac_bits = 0
+            _compile_neuron(layer, unit, unit_c, integer, t, max_count)
         layers.append(layer)
         shape = layer.pooled_shape if lif is not None else out_shape
-        if isinstance(op, nn.Conv2d) and lif is None:
-            raise UserError("the C engine needs a neuron after every convolution")
-        if isinstance(op, nn.Linear) and lif is None:
-            engine = Engine(layers, t, integer, in_shape, out_c, weight_bits=max(bits))
-            if integer:
-                _compile_logits(engine, unit_c, layer, t, divisor)
-            return engine
-        divisor = unit["pool"] ** 2
-    raise UserError("the model has no output layer")
+        input_count = max_count  # the output layer's: its logits bound
+        divisor, max_count = unit.pool_divisor, unit.pool ** 2
+    engine = Engine(layers, t, integer, in_shape, layers[-1].out_shape[0], weight_bits=max(bits))
+    if integer and not layers[-1].spiking:
+        _compile_logits(engine, unit_c, layers[-1], t, input_count)
+    elif integer:  # a spiking output layer: the logits are its spike counts
+        engine.logit_mul, engine.logit_scale = np.ones(engine.num_classes, dtype=np.int32), 1.0
+    return engine
 
 
 def _name(model, op) -> str:
@@ -393,12 +396,14 @@ def firing_point(threshold: np.float32) -> np.float32:
     return u
 
 
-def _compile_neuron(layer: EngineLayer, lif: LIF, unit_c, integer: bool, t: int, divisor: int) -> None:
+def _compile_neuron(layer: EngineLayer, unit: ChainUnit, unit_c, integer: bool, t: int, max_count: int) -> None:
+    """Leak, threshold, reset and membrane quantizer of ``unit``'s neuron; the integer membrane's fraction
+    bits from the largest current one step can bring (``max_count``: the largest input event count)."""
     out_c = layer.out_shape[0]
-    leak = np.clip(_per_channel(lif.leak, out_c), 0.0, 1.0)
-    thr = _per_channel(lif.threshold, out_c)
-    layer.hard_reset = lif.reset == "hard"
-    state = _state_quantizer(lif)
+    leak = np.clip(unit.leak.numpy(), 0.0, 1.0)
+    thr = unit.threshold.numpy()
+    layer.hard_reset = unit.lif.reset == "hard"
+    state = _state_quantizer(unit.lif)
     real_bias = layer.bias
     if not integer:
         layer.leak, layer.threshold = leak.astype(np.float32), thr.astype(np.float32)
@@ -416,7 +421,7 @@ def _compile_neuron(layer: EngineLayer, lif: LIF, unit_c, integer: bool, t: int,
         peak = (per_ci * scale_in[None, :] * 255.0).sum(1) + \
             np.abs(_border_sums(layer.weights.astype(np.float64), offset_in)).max(1) + np.abs(shift) / unit_c
     else:
-        peak = _abs_fan_in(layer, out_c) * divisor
+        peak = _abs_fan_in(layer, out_c) * max_count
         if real_bias is not None:
             peak = peak + np.abs(real_bias) / unit_c
     bound = t * peak + thr / unit_c
@@ -458,13 +463,13 @@ def _abs_fan_in(layer: EngineLayer, out_c: int) -> np.ndarray:
     return per_out
 
 
-def _compile_logits(engine: Engine, unit_c, layer: EngineLayer, t: int, divisor: int) -> None:
+def _compile_logits(engine: Engine, unit_c, layer: EngineLayer, t: int, max_count: int) -> None:
     """Integer logits: ``sum_t sum q*k`` times a per-class multiplier when the classes' units differ."""
     if np.all(unit_c == unit_c[0]):
         engine.logit_mul = np.ones(len(unit_c), dtype=np.int32)
         engine.logit_scale = float(unit_c[0])
         return
-    peak = float((_abs_fan_in(layer, len(unit_c)) * t * divisor).max())
+    peak = float((_abs_fan_in(layer, len(unit_c)) * t * max_count).max())
     bits = max(0, min(15, 30 - int(math.ceil(math.log2(max(peak, 1.0) * 16)))))
     top = float(unit_c.max())
     engine.logit_mul = np.round(unit_c / top * 2 ** bits).astype(np.int32)

@@ -186,6 +186,8 @@ def run_reference(engine: Engine, image: np.ndarray) -> Trace:
             step_spikes.append(np.nonzero(spikes)[0])
             step_mems.append(mems[l].copy())
             events = _pool(layer, spikes)
+            if l == len(layers) - 1:  # a spiking output layer: the logits count its spikes
+                logits = logits + spikes.astype(dtype)
         all_spikes.append(step_spikes)
         all_mems.append(step_mems)
     if integer:

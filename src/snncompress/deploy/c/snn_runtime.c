@@ -363,6 +363,10 @@ int snn_predict(const uint8_t *image, snn_logit_t *logits)
             printf("S %d %d", (int)t, (int)l);
 #endif
             event_count[l] = fire(L, &spike_counts[spiking++]);
+            if (l == SNN_LAYERS - 1) { /* a spiking output layer: the logits count its spikes */
+                for (i = 0; i < event_count[l]; i++) logit_sum[L->events[i]] += 1;
+                COUNT(event_count[l], 0);
+            }
 #ifdef SNN_TRACE
             trace(t, l, L);
 #endif

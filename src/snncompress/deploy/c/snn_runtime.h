@@ -31,7 +31,8 @@ typedef snn_weight_t snn_weight_store_t;
 
 enum { SNN_INPUT_CONV = 0, SNN_CONV = 1, SNN_LINEAR = 2 };
 
-/* One synaptic layer with its neuron (or the output layer when spiking == 0). */
+/* One synaptic layer with its neuron. The last layer is the output: without a neuron (spiking == 0) its
+ * currents are summed into the logits; with one (a network that ends in spiking neurons), its spikes are counted. */
 typedef struct {
     int32_t kind;
     int32_t in_c, in_h, in_w;      /* input map (linear: in_c inputs, 1 x 1) */
