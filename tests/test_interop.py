@@ -207,6 +207,79 @@ def test_snntorch_compressed_model_goes_back_with_the_same_predictions(build, tm
     assert torch.equal(graph_spikes(again, x)[1], logits)
 
 
+def test_narrowed_snntorch_network_computes_the_same_and_goes_back_to_snntorch(tmp_path):
+    """Channel surgery on an imported snnTorch conv network (conv 1->4, Leaky, pool, flatten, linear 64->10,
+    Leaky): a channel whose conv weights and bias are zero never spikes, so dropping it changes no output spike;
+    the narrowed graph (conv 1->3, Leaky [3, 8, 8], flatten of [3, 4, 4], linear 48->10) goes back to snnTorch
+    with the same output spikes."""
+    _snn()
+    from snntorch.import_nir import import_from_nir
+
+    from snncompress.compress.structure import narrow_model
+
+    net, shape = _snntorch_conv("zero")
+    model = import_graph(_snntorch_export(net, shape), timesteps=T, dt=1e-4)
+    (group,) = model.channel_groups()  # the output layer's channels are the classes: one group
+    conv = model.get_submodule(group.outputs[0])
+    with torch.no_grad():
+        conv.weight[2] = 0
+        conv.bias[2] = 0
+    narrow = narrow_model(model, {group.name: torch.tensor([0, 1, 3])})
+    nodes = {n["name"]: n for n in narrow.spec["graph"]["nodes"]}
+    shapes = {k: v for k, v in nodes.items() if k in ("0", "1", "4")}
+    assert (nodes["0"]["out_channels"], nodes["1"]["shape"], nodes["3"]["input_shape"], nodes["4"]["in_features"]) \
+        == (3, [3, 8, 8], [3, 4, 4], 48), shapes
+    x = _inputs(shape, seed=4, batch=8)
+    wide_spikes, wide_logits = graph_spikes(model, x)
+    narrow_spikes, narrow_logits = graph_spikes(narrow, x)
+    assert wide_logits.sum() > 0 and torch.equal(narrow_logits, wide_logits)
+    assert torch.equal(narrow_spikes["1"], wide_spikes["1"][:, :, [0, 1, 3]])
+    path = tmp_path / "narrow.nir"
+    write_nir(narrow, path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        back = import_from_nir(nir.read(str(path)))
+    leaky = [m for m in back.modules() if isinstance(m, _snn().Leaky)]
+    theirs = []
+    with torch.no_grad():
+        for b in range(x.shape[1]):
+            for m in leaky:
+                m.mem = torch.zeros(0)
+            theirs.append(sum(back(x[t, b])[0].reshape(-1) for t in range(T)))
+    assert torch.equal(torch.stack(theirs), narrow_logits)
+
+
+def test_prune_pca_narrows_an_imported_conv_network_in_a_recipe(tmp_path, capsys):
+    """The STP stage on an snnTorch conv network for MNIST, imported from NIR: PCA keeps fewer conv channels, the
+    narrow model fine-tunes, and its NIR export reloads here with the narrowed shapes."""
+    snn = _snn()
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 3, padding=1),
+        snn.Leaky(beta=torch.full((6, 28, 28), 0.9), threshold=torch.ones(6, 28, 28), init_hidden=True,
+                  reset_mechanism="zero"),
+        torch.nn.AvgPool2d(4), torch.nn.Flatten(0), torch.nn.Linear(6 * 7 * 7, 10),
+        snn.Leaky(beta=torch.full((10,), 0.9), threshold=torch.ones(10), init_hidden=True, reset_mechanism="zero"))
+    with torch.no_grad():
+        net[0].weight[3:] *= 0.05  # three weak channels: PCA's variance sits in the first three
+    nir.write(str(tmp_path / "conv.nir"), _snntorch_export(net.eval(), (1, 28, 28)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {{dataset: mnist-builtin, batch_size: 64}}\nstages:\n"
+                      f"  - {{kind: load, checkpoint: {(tmp_path / 'conv.nir').as_posix()}, timesteps: 2, dt: 1.0e-4}}\n"
+                      f"  - {{kind: prune_pca, mode: finetune, theta: 0.9, pca_images: 64, epochs: 1, max_batches: 3}}\n"
+                      f"measure: {{noise_sigmas: [0.0], robustness_images: 50, ops_images: 32, latency_repeats: 2}}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "run" / "stages" / "01-prune_pca" / "metrics.json").read_text())["metrics"]
+    (width,) = metrics["group_widths"].values()
+    assert 1 <= width < 6 and metrics["group_sizes"] == {"nodes.n0": 6}
+    narrow = load_checkpoint(tmp_path / "run" / "stages" / "01-prune_pca" / "model.safetensors").model
+    assert narrow.node_module("0").out_channels == width and narrow.node_module("4").in_features == width * 49
+    write_nir(narrow, tmp_path / "narrow.nir")
+    again = load_nir(tmp_path / "narrow.nir")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), narrow.eval()(x))
+
+
 # ----------------------------------------------------------------------------- the checkpoint, stages, refusals
 
 
@@ -747,13 +820,23 @@ def test_own_vgg_export_against_sinabs():
         sinabs.from_nir(copy.deepcopy(default), batch_size=1)
 
 
+def _joined_graph():
+    """Input [4] -> two Linear 4->3 whose sum drives one LIF -> Output: not one path (no channel surgery)."""
+    nodes = {"input": nir.Input(input_type={"input": np.array([4])}),
+             "fc": nir.Linear(weight=np.ones((3, 4), np.float32)),
+             "fc2": nir.Linear(weight=-np.ones((3, 4), np.float32)),
+             "lif": _lif(), "output": nir.Output(output_type={"output": np.array([3])})}
+    edges = [("input", "fc"), ("input", "fc2"), ("fc", "lif"), ("fc2", "lif"), ("lif", "output")]
+    return make_node(nir.NIRGraph, nodes=nodes, edges=edges, type_check=False)
+
+
 @pytest.mark.parametrize("stage, message", [
-    ("{kind: prune_pca}", "prune_pca narrows channels (channel surgery)"),
+    ("{kind: prune_pca}", "prune_pca narrows channels, which this imported graph network does not allow (channel "
+                          "surgery: node 'input' (input) joins or splits the graph"),
     ("{kind: train_snn, checkpoint_layers: true}", "checkpoint_layers: an imported graph network runs its own layers"),
 ])
 def test_what_a_graph_network_cannot_do_is_refused_at_recipe_load(tmp_path, capsys, stage, message):
-    net, shape = _snntorch_fc()
-    nir.write(str(tmp_path / "fc.nir"), _snntorch_export(net, shape))
+    nir.write(str(tmp_path / "fc.nir"), _joined_graph())
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"data: {{dataset: mnist-builtin}}\nstages:\n  - {{kind: load, checkpoint: "
                       f"{(tmp_path / 'fc.nir').as_posix()}, timesteps: 2, dt: 1.0e-4}}\n  - {stage}\n")

@@ -14,7 +14,9 @@ they appear. A group records
 * ``lifs``: the spiking layers whose outputs are these channels (the PCA
   members that decide the group's width).
 
-VGG / convnet: one group per conv layer and per hidden linear layer. ResNet:
+VGG / convnet, and imported graph networks that are one path of conv / linear layers: one group per
+conv layer and per hidden linear layer (a graph's group also narrows the Scale, neuron and flatten
+nodes between its layer and the next). ResNet:
 one group per stem conv and per block's ``mid``; a block with an identity
 shortcut adds its output to its input's group (identity shortcuts tie a
 block's ``out`` to its ``in`` and so to the previous block's ``out``), a block
@@ -98,14 +100,15 @@ def select_channels(groups: list[ChannelGroup], widths: dict[str, int],
 
 
 def narrow_spec(spec: dict, groups: list[ChannelGroup], widths: dict[str, int]) -> dict:
-    """A copy of ``spec`` with every group's width written at all of its ``spec_paths``."""
+    """A copy of ``spec`` with every group's width written at all of its ``spec_paths`` (and times ``positions``
+    at its ``spec_multiples``)."""
     spec = copy.deepcopy(spec)
     for g in groups:
-        for path in g.spec_paths:
+        for path, factor in [(path, 1) for path in g.spec_paths] + list(g.spec_multiples):
             node = spec
             for key in path[:-1]:
                 node = node[key]
-            node[path[-1]] = int(widths[g.name])
+            node[path[-1]] = int(widths[g.name]) * int(factor)
     return spec
 
 

@@ -241,6 +241,8 @@ class ChannelGroup:
     outputs: list[str] = field(default_factory=list)
     inputs: list[tuple[str, int]] = field(default_factory=list)
     lifs: list[str] = field(default_factory=list)
+    #: ``(path, positions)``: where the width times ``positions`` sits (a linear layer's input size after a flatten)
+    spec_multiples: list[tuple[tuple, int]] = field(default_factory=list)
 
 
 def _has_neuron(following: list[tuple[str, nn.Module]]) -> bool:

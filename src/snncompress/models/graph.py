@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..neuron import LIF
-from .base import FamilyOptions, SpikingNetwork, fold_time
+from .base import ChannelGroup, FamilyOptions, SpikingNetwork, fold_time
 from .chain import ChainUnit, start_unit
 
 #: Node kinds the graph family builds (the names its spec uses).
@@ -313,9 +313,49 @@ class GraphNetwork(SpikingNetwork):
     def make_spec(cls, name: str, **options) -> dict:
         raise ValueError("graph networks are imported (snncompress import FILE.nir), not built by name")
 
-    def channel_groups(self):
-        raise ValueError("channel surgery (physical narrowing) is not available for imported graph networks: "
-                         "their layers' shapes belong to the graph; prune with masks instead")
+    def channel_groups(self) -> list[ChannelGroup]:
+        """One group per conv / linear layer followed by a neuron, when the graph is a single path of conv2d,
+        conv1d, linear and affine layers (``groups`` 1) with Scale, neuron, pooling and flatten nodes between them:
+        the group narrows the layer's outputs, every node up to the next layer (its shape's first entry, its
+        per-channel or per-neuron values) and the next layer's inputs. ValueError otherwise."""
+        index = {str(node["name"]): i for i, node in enumerate(self.spec["graph"]["nodes"])}
+        groups: list[ChannelGroup] = []
+        current: ChannelGroup | None = None
+        for name in self._single_path("channel surgery"):
+            kind, node = self.kinds[name], self.spec["graph"]["nodes"][index[name]]
+            at, module = ("graph", "nodes", index[name]), f"nodes.{self.keys[name]}"
+            if kind in ("conv1d", "conv2d", "linear", "affine"):
+                if kind.startswith("conv") and node["groups"] != 1:
+                    raise ValueError(f"channel surgery: node {name!r} is a grouped convolution")
+                if current is not None:
+                    size = "in_channels" if kind.startswith("conv") else "in_features"
+                    flattened = not kind.startswith("conv") and node["in_features"] != current.size
+                    if flattened:
+                        current.spec_multiples.append(((*at, size), node["in_features"] // current.size))
+                    else:
+                        current.spec_paths.append((*at, size))
+                    current.inputs.append((module, node["in_features"] // current.size if flattened else 1))
+                current = ChannelGroup(module, int(node.get("out_channels", node.get("out_features"))),
+                                       [(*at, "out_channels" if kind.startswith("conv") else "out_features")],
+                                       [module])
+                groups.append(current)
+            elif current is not None and kind in ("scale", "lif", "if", "cubalif", "li"):
+                current.spec_paths.append((*at, "shape", 0))
+                current.outputs.append(module)
+                if kind in ("lif", "if", "cubalif"):
+                    current.lifs.append(f"{module}.lif")
+            elif current is not None and kind == "flatten":
+                current.spec_paths.append((*at, "input_shape", 0))
+        return [g for g in groups if g.lifs and g is not current]  # the output layer's channels are the classes
+
+    def _single_path(self, what: str) -> list[str]:
+        """The node names from input to output when the graph is one path; ValueError naming a join or split."""
+        for name in self.order:
+            successors = sum(name in self.sources[b] for b in self.order)
+            if len(self.sources[name]) > 1 or successors > 1:
+                raise ValueError(f"{what}: node {name!r} ({self.kinds[name]}) joins or splits the graph; only a "
+                                 f"graph that is one path from input to output has it")
+        return list(self.order)
 
     def block_ends(self):
         raise ValueError("attention transfer is not available for imported graph networks")
@@ -326,12 +366,9 @@ class GraphNetwork(SpikingNetwork):
         gain and bias folded into the unit) and sum or average pooling of its spikes, with a flatten before the
         first linear layer. ValueError naming the first node that does not fit."""
         nodes = {str(node["name"]): node for node in self.spec["graph"]["nodes"]}
-        successors = {name: [b for b in self.order if name in self.sources[b]] for name in self.order}
         units: list[ChainUnit] = []
-        for name in self.order:
+        for name in self._single_path("a chain"):
             kind, module = self.kinds[name], self.node_module(name)
-            if len(self.sources[name]) > 1 or len(successors[name]) > 1:
-                raise ValueError(f"node {name!r} ({kind}) joins or splits the graph; a chain has one path")
             if kind in ("conv2d", "linear", "affine"):
                 units.append(start_unit(module))
             elif kind in ("input", "output"):

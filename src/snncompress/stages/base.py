@@ -47,6 +47,7 @@ class Chain:
     source: str | None = None     # the name of the stage that made it
     earlier: tuple = ()           # (name, mode) of every earlier stage, for options that name one
     arch: str | None = None       # the recipe's model.arch
+    no_surgery: str | None = None  # why the model cannot be narrowed (an imported graph that is no chain)
 
 
 class StageOptions(Strict):
@@ -87,10 +88,10 @@ class StageOptions(Strict):
         if self.needs in MODES and chain.mode != self.needs:
             raise ValueError(f"needs {NEEDS[self.needs]}, but stage {chain.source!r} before it leaves "
                              f"{MODES[chain.mode]}")
-        if chain.arch == "graph" and self.needs_channel_surgery():
-            raise ValueError(f"kind: {self.kind} narrows channels (channel surgery), which an imported graph network "
-                             f"does not expose: its layers' shapes are the graph's; prune with masks instead "
-                             f"(prune_imp, prune_criticality mode: unstructured)")
+        if chain.no_surgery and self.needs_channel_surgery():
+            raise ValueError(f"kind: {self.kind} narrows channels, which this imported graph network does not allow "
+                             f"({chain.no_surgery}); prune with masks instead (prune_imp, prune_criticality mode: "
+                             f"unstructured)")
         if chain.arch == "graph" and getattr(self, "checkpoint_layers", False):
             raise ValueError("checkpoint_layers: an imported graph network runs its own layers, which "
                              "checkpoint_layers cannot segment; leave it false")

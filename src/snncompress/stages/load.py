@@ -24,6 +24,7 @@ from pydantic import Field
 from ..checkpoint import load_checkpoint, read_metadata
 from ..deploy.nir import INTEGRATIONS, RESETS, is_nir_file, load_nir
 from ..errors import UserError
+from ..models import build_from_spec
 from .base import Chain, StageContext, StageOptions, StageResult, register_stage
 
 
@@ -58,15 +59,17 @@ class LoadOptions(StageOptions):
             except UserError as exc:
                 raise ValueError(f"checkpoint: {exc}") from None
             return replace(chain, mode="snn", timesteps=model.timesteps, source=self.name,
-                           arch=model.spec.get("arch", chain.arch))
+                           arch=model.spec.get("arch", chain.arch), no_surgery=_no_surgery(model))
         if self.timesteps is not None or self.dt is not None or self.integration != "euler" or self.reset:
             raise ValueError("timesteps, dt, integration and reset apply to a .nir file only")
         try:
             spec = read_metadata(self.checkpoint)["spec"]
         except (UserError, KeyError, TypeError) as exc:
             raise ValueError(f"checkpoint: {exc}") from None
+        graph = spec.get("family") == "graph"
         return replace(chain, mode="snn" if spec.get("spiking", True) else "ann",
-                       timesteps=spec.get("timesteps"), source=self.name)
+                       timesteps=spec.get("timesteps"), source=self.name, arch=spec.get("arch", chain.arch),
+                       no_surgery=_no_surgery(build_from_spec(spec)) if graph else None)
 
     def input_digest(self) -> str:
         digest = hashlib.sha256()
@@ -74,6 +77,15 @@ class LoadOptions(StageOptions):
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()[:16]
+
+
+def _no_surgery(model) -> str | None:
+    """Why channel surgery cannot narrow ``model`` (its family's refusal), or None when it can."""
+    try:
+        model.channel_groups()
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 @register_stage("load", LoadOptions)

@@ -21,6 +21,7 @@ from typing import ClassVar, Literal
 
 from matplotlib.figure import Figure
 from pydantic import Field, field_validator, model_validator
+from torch import nn
 
 from ..compress.pca import LayerPCA, pca_significance
 from ..compress.structure import (channel_groups, group_widths, narrow_fresh, narrow_model, projection_conflicts,
@@ -30,7 +31,7 @@ from ..convert import calibrate_thresholds
 from ..data import calibration_batch
 from ..errors import UserError
 from ..io import save_figure, write_json
-from ..models import SpikingNetwork
+from ..models import ChannelGroup, SpikingNetwork
 from ..training import Distillation, evaluate_accuracy
 from .base import (Chain, StageContext, StageResult, TrainOptions, fit, register_stage,
                    save_selection_plot)
@@ -83,9 +84,13 @@ class PrunePCAOptions(TrainOptions):
             raise ValueError(f"{given[0]}: not used with mode: {self.mode}{hint}")
 
 
-def layer_targets(model: SpikingNetwork, pca: dict[str, LayerPCA], opts: PrunePCAOptions) -> dict[str, int]:
-    """``k_l`` per LIF layer; classifier layers keep full width unless ``prune_classifier``."""
-    return {name: (p.k if opts.prune_classifier or not name.startswith("classifier.") else p.channels)
+def layer_targets(model: SpikingNetwork, pca: dict[str, LayerPCA], opts: PrunePCAOptions,
+                  groups: list[ChannelGroup]) -> dict[str, int]:
+    """``k_l`` per LIF layer; the LIFs after linear layers (the classifier's) keep full width unless
+    ``prune_classifier``."""
+    modules = dict(model.named_modules())
+    after_linear = {lif for g in groups if isinstance(modules[g.outputs[0]], nn.Linear) for lif in g.lifs}
+    return {name: (p.k if opts.prune_classifier or name not in after_linear else p.channels)
             for name, p in pca.items()}
 
 
@@ -148,7 +153,7 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
     images = calibration_batch(ctx.train_loader, opts.pca_images).to(ctx.device)
     pca = pca_significance(model, images, opts.theta, opts.accumulate, opts.chunk)
     groups = channel_groups(model)
-    widths = group_widths(groups, layer_targets(model, pca, opts), opts.min_channels,
+    widths = group_widths(groups, layer_targets(model, pca, opts, groups), opts.min_channels,
                           projection_conflicts(model, groups))
     if opts.mode == "finetune":
         keep = select_channels(groups, widths, {name: p.significance for name, p in pca.items()})
