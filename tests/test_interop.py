@@ -948,3 +948,45 @@ measure: {{robustness_images: 16, ops_images: 16, latency_repeats: 2, noise_sigm
     again = load_nir(tmp_path / "final.nir")
     assert torch.equal(again(images), final.eval()(images))
     assert set(get_masks(again)) == {"nodes.n1.weight"}
+
+
+# ----------------------------------------------------------------------------- the C engine on imported networks
+
+def _imported_conv(framework: str) -> GraphNetwork:
+    if framework == "snntorch":
+        return import_graph(_snntorch_export(*_snntorch_conv()), timesteps=T, dt=1e-4)
+    if framework == "sinabs":
+        return import_graph(_sinabs_export(*_sinabs_conv()), timesteps=T, integration="jump")
+    return import_graph(_norse_export(*_norse_conv()), timesteps=T, dt=1e-6, integration="jump")
+
+
+@pytest.mark.parametrize("framework", ["snntorch", "sinabs"])
+def test_imported_conv_networks_run_in_the_c_engine(framework, tmp_path):
+    """snnTorch's (LIF, average pooling) and Sinabs' (IF, sum pooling) conv networks, imported, run in C: the
+    float build counts PyTorch's output spikes exactly; compressed (narrowed, masked, 4-bit) it runs integer-only,
+    bit for bit its numpy reference."""
+    import shutil
+
+    from test_c_export import assert_bit_exact, random_images, torch_logits
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) on PATH: the C engine cannot be built")
+    model = _imported_conv(framework)
+    images = random_images(8, tuple(model.spec["in_shape"]), seed=3)
+    engine, traced = assert_bit_exact(tmp_path, model, images, name="float")
+    counts = np.stack([t[3] for t in traced])
+    assert not engine.integer and counts.sum() > 0
+    np.testing.assert_array_equal(counts, torch_logits(model, images).numpy())
+    small = _compress(model)
+    engine, traced = assert_bit_exact(tmp_path, small, images, name="int")
+    assert engine.integer and engine.layers[0].out_shape[0] == 3 and engine.layers[-1].in_shape == (3, 4, 4)
+    assert (engine.layers[-1].weights == 0).mean() >= 0.45  # half the weights masked (dense storage is smaller)
+
+
+def test_norse_conv_network_is_refused_by_the_c_engine_naming_its_cubalif():
+    """Norse's LIFCell exports as CubaLIF (a synaptic current per neuron), which the C engine does not keep."""
+    from snncompress.deploy.c import compile_engine
+
+    _norse()
+    with pytest.raises(UserError, match="is cubalif"):
+        compile_engine(_imported_conv("norse"), (0.2,), (0.3,))
