@@ -292,6 +292,9 @@ def test_distillation_loss_blends_cross_entropy_and_teacher_kl():
     small = build_model("convnet", 3, (1, 4, 4), 1, features=[], classifier=[3], dropout=0.0)
     x = torch.randn(2, 1, 4, 4)
     assert torch.allclose(Distillation(big, 0.5).teacher_logits(small, x), big(x) / 4)
+    # an ANN teacher (train_snn's distill: the converted ANN) counts as one timestep of a T = 4 student
+    ann = big.ann_twin().eval()
+    assert torch.allclose(Distillation(ann, 0.5).teacher_logits(big, x), ann(x) * 4)
 
 
 def test_temporal_schedule_stops_at_the_tolerance():

@@ -221,6 +221,8 @@ CHAIN_CASES = [
      "stages[1] (temporal): schedule: the timestep schedule must be strictly decreasing, got [1, 2]"),
     ("[{kind: train_snn}, {kind: temporal, distill_temperature: 3}]",
      "stages[1] (temporal): distill_temperature: only used with distill > 0"),
+    ("[{kind: train_snn, distill_temperature: 3}]",
+     "stages[0] (train_snn): distill_temperature: only used with distill > 0"),
     ("[{kind: train_snn}, {kind: prune_pca, mode: finetune, ann_epochs: 3}]",
      "stages[1] (prune_pca): ann_epochs: not used with mode: finetune"),
     ("[{kind: train_snn}, {kind: prune_pca, mode: finetune, calib_images: 32}]",

@@ -43,7 +43,8 @@ class Distillation(Callback):
 
     With weight ``w`` and temperature ``tau``: ``(1 - w) * loss + w * tau^2 * KL(softmax(teacher / tau) ||
     softmax(logits / tau))``. SNN logits are sums over t, so a T = 4 teacher's are about 4x a T = 1
-    student's: both are compared per timestep (teacher logits x T_student / T_teacher).
+    student's: both are compared per timestep (teacher logits x T_student / T_teacher; an ANN teacher
+    counts as one timestep).
     """
 
     def __init__(self, teacher: torch.nn.Module, weight: float, temperature: float = 2.0):
@@ -58,8 +59,10 @@ class Distillation(Callback):
         """The teacher's logits on ``images``, ``[B, K]``, rescaled to the student's timesteps."""
         with torch.no_grad():
             out = self.teacher(images)
-        t_teacher, t_student = getattr(self.teacher, "timesteps", 1), getattr(student, "timesteps", 1)
-        if getattr(self.teacher, "spiking", False) and getattr(student, "spiking", False) and t_teacher != t_student:
+        spiking = getattr(student, "spiking", False)
+        t_student = getattr(student, "timesteps", 1) if spiking else 1
+        t_teacher = getattr(self.teacher, "timesteps", 1) if getattr(self.teacher, "spiking", False) else 1
+        if t_teacher != t_student:
             out = out * (t_student / t_teacher)
         return out
 
