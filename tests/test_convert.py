@@ -87,3 +87,37 @@ def test_networks_without_batchnorm_keep_their_weights():
                          rescale_batchnorm=True)
     assert all(torch.equal(a, b) for a, b in zip(before, [p for p in model.parameters() if p.dim() > 1],
                                                   strict=True))
+
+
+def test_clip_floor_ann_rate_is_the_integrate_and_fire_spike_rate():
+    """ann_levels = T: on a constant input an IF neuron with soft reset fires floor(T x / threshold) times
+    in T steps (clamped to T), which is what the ANN twin's clip-floor activation outputs as a rate; the
+    threshold receives a gradient through the straight-through floor."""
+    from snncompress.neuron import LIF
+
+    torch.manual_seed(0)
+    lif = LIF(threshold=0.7, ann_levels=4, per_channel=True, num_channels=3)
+    x = torch.randn(5, 3, 6, 6) * 1.5
+    rate = lif.ann_rate(x)
+    spikes = lif(x.unsqueeze(0).expand(4, *x.shape)).mean(0)
+    assert torch.equal(rate, spikes)
+    assert sorted(rate.unique().tolist()) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    rate.sum().backward()
+    assert lif.threshold.grad is not None and (lif.threshold.grad < 0).all()  # a higher threshold lowers the rate
+
+
+def test_a_clip_floor_ann_converts_with_kept_thresholds_to_t_times_its_logits():
+    """One hidden layer (direct input is constant over t): the converted SNN's logits are exactly T times the
+    clip-floor ANN's, with no calibration."""
+    torch.manual_seed(1)
+    model = build_model("convnet", 5, (1, 4, 4), 4, features=[], classifier=[12], dropout=0.0,
+                        neuron={"ann_levels": 4, "threshold": 0.4}).eval()
+    with torch.no_grad():
+        model.classifier[0].weight.mul_(4.0)
+    x = torch.randn(7, 1, 4, 4)
+    with torch.no_grad():
+        ann = model.set_spiking(False)(x)
+        snn = model.set_spiking(True)(x)
+    torch.testing.assert_close(snn, 4 * ann, rtol=0, atol=1e-5)
+    hidden = model.classifier[1].ann_rate(model.classifier[0](x.flatten(1)))
+    assert ann.abs().sum() > 0 and 0 < hidden.mean() < 1 and len(hidden.unique()) >= 3  # several rate levels

@@ -235,6 +235,11 @@ class NeuronOptions(BaseModel):
     learn_threshold: bool = Field(True, description="threshold is a trained parameter (else a fixed buffer)")
     per_channel: bool = Field(False, description="one leak and threshold per channel (else per layer)")
     backend: str = Field("auto", description="LIF kernel: auto or a registered backend")
+    ann_levels: int | None = Field(
+        None, ge=1, description="the ANN twin's activation: ReLU (unset), or the firing rate an integrate-and-fire "
+                                "neuron reaches in this many steps, clamp(floor(levels * x / threshold) / levels, 0, "
+                                "1), with the threshold trained (quantization-aware ANN; convert with thresholds: "
+                                "keep at T = levels)")
 
     @field_validator("backend")
     @classmethod
@@ -316,6 +321,7 @@ class LIF(nn.Module):
         surrogate_scale: float | None = None,
         backend: str = "auto",
         state_quantizer: nn.Module | None = None,
+        ann_levels: int | None = None,
     ):
         super().__init__()
         if reset not in RESETS:
@@ -327,6 +333,7 @@ class LIF(nn.Module):
         shape = (num_channels,) if per_channel else ()
         self.reset, self.surrogate, self.surrogate_scale = reset, surrogate, surrogate_scale
         self.per_channel, self.backend = per_channel, backend
+        self.ann_levels = ann_levels
         self._register("leak", torch.full(shape, float(leak)), learn_leak)
         self._register("threshold", torch.full(shape, float(threshold)), learn_threshold)
         self.register_module("state_quantizer", state_quantizer)
@@ -358,6 +365,15 @@ class LIF(nn.Module):
         else:
             fn = functools.partial(lif_multistep, state_quantizer=self.state_quantizer)
         return fn(current, leak, thr, self.reset, self.surrogate, self.surrogate_scale)
+
+    def ann_rate(self, x: torch.Tensor) -> torch.Tensor:
+        """The ANN twin's clip-floor activation (``ann_levels`` = L): input ``[B, C, ...]`` (units of the
+        membrane) -> ``clamp(floor(L x / threshold) / L, 0, 1)`` ``[B, C, ...]``, the spike count per step that an
+        integrate-and-fire neuron with soft reset reaches from rest on a constant input in L steps. The floor
+        passes its gradient straight through, so ``x`` and the threshold both learn."""
+        scaled = x * self.ann_levels / self._broadcast(self.threshold, x.dim())
+        floored = scaled + (torch.floor(scaled) - scaled).detach()
+        return (floored / self.ann_levels).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -171,9 +171,10 @@ class SpikingNetwork(nn.Module):
         return copy.deepcopy(self).set_spiking(False)
 
     def activation(self, lif: LIF, x: torch.Tensor, has_time: bool) -> tuple[torch.Tensor, bool]:
-        """LIF in SNN mode (broadcasting a time-less input over T first), ReLU in ANN mode."""
+        """LIF in SNN mode (broadcasting a time-less input over T first); in ANN mode ReLU, or the LIF's
+        clip-floor rate when its ``ann_levels`` is set (:meth:`LIF.ann_rate`)."""
         if not self.spiking:
-            return F.relu(x), has_time
+            return (lif.ann_rate(x) if lif.ann_levels else F.relu(x)), has_time
         if not has_time:
             x = x.unsqueeze(0).expand(self.timesteps, *x.shape)
         return lif(x), True

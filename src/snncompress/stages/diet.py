@@ -62,9 +62,13 @@ def train_snn(ctx: StageContext, opts: TrainSNNOptions) -> StageResult:
 
 class ConvertOptions(StageOptions):
     needs, produces = "ann", "snn"
-    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"rescale_batchnorm"})
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"rescale_batchnorm", "thresholds"})
 
     kind: Literal["convert"] = "convert"
+    thresholds: Literal["calibrate", "keep"] = Field("calibrate", description=(
+        "calibrate: set each threshold from the ANN's activations (the options below); keep: the ANN's own "
+        "trained thresholds, for an ANN trained with model.neuron.ann_levels (its clip-floor activation is the "
+        "rate of the converted neuron)"))
     calib_images: int = Field(512, ge=1, description="training images used for calibration")
     calib_timesteps: int = Field(100, ge=1, description="timesteps simulated during calibration")
     percentile: float = Field(99.7, gt=0, le=100)
@@ -74,15 +78,25 @@ class ConvertOptions(StageOptions):
         "multiply a conv/linear layer that reads spikes and feeds a BatchNorm by the previous threshold "
         "(the BatchNorm then sees the ANN's scale; convert.py)"))
 
+    def check(self, chain: Chain) -> None:
+        super().check(chain)
+        unused = sorted(self.model_fields_set & {"calib_images", "calib_timesteps", "percentile", "scale", "chunk",
+                                                 "rescale_batchnorm"})
+        if self.thresholds == "keep" and unused:
+            raise ValueError(f"{unused[0]}: not used with thresholds: keep (nothing is calibrated)")
+
 
 @register_stage("convert", ConvertOptions)
 def convert(ctx: StageContext, opts: ConvertOptions) -> StageResult:
     """Copy the ANN's weights into the SNN and calibrate thresholds layer by layer."""
     model = ctx.require_model("convert").set_spiking(True)
-    images = calibration_batch(ctx.train_loader, opts.calib_images).to(ctx.device)
-    thresholds = calibrate_thresholds(model, images, calib_timesteps=opts.calib_timesteps,
-                                      percentile=opts.percentile, scale=opts.scale, chunk=opts.chunk,
-                                      rescale_batchnorm=opts.rescale_batchnorm)
+    if opts.thresholds == "keep":
+        thresholds = {name: lif.threshold.detach().mean().item() for name, lif in model.spiking_layers()}
+    else:
+        images = calibration_batch(ctx.train_loader, opts.calib_images).to(ctx.device)
+        thresholds = calibrate_thresholds(model, images, calib_timesteps=opts.calib_timesteps,
+                                          percentile=opts.percentile, scale=opts.scale, chunk=opts.chunk,
+                                          rescale_batchnorm=opts.rescale_batchnorm)
     accuracy = evaluate_accuracy(model, ctx.val_loader, ctx.device)
     print(f"[convert] thresholds {', '.join(f'{v:.3g}' for v in thresholds.values())}; "
           f"SNN validation accuracy at T={model.timesteps} before training: {accuracy:.4f}", flush=True)
