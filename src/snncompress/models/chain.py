@@ -63,11 +63,13 @@ def start_unit(op: nn.Conv2d | nn.Linear) -> ChainUnit:
 
 
 def batchnorm_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gain, shift)`` float64 ``[C]`` of an eval-mode BatchNorm: ``bn(x) = gain * x + shift``."""
-    var = bn.running_var.detach().double().cpu()
-    gain = bn.weight.detach().double().cpu() / torch.sqrt(var + bn.eps)
-    shift = bn.bias.detach().double().cpu() - bn.running_mean.detach().double().cpu() * gain
-    return gain, shift
+    """``(gain, shift)`` float64 ``[C]`` of an eval-mode BatchNorm: ``bn(x) = gain * x + shift`` (a BatchNorm
+    without affine parameters has weight 1 and bias 0)."""
+    c = bn.num_features
+    weight = bn.weight.detach().double().cpu() if bn.weight is not None else torch.ones(c, dtype=torch.float64)
+    bias = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros(c, dtype=torch.float64)
+    gain = weight / torch.sqrt(bn.running_var.detach().double().cpu() + bn.eps)
+    return gain, bias - bn.running_mean.detach().double().cpu() * gain
 
 
 def per_channel(value: torch.Tensor, channels: int) -> torch.Tensor:

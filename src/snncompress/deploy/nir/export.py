@@ -13,6 +13,7 @@ from ...compress.state import stored_tensors
 from ...errors import UserError
 from ...io import atomic_write
 from ...models import SpikingNetwork
+from ...models.chain import batchnorm_affine
 from ...neuron import LIF
 from .graph import export_graph
 from .mapping import (DEFAULT_DT, LEAK_ONE_MODES, LEAK_ONE_TAU_STEPS, NIR_FORMAT, SOFT_RESET_MODES, Layer, _check_dt,
@@ -85,10 +86,7 @@ def _neuron_node(nir, layer: Layer, dt: float, soft_reset: str, leak_one: str, s
 def _batchnorm_node(nir, layer: Layer):
     bn: nn.BatchNorm2d = layer.module
     c = bn.num_features
-    mean, var = bn.running_mean.detach().double().cpu(), bn.running_var.detach().double().cpu()
-    gamma = bn.weight.detach().double().cpu() if bn.weight is not None else torch.ones(c, dtype=torch.float64)
-    beta = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros(c, dtype=torch.float64)
-    scale = gamma / torch.sqrt(var + bn.eps)
+    scale, shift = batchnorm_affine(bn)
     meta = {"batchnorm.running_mean": _array(bn.running_mean), "batchnorm.running_var": _array(bn.running_var),
             "batchnorm.eps": float(bn.eps), "batchnorm.affine": bool(bn.affine)}
     if bn.affine:
@@ -98,7 +96,7 @@ def _batchnorm_node(nir, layer: Layer):
     return make_node(nir.Conv2d, input_shape=tuple(layer.in_shape[1:]),
                      weight=_array(torch.diag(scale)).reshape(c, c, 1, 1), stride=(1, 1), padding=(0, 0),
                      dilation=(1, 1), groups=1,
-                      bias=_array(beta - mean * scale), metadata=meta)
+                     bias=_array(shift), metadata=meta)
 
 
 def _node(nir, layer: Layer, dt: float, soft_reset: str, leak_one: str, stored: dict):
