@@ -27,7 +27,7 @@ from ..io import save_figure
 from ..models import SpikingNetwork, build_model
 from ..models.stdp import ARCH as STDP_ARCH
 from ..recipe import SEED_LIMIT, Recipe, Strict
-from ..training import Callback, TrainConfig, seed_everything, train
+from ..training import Callback, Distillation, TrainConfig, seed_everything, train
 
 
 SNAPSHOT_SUFFIX = ".resume.safetensors"  # training snapshots in a stage folder, removed when the stage ends
@@ -209,6 +209,26 @@ class TrainOptions(StageOptions, TrainConfig):
         """The loop's config from these options (``overrides`` replace single fields, e.g. ``epochs``)."""
         values = self.model_dump(include=set(TrainConfig.model_fields))
         return TrainConfig(**{**values, "seed": seed, **overrides})
+
+
+class DistillOptions(TrainOptions):
+    """Options of a training stage that can distil from a frozen teacher (``temporal``: the model it starts from,
+    at its T; ``train_snn``: that model's ANN twin, the converted ANN)."""
+
+    distill: float = Field(0.0, ge=0, le=1, description="weight of distillation from the stage's teacher (temporal: "
+                                                        "its starting model at its T; train_snn: the converted ANN) "
+                                                        "in the loss; 0 = off")
+    distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of the distillation term")
+
+    def check(self, chain: Chain) -> None:
+        super().check(chain)
+        if "distill_temperature" in self.model_fields_set and self.distill == 0:
+            raise ValueError("distill_temperature: only used with distill > 0")
+
+    def distillation(self, make_teacher: Callable[[], torch.nn.Module]) -> list[Callback]:
+        """The training callbacks these options ask for: distillation from ``make_teacher()`` (called only when
+        ``distill`` > 0: teachers are copies of the model), or none."""
+        return [Distillation(make_teacher(), self.distill, self.distill_temperature)] if self.distill > 0 else []
 
 
 def fit(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name: str = "train_log.csv",

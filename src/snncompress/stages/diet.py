@@ -9,8 +9,8 @@ from pydantic import Field
 
 from ..convert import calibrate_thresholds
 from ..data import calibration_batch
-from ..training import Distillation, evaluate_accuracy
-from .base import (Chain, StageContext, StageOptions, StageResult, TrainOptions, fit,
+from ..training import evaluate_accuracy
+from .base import (Chain, DistillOptions, StageContext, StageOptions, StageResult, TrainOptions, fit,
                    register_stage, training_metrics)
 
 
@@ -27,23 +27,16 @@ def train_ann(ctx: StageContext, opts: TrainANNOptions) -> StageResult:
     return StageResult(model, training_metrics(fit(ctx, model, opts.train_config(ctx.seed), desc="ann")))
 
 
-class TrainSNNOptions(TrainOptions):
+class TrainSNNOptions(DistillOptions):
     produces = "snn"
 
+    #: distill came after runs existed: hashed only when set, so their train_snn folders stay finished
     HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = TrainOptions.HASHED_WHEN_CHANGED | {"distill",
                                                                                         "distill_temperature"}
 
     kind: Literal["train_snn"] = "train_snn"
     lr: float = Field(1e-4, gt=0)
     timesteps: int | None = Field(None, ge=1, description="train at this T (default: the model's)")
-    distill: float = Field(0.0, ge=0, le=1, description="weight of distillation from the ANN twin of the model the "
-                                                        "stage starts from (its converted ANN); 0 = off")
-    distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of the distillation term")
-
-    def check(self, chain: Chain) -> None:
-        super().check(chain)
-        if "distill_temperature" in self.model_fields_set and self.distill == 0:
-            raise ValueError("distill_temperature: only used with distill > 0")
 
     def leaves(self, chain: Chain) -> Chain:
         return replace(super().leaves(chain), timesteps=self.timesteps or chain.timesteps)
@@ -55,7 +48,7 @@ def train_snn(ctx: StageContext, opts: TrainSNNOptions) -> StageResult:
     model = (ctx.model or ctx.new_model()).set_spiking(True)
     if opts.timesteps is not None:
         model.timesteps = opts.timesteps
-    callbacks = [Distillation(model.ann_twin(), opts.distill, opts.distill_temperature)] if opts.distill > 0 else []
+    callbacks = opts.distillation(model.ann_twin)
     return StageResult(model, training_metrics(fit(ctx, model, opts.train_config(ctx.seed), desc="snn",
                                                    callbacks=callbacks)))
 

@@ -32,8 +32,8 @@ from ..data import calibration_batch
 from ..errors import UserError
 from ..io import save_figure, write_json
 from ..models import ChannelGroup, SpikingNetwork
-from ..training import Distillation, evaluate_accuracy
-from .base import (Chain, StageContext, StageResult, TrainOptions, fit, register_stage,
+from ..training import evaluate_accuracy
+from .base import (Chain, DistillOptions, StageContext, StageResult, TrainOptions, fit, register_stage,
                    save_selection_plot)
 
 
@@ -186,7 +186,7 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
 # ----------------------------------------------------------------------------- temporal
 
 
-class TemporalOptions(TrainOptions):
+class TemporalOptions(DistillOptions):
     """Temporal pruning; ``epochs``/``lr``/... are the fine-tuning at each step of the schedule."""
 
     needs, produces = "snn", "snn"
@@ -197,9 +197,6 @@ class TemporalOptions(TrainOptions):
     lr: float = Field(1e-4, gt=0)
     step_epochs: list[int] | None = Field(None, description="fine-tuning epochs of each schedule entry "
                                                             "(default: `epochs` for every step)")
-    distill: float = Field(0.0, ge=0, le=1, description="weight of distillation from the stage's starting "
-                                                        "model (at its T) in each step's loss; 0 = off")
-    distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of the distillation term")
 
     @field_validator("schedule")
     @classmethod
@@ -229,8 +226,6 @@ class TemporalOptions(TrainOptions):
         super().check(chain)
         if "epochs" in self.model_fields_set and self.step_epochs is not None:
             raise ValueError("epochs: not used when step_epochs is given")
-        if "distill_temperature" in self.model_fields_set and self.distill == 0:
-            raise ValueError("distill_temperature: only used with distill > 0")
         start = chain.timesteps
         if start is None:  # an earlier stage chooses T at run time
             if self.schedule is None and self.step_epochs is not None:
@@ -284,7 +279,7 @@ def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
     start_accuracy = evaluate_accuracy(model, ctx.val_loader, ctx.device)
     print(f"[temporal] start: T={start_timesteps} validation accuracy {start_accuracy:.4f}; schedule {schedule}", flush=True)
 
-    callbacks = [Distillation(copy.deepcopy(model), opts.distill, opts.distill_temperature)] if opts.distill > 0 else []
+    callbacks = opts.distillation(lambda: copy.deepcopy(model))
 
     def finetune(candidate: SpikingNetwork) -> float:
         t = candidate.timesteps
