@@ -120,6 +120,24 @@ def stage_data_order(loader, seed: int | None):
         loader.seed, loader.epoch = saved
 
 
+@contextmanager
+def stage_augmentation(loader, opts, data):
+    """While a training stage with its own ``augment`` runs, ``loader`` (in memory) augments as it asks: ``none``,
+    ``flip`` (a crop with no padding is the image itself) or ``crop_flip`` (``crop_padding``, default the recipe's
+    ``data.crop_padding``); afterwards as the recipe says. No ``augment``: no change."""
+    augment = getattr(opts, "augment", None)
+    if augment is None:
+        yield
+        return
+    padding = {"none": 0, "flip": 0, "crop_flip": opts.crop_padding or data.crop_padding}[augment]
+    saved = loader.augment, loader.crop_padding
+    loader.augment, loader.crop_padding = augment != "none", padding
+    try:
+        yield
+    finally:
+        loader.augment, loader.crop_padding = saved
+
+
 def fingerprint(recipe: Recipe, opts, previous: str) -> str:
     """Hash of what determines a stage's output: the package version, the recipe's data (not the
     folder's location) and model sections, the seed, the stage's options and the previous stage's hash.
@@ -172,6 +190,10 @@ class Run:
             if loader is not None and len(loader) == 0:
                 raise UserError(f"{where}: data.val_fraction: {d.val_fraction} of the {d.train_subset or 'all'} "
                                 f"training images leaves the {split} split empty")
+        augmenting = [opts.name for _, opts in self.stages if getattr(opts, "augment", None) is not None]
+        if augmenting and not isinstance(self.train_loader, TensorBatchLoader):
+            raise UserError(f"{where}: stage {augmenting[0]}: augment applies to in-memory datasets; "
+                            f"{d.dataset!r} keeps the recipe's data.augment")
         self.recipe.check_model(self.info.in_shape, self.info.num_classes, where)  # before anything is written
         self.estimates = check_recipe_resources(
             self.recipe, [(stage.kind, opts) for stage, opts in self.stages], in_shape=self.info.in_shape,
@@ -264,7 +286,8 @@ class Run:
         start = time.perf_counter()
         try:
             seed = getattr(opts, "seed", None)
-            with stage_data_order(self.train_loader, seed):
+            with stage_data_order(self.train_loader, seed), \
+                    stage_augmentation(self.train_loader, opts, self.recipe.data):
                 result = stage.run(self.context(model, stage_dir, records, seed), opts)
         except UserError as exc:
             raise UserError(f"stage {opts.name}: {exc}") from None

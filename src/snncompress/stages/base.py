@@ -17,7 +17,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -27,7 +27,7 @@ from ..io import save_figure
 from ..models import SpikingNetwork, build_model
 from ..models.stdp import ARCH as STDP_ARCH
 from ..recipe import SEED_LIMIT, Recipe, Strict
-from ..training import Callback, Distillation, TrainConfig, seed_everything, train
+from ..training import Callback, Distillation, TrainConfig, kept_row, seed_everything, train
 
 
 SNAPSHOT_SUFFIX = ".resume.safetensors"  # training snapshots in a stage folder, removed when the stage ends
@@ -184,8 +184,14 @@ class TrainOptions(StageOptions, TrainConfig):
     """Options of every stage that trains: the loop's :class:`~snncompress.training.TrainConfig` (its one
     definition: fields, defaults, checks) plus the stage's seed."""
 
-    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"seed"})
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"seed", "keep", "augment", "crop_padding"})
 
+    augment: Literal["none", "flip", "crop_flip"] | None = Field(
+        None, description="this stage's augmentation of the training images (in-memory datasets): none, "
+                          "horizontal flip, or random crop (crop_padding) + flip. Default: the recipe's data.augment")
+    crop_padding: int | None = Field(
+        None, ge=1, description="zero pixels added on each side before the random crop of augment: crop_flip "
+                                "(default: the recipe's data.crop_padding)")
     seed: int | None = Field(
         None, ge=0, lt=SEED_LIMIT,
         description="this stage's own seed (repeats of a stage over seeds): it seeds torch and numpy, and "
@@ -200,6 +206,8 @@ class TrainOptions(StageOptions, TrainConfig):
             raise ValueError("momentum: optimizer sgd (Nesterov) needs momentum > 0")
         if self.optimizer == "adam" and "momentum" in self.model_fields_set:
             raise ValueError("momentum: only used with optimizer: sgd")
+        if self.crop_padding is not None and self.augment != "crop_flip":
+            raise ValueError("crop_padding: only used with augment: crop_flip")
 
     def trains_by_gradient(self) -> bool:
         """Whether these options make the stage train by backpropagation (not every option set does)."""
@@ -244,8 +252,10 @@ def fit(ctx: StageContext, model: SpikingNetwork, config: TrainConfig, log_name:
 
 
 def training_metrics(history: list[dict]) -> dict:
-    """A training stage's metrics: the last epoch's validation accuracy, epochs, seconds per epoch."""
-    return {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history),
+    """A training stage's metrics: the kept epoch's validation accuracy (the last one unless ``keep: best``),
+    epochs, the kept epoch, seconds per epoch."""
+    kept = kept_row(history)
+    return {"val_accuracy": kept["val_accuracy"], "epochs": len(history), "kept_epoch": kept["epoch"],
             "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history)}
 
 

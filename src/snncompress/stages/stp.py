@@ -32,7 +32,7 @@ from ..data import calibration_batch
 from ..errors import UserError
 from ..io import save_figure, write_json
 from ..models import ChannelGroup, SpikingNetwork
-from ..training import evaluate_accuracy
+from ..training import evaluate_accuracy, kept_row
 from .base import (Chain, DistillOptions, StageContext, StageResult, TrainOptions, fit, register_stage,
                    save_selection_plot)
 
@@ -111,14 +111,14 @@ def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCA
     recalibrate(ctx, narrow, opts)
     if opts.epochs == 0:
         return evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
-    return fit(ctx, narrow, opts.train_config(seed), "train_log.csv", "pca-snn")[-1]["val_accuracy"]
+    return kept_row(fit(ctx, narrow, opts.train_config(seed), "train_log.csv", "pca-snn"))["val_accuracy"]
 
 
 def finetune_inherited(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
     """Fine-tune the narrow SNN that inherited the kept channels' weights; returns its val accuracy."""
     if opts.epochs == 0:
         return evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
-    return fit(ctx, narrow, opts.train_config(ctx.seed), "train_log.csv", "pca-finetune")[-1]["val_accuracy"]
+    return kept_row(fit(ctx, narrow, opts.train_config(ctx.seed), "train_log.csv", "pca-finetune"))["val_accuracy"]
 
 
 def plot_variance(pca: dict[str, LayerPCA], theta: float, path: Path) -> str:
@@ -284,7 +284,7 @@ def temporal(ctx: StageContext, opts: TemporalOptions) -> StageResult:
     def finetune(candidate: SpikingNetwork) -> float:
         t = candidate.timesteps
         config = opts.train_config(ctx.seed, epochs=epochs[t])
-        return fit(ctx, candidate, config, f"train_log_T{t}.csv", f"T={t}", callbacks)[-1]["val_accuracy"]
+        return kept_row(fit(ctx, candidate, config, f"train_log_T{t}.csv", f"T={t}", callbacks))["val_accuracy"]
 
     final, trials = prune_timesteps(model, schedule, finetune, start_accuracy, opts.tolerance)
     rows = trials_table(trials)

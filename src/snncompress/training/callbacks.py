@@ -1,4 +1,5 @@
-"""The concrete callbacks of the training loop (clamping neurons, masks, quantization, distillation).
+"""The concrete callbacks of the training loop (clamping neurons, masks, quantization, distillation,
+keeping the best epoch).
 
 The protocol they implement, and the points of every step at which the loop calls them, are in
 :mod:`snncompress.hooks`.
@@ -36,6 +37,37 @@ class QuantizeAfterStep(Callback):
 
     def after_step(self, state: TrainState) -> None:
         snap_to_grid_(state.model)
+
+
+class KeepBestEpoch(Callback):
+    """Remember the weights (and buffers) of the epoch with the highest validation accuracy.
+
+    After training, :meth:`restore` puts them back into the model; ties keep the earlier epoch. The
+    remembered copy is part of resumable snapshots, so a resumed run keeps the same epoch.
+    """
+
+    def __init__(self) -> None:
+        self.best_accuracy, self.best_epoch = -1.0, 0
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_epoch_end(self, state: TrainState, row: dict) -> None:
+        if row["val_accuracy"] > self.best_accuracy:
+            self.best_accuracy, self.best_epoch = float(row["val_accuracy"]), int(row["epoch"])
+            self.weights = {name: value.detach().cpu().clone() for name, value in state.model.state_dict().items()}
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Load the best epoch's weights into ``model`` (nothing happens before the first epoch ends)."""
+        if self.weights:
+            model.load_state_dict(self.weights)
+
+    def state_dict(self) -> dict:
+        return {"best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+                **{f"w.{name}": value for name, value in self.weights.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_accuracy = float(state.get("best_accuracy", -1.0))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        self.weights = {name[2:]: value for name, value in state.items() if name.startswith("w.")}
 
 
 class Distillation(Callback):

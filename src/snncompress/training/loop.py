@@ -41,7 +41,7 @@ from .. import distributed
 from ..errors import UserError
 from ..io import write_bytes
 from ..models import SpikingNetwork
-from .callbacks import Callback, ClampNeurons, EnforceMasks, TrainState
+from .callbacks import Callback, ClampNeurons, EnforceMasks, KeepBestEpoch, TrainState
 from .memory import checkpoint_layers, lean_memory
 from .resume import Progress, load_snapshot, run_key, save_snapshot
 from .speed import CompiledForward, autocast, batch_layout, to_memory_format
@@ -70,6 +70,9 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="learning rate over the stage: cosine decay from lr to 0, or constant")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    keep: Literal["last", "best"] = Field(
+        "last", description="the weights the stage ends with: the last epoch's, or those of the epoch with the "
+                            "highest validation accuracy (ties: the earlier)")
     max_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
     lean_memory: bool = Field(False, description="keep spike tensors for backward as uint8 (exact)")
     checkpoint_layers: bool = Field(False, description="recompute each spiking layer in backward")
@@ -170,8 +173,9 @@ def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
     to_memory_format(model, cfg.channels_last)
     try:
         with interrupt_flag() as interrupted:
+            keeper = [KeepBestEpoch()] if cfg.keep == "best" else []
             run = _Run(model, train_loader, val_loader, cfg, device, csv_path, desc,
-                       [ClampNeurons(), EnforceMasks(), *callbacks], snapshot_path, interrupted)
+                       [ClampNeurons(), EnforceMasks(), *callbacks, *keeper], snapshot_path, interrupted)
             return run.epochs()
     finally:  # later users get the plain model back
         lean_memory(model, False)
@@ -245,7 +249,21 @@ class _Run:
         while progress.epoch < progress.epochs and self.stop_reason is None:
             self._epoch(progress)
         _set_loader_epoch(self.train_loader, progress.loader_epoch)
+        self._keep_best(progress.history)
         return progress.history
+
+    def _keep_best(self, history: list[dict]) -> None:
+        """With ``keep: best``: load the best validation epoch's weights and mark its row ``kept``."""
+        keeper = next((cb for cb in self.callbacks if isinstance(cb, KeepBestEpoch)), None)
+        if keeper is None or not history:
+            return
+        keeper.restore(self.model)
+        for row in history:
+            row["kept"] = int(row["epoch"] == keeper.best_epoch)
+        print(f"[{self.desc}] keeping epoch {keeper.best_epoch}/{len(history)} "
+              f"(validation accuracy {keeper.best_accuracy:.4f})", flush=True)
+        if self.csv_path is not None:
+            _write_csv(self.csv_path, history)
 
     def _resume(self) -> Progress | None:
         if self.snapshot_path is None:
@@ -391,6 +409,11 @@ class _Run:
             _write_csv(self.csv_path, progress.history)
         self._replan(progress, seconds)
         self.snapshot(progress)
+
+
+def kept_row(history: list[dict]) -> dict:
+    """The epoch row whose weights a training run ended with: the one marked ``kept``, else the last."""
+    return next((row for row in history if row.get("kept")), history[-1])
 
 
 def _non_finite(value: float) -> str:
