@@ -173,9 +173,8 @@ def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
     to_memory_format(model, cfg.channels_last)
     try:
         with interrupt_flag() as interrupted:
-            keeper = [KeepBestEpoch()] if cfg.keep == "best" else []
             run = _Run(model, train_loader, val_loader, cfg, device, csv_path, desc,
-                       [ClampNeurons(), EnforceMasks(), *callbacks, *keeper], snapshot_path, interrupted)
+                       [ClampNeurons(), EnforceMasks(), *callbacks], snapshot_path, interrupted)
             return run.epochs()
     finally:  # later users get the plain model back
         lean_memory(model, False)
@@ -223,7 +222,9 @@ class _Run:
     def __init__(self, model, train_loader, val_loader, cfg, device, csv_path, desc, callbacks,
                  snapshot_path, interrupted):
         self.model, self.val_loader, self.cfg, self.device = model, val_loader, cfg, torch.device(device)
-        self.train_loader, self.csv_path, self.desc, self.callbacks = train_loader, csv_path, desc, callbacks
+        self.keeper = KeepBestEpoch() if cfg.keep == "best" else None  # last: it reads the finished epoch row
+        self.train_loader, self.csv_path, self.desc = train_loader, csv_path, desc
+        self.callbacks = callbacks if self.keeper is None else [*callbacks, self.keeper]
         self.snapshot_path, self.interrupted = snapshot_path, interrupted
         per_epoch = len(train_loader) if cfg.max_batches is None else min(cfg.max_batches, len(train_loader))
         self.per_epoch = per_epoch
@@ -254,14 +255,13 @@ class _Run:
 
     def _keep_best(self, history: list[dict]) -> None:
         """With ``keep: best``: load the best validation epoch's weights and mark its row ``kept``."""
-        keeper = next((cb for cb in self.callbacks if isinstance(cb, KeepBestEpoch)), None)
-        if keeper is None or not history:
+        if self.keeper is None or not history:
             return
-        keeper.restore(self.model)
+        self.keeper.restore(self.model)
         for row in history:
-            row["kept"] = int(row["epoch"] == keeper.best_epoch)
-        print(f"[{self.desc}] keeping epoch {keeper.best_epoch}/{len(history)} "
-              f"(validation accuracy {keeper.best_accuracy:.4f})", flush=True)
+            row["kept"] = int(row["epoch"] == self.keeper.best_epoch)
+        print(f"[{self.desc}] keeping epoch {self.keeper.best_epoch}/{len(history)} "
+              f"(validation accuracy {self.keeper.best_accuracy:.4f})", flush=True)
         if self.csv_path is not None:
             _write_csv(self.csv_path, history)
 
