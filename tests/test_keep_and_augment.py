@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from snncompress import cli
 from snncompress.data import TensorBatchLoader
@@ -12,6 +13,7 @@ from snncompress.recipe import load_recipe
 from snncompress.stages.base import TrainOptions
 from snncompress.training import Callback, TrainConfig, train
 
+from conftest import CRIT_TINY_HEAD
 from test_resume import StopAt, assert_same, tiny_loader, tiny_model, weights
 from test_stage_seed import PAIRED_RECIPE
 
@@ -141,3 +143,26 @@ stages:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stage train_ann: augment applies to in-memory datasets" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_criticality_pruning_phase_ends_at_its_last_event_under_keep_best(tmp_path, monkeypatch):
+    # validation accuracy falls every epoch, so keep: best would pick the first, denser epoch; the pruning
+    # phase still ends at its target sparsity, and only the fine-tuning keeps its best (first) epoch
+    from snncompress.training import loop
+    calls = []
+    monkeypatch.setattr(loop, "evaluate_accuracy", lambda *a, **k: calls.append(0) or 1.0 / len(calls))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(CRIT_TINY_HEAD + """
+stages:
+  - {kind: train_snn, epochs: 1, lr: 1.0e-3, max_batches: 2}
+  - {kind: prune_criticality, epochs: 2, max_batches: 4, dt: 2, regrow_ratio: 0, keep: best,
+     finetune_epochs: 2, finetune_max_batches: 2}
+measure: {robustness_images: 32, ops_images: 32, latency_repeats: 2, noise_sigmas: [0.0]}
+""")
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    stage = tmp_path / "run" / "stages" / "01-prune_criticality"
+    live = sum(v.numel() for k, v in load_file(stage / "model.safetensors").items() if k.endswith("@values"))
+    assert live == 676  # 10% of the 6,756 conv/linear weights, as without keep
+    assert "kept" not in (stage / "prune_log.csv").read_text().splitlines()[0]
+    assert [line.split(",")[-1] for line in (stage / "finetune_log.csv").read_text().splitlines()] == \
+        ["kept", "1", "0"]

@@ -51,7 +51,7 @@ from ..data import calibration_batch
 from ..errors import UserError
 from ..io import write_json
 from ..models import SpikingNetwork
-from ..training import evaluate_accuracy
+from ..training import evaluate_accuracy, kept_row
 from .base import Chain, StageContext, StageResult, TrainOptions, fit, register_stage
 
 
@@ -226,7 +226,7 @@ def _finetune(ctx: StageContext, model: SpikingNetwork, opts: _PruneOptions, des
     config = opts.train_config(ctx.seed, epochs=opts.finetune_epochs, lr=opts.finetune_lr or opts.lr,
                                max_batches=opts.finetune_max_batches or opts.max_batches)
     history, cost = _train(ctx, model, config, "finetune_log.csv", desc)
-    return history[-1]["val_accuracy"], _cost("finetune", cost)
+    return kept_row(history)["val_accuracy"], _cost("finetune", cost)
 
 
 def _steps(ctx: StageContext, opts: TrainOptions) -> int:
@@ -263,7 +263,8 @@ def _unstructured(ctx: StageContext, model: SpikingNetwork, opts: PruneCriticali
                          opts.normalized, opts.score_steps, opts.reduce, opts.regrow_normalize, opts.regrow_budget,
                          opts.regrow_decay, opts.regrow_by, ctx.seed)
     try:
-        history, cost = _train(ctx, model, opts.train_config(ctx.seed), "prune_log.csv",
+        # the masks change during this phase, so it ends at its last event whatever keep says
+        history, cost = _train(ctx, model, opts.train_config(ctx.seed, keep="last"), "prune_log.csv",
                                "crit-prune" if opts.regrow_ratio else "magnitude-prune", [pruner])
     finally:
         pruner.close()
@@ -351,7 +352,7 @@ def prune_imp(ctx: StageContext, opts: PruneIMPOptions) -> StageResult:
         history, cost = _train(ctx, model, opts.train_config(ctx.seed), f"round{j:02d}_log.csv", f"imp-{j}")
         costs.append(cost)
         rounds.append({"round": j, "sparsity": sparsity, "live_weights": live_count(model, names),
-                       "val_accuracy": history[-1]["val_accuracy"], **cost})
+                       "val_accuracy": kept_row(history)["val_accuracy"], **cost})
     rewound = evaluate_accuracy(model, ctx.val_loader, ctx.device)
     print(f"[{opts.name}] {len(sparsities)} rounds to sparsity {opts.final_sparsity}; validation accuracy of the "
           f"rewound ticket {rewound:.4f}", flush=True)
