@@ -157,6 +157,26 @@ def test_quantize_after_step_keeps_stored_weights_on_the_grid():
         assert torch.equal(q.dequantize(q.codes(stored)), stored)
 
 
+def test_per_channel_weight_scales_keep_a_row_that_one_scale_per_layer_rounds_to_zero():
+    """Row 0 of a linear weight 100x larger than the rest: at 4 bits (codes -7..7) one scale per tensor is
+    max|row 0| / 7, more than twice every other row's largest value, so those rows round to zero; one scale per
+    row quantizes each row within half its own step."""
+    weights = {}
+    for per_channel in (False, True):
+        model = _convnet()
+        with torch.no_grad():
+            model.classifier[0].weight[0] *= 100.0
+        quantize_weights(model, 4, per_channel=per_channel, names=["classifier.0.weight"])
+        weights[per_channel] = model.classifier[0].weight.detach().clone()
+    w = _convnet().classifier[0].weight.detach().clone()
+    w[0] *= 100.0
+    assert torch.count_nonzero(weights[False][1:]) == 0
+    assert torch.count_nonzero(weights[False][0]) > 0
+    half_step = w.abs().amax(1, keepdim=True) / 7 / 2
+    assert torch.all((weights[True] - w).abs() <= half_step * (1 + 1e-6))
+    assert torch.count_nonzero(weights[True][1:]) > w[1:].numel() // 2
+
+
 # ----------------------------------------------------------------------------- storage
 
 
@@ -170,7 +190,9 @@ def test_bit_packing_round_trips():
 
 def _storage_case(case: str):
     model = _convnet().eval()
-    if case.startswith("bits"):
+    if case == "bits5_per_channel":
+        quantize_weights(model, 5, per_channel=True)
+    elif case.startswith("bits"):
         quantize_weights(model, int(case[4:]))
     elif case == "masked":
         set_mask(model, "classifier.0.weight", _half_mask(model.classifier[0].weight.shape, seed=7))  # bitmap
@@ -181,7 +203,8 @@ def _storage_case(case: str):
     return model
 
 
-@pytest.mark.parametrize("case", ["dense", "bits3", "bits5", "bits7", "bits12", "masked", "masked_bits5"])
+@pytest.mark.parametrize("case", ["dense", "bits3", "bits5", "bits7", "bits12", "bits5_per_channel", "masked",
+                                  "masked_bits5"])
 def test_checkpoint_bytes_equal_the_footprint(tmp_path, case):
     """Tensor bytes in the file == footprint bytes, up to < 1 byte per packed array (3 arrays per tensor at most)."""
     model = _storage_case(case)

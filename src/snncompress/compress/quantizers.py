@@ -280,12 +280,17 @@ def snap_to_grid_(model: nn.Module, stochastic: bool = True, generator: torch.Ge
 
 
 def quantize_weights(model: nn.Module, bits: int, rounding: str = "nearest",
-                     names: list[str] | None = None) -> dict[str, Quantizer]:
-    """Attach a calibrated :class:`UniformQuantizer` of ``bits`` bits to every conv/linear weight (or ``names``).
+                     names: list[str] | None = None, per_channel: bool = False) -> dict[str, Quantizer]:
+    """Attach a calibrated :class:`UniformQuantizer` of ``bits`` bits to every conv/linear weight (or ``names``),
+    with one scale per tensor or, ``per_channel``, one per output channel (dimension 0 of the weight).
 
     Stochastic rounding is drawn once here (:func:`snap_to_grid_`), so the quantized model is fixed.
     """
-    quantizers = {name: attach_quantizer(model, name, UniformQuantizer(bits, rounding))
+    def quantizer(name: str) -> UniformQuantizer:
+        channels = original(*owner(model, name)).shape[0] if per_channel else None
+        return UniformQuantizer(bits, rounding, channels)
+
+    quantizers = {name: attach_quantizer(model, name, quantizer(name))
                   for name in (names if names is not None else weight_names(model))}
     if rounding == "stochastic":
         snap_to_grid_(model)

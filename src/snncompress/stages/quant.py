@@ -1,18 +1,18 @@
 """The ``quant_sweep`` stage (STP, docs/methods/stp.md): post-training weight quantization over bit widths.
 
-Uniform symmetric per-layer quantizers (:class:`~snncompress.compress.quantizers.UniformQuantizer`)
-are attached to every conv/linear weight of a copy of the model at each bit
+Uniform symmetric quantizers (:class:`~snncompress.compress.quantizers.UniformQuantizer`), one
+scale per layer as in STP or, with ``per_channel``, one per output channel, are attached to every conv/linear weight of a copy of the model at each bit
 width of ``bits``; the smallest width whose validation accuracy is within
 ``tolerance`` of the float model's is applied. The quantizers stay on the
 output model, so the checkpoint stores each weight as bit-packed integer codes
-plus one float32 scale, which is what the footprint counts.
+plus its float32 scales (one, or one per output channel), which is what the footprint counts.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from matplotlib.figure import Figure
 from pydantic import Field, field_validator
@@ -26,9 +26,11 @@ DEFAULT_SWEEP_BITS = list(range(16, 1, -1))
 
 
 class QuantSweepOptions(StageOptions):
-    """Post-training weight quantization sweep (uniform, symmetric, per layer, round to nearest)."""
+    """Post-training weight quantization sweep (uniform, symmetric, per layer or per channel, round to nearest)."""
 
     needs = "model"
+    #: added after runs were made: hashed only when changed (pipeline.fingerprint)
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = frozenset({"per_channel"})
 
     kind: Literal["quant_sweep"] = "quant_sweep"
     bits: list[int] = Field(default_factory=lambda: list(DEFAULT_SWEEP_BITS),
@@ -38,6 +40,8 @@ class QuantSweepOptions(StageOptions):
     apply: bool = Field(True, description="quantize the output model at the chosen bit width")
     rounding: Literal["nearest", "half_up", "truncate", "stochastic"] = Field(
         "nearest", description="rounding of weights to the grid (nearest: ties to even)")
+    per_channel: bool = Field(False, description="one scale per output channel (float32 each, counted in the "
+                                                 "footprint) instead of one per layer")
 
     @field_validator("bits")
     @classmethod
@@ -50,12 +54,13 @@ class QuantSweepOptions(StageOptions):
         return sorted(set(value), reverse=True)
 
 
-def sweep_accuracy(model: SpikingNetwork, bits: list[int], evaluate, rounding: str = "nearest") -> dict[int, float]:
+def sweep_accuracy(model: SpikingNetwork, bits: list[int], evaluate, rounding: str = "nearest",
+                   per_channel: bool = False) -> dict[int, float]:
     """Validation accuracy (0-1) of a quantized copy of ``model`` at each bit width; ``model`` is untouched."""
     results = {}
     for b in bits:
         candidate = copy.deepcopy(model)
-        quantize_weights(candidate, b, rounding)
+        quantize_weights(candidate, b, rounding, per_channel=per_channel)
         results[b] = float(evaluate(candidate))
         print(f"[quant_sweep] {b:2d} bits: accuracy {results[b]:.4f}", flush=True)
     return results
@@ -86,7 +91,7 @@ def quant_sweep(ctx: StageContext, opts: QuantSweepOptions) -> StageResult:
     model = ctx.require_model("quant_sweep")
     evaluate = lambda m: evaluate_accuracy(m, ctx.val_loader, ctx.device, opts.max_batches)  # noqa: E731
     reference = float(evaluate(model))
-    results = sweep_accuracy(model, opts.bits, evaluate, opts.rounding)
+    results = sweep_accuracy(model, opts.bits, evaluate, opts.rounding, opts.per_channel)
     chosen = smallest_within(results, reference, opts.tolerance)
     plot = plot_sweep(results, reference, opts.tolerance, chosen, ctx.stage_dir / "quant_sweep.png")
     metrics = {"float_val_accuracy": reference, "sweep": {str(b): a for b, a in results.items()},
@@ -95,7 +100,7 @@ def quant_sweep(ctx: StageContext, opts: QuantSweepOptions) -> StageResult:
         print(f"[quant_sweep] no bit width applied (chosen: {chosen})", flush=True)
         return StageResult(None, {**metrics, "val_accuracy": reference})
     final = copy.deepcopy(model)
-    quantizers = quantize_weights(final, chosen, opts.rounding)
+    quantizers = quantize_weights(final, chosen, opts.rounding, per_channel=opts.per_channel)
     accuracy = results[chosen] if opts.max_batches is None else evaluate_accuracy(final, ctx.val_loader, ctx.device)
     print(f"[quant_sweep] applied {chosen} bits to {len(quantizers)} weight tensors", flush=True)
     return StageResult(final.eval(), {**metrics, "val_accuracy": accuracy})
