@@ -16,6 +16,9 @@ option), off by default, and runs the same code on CPU tensors as on a GPU:
     the forward pass goes through :func:`torch.compile`; when compiling fails
     (no compiler, an unsupported op), the loop says so once and continues
     eagerly with the same weights.
+
+Always on, on CPU: :func:`flush_subnormals` while training (weights that weight
+decay drives below 1.2e-38 made a training step 7x slower, issue 27).
 """
 
 from __future__ import annotations
@@ -64,3 +67,16 @@ class CompiledForward:
                               "training continues without it", RuntimeWarning, stacklevel=2)
                 self.compiled = None
         return self.module(*args)
+
+
+@contextlib.contextmanager
+def flush_subnormals(device):
+    """On CPU, treat subnormal floats (below 1.2e-38) as zero in arithmetic while the block runs (x86 FTZ/DAZ,
+    :func:`torch.set_flush_denormal`); afterwards PyTorch's default (off) again. A model whose weights decayed
+    into the subnormal range trained at 261 against 36 ms a step (one thread, batch 64) without it."""
+    flushing = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
