@@ -51,7 +51,7 @@ from torch import nn
 
 from .footprint import footprint
 from .quantizers import (ROUNDINGS, FixedPointQuantizer, PowerOfTwoQuantizer, UniformQuantizer, attach_quantizer,
-                         snap_to_grid_, weight_names)
+                         scale_channels, snap_to_grid_, weight_names)
 
 GROUPS = ("weights", "neurons", "state")
 SCHEMES = ("ptq", "itq")
@@ -129,9 +129,8 @@ def state_quantizer(lif: nn.Module, bits: int, rounding: str, state_range: float
 
 
 def _weight_quantizer(space: QuantSpace, bits: int, rounding: str, tensor: torch.Tensor):
-    channels = tensor.shape[0] if space.per_channel and tensor.dim() > 1 else None
     cls = PowerOfTwoQuantizer if space.format == "fixed" else UniformQuantizer
-    return cls(bits, rounding, channels=channels)
+    return cls(bits, rounding, channels=scale_channels(tensor, space.per_channel))
 
 
 def quantize_model(model: nn.Module, candidate: Candidate, space: QuantSpace) -> nn.Module:

@@ -279,6 +279,12 @@ def snap_to_grid_(model: nn.Module, stochastic: bool = True, generator: torch.Ge
             quantizer.generator = kept
 
 
+def scale_channels(weight: torch.Tensor, per_channel: bool) -> int | None:
+    """How many scales a quantizer of ``weight`` holds: one per output channel (dimension 0) with ``per_channel``
+    for a tensor of two or more dimensions, else None (one per tensor)."""
+    return weight.shape[0] if per_channel and weight.dim() > 1 else None
+
+
 def quantize_weights(model: nn.Module, bits: int, rounding: str = "nearest",
                      names: list[str] | None = None, per_channel: bool = False) -> dict[str, Quantizer]:
     """Attach a calibrated :class:`UniformQuantizer` of ``bits`` bits to every conv/linear weight (or ``names``),
@@ -287,8 +293,7 @@ def quantize_weights(model: nn.Module, bits: int, rounding: str = "nearest",
     Stochastic rounding is drawn once here (:func:`snap_to_grid_`), so the quantized model is fixed.
     """
     def quantizer(name: str) -> UniformQuantizer:
-        channels = original(*owner(model, name)).shape[0] if per_channel else None
-        return UniformQuantizer(bits, rounding, channels)
+        return UniformQuantizer(bits, rounding, scale_channels(original(*owner(model, name)), per_channel))
 
     quantizers = {name: attach_quantizer(model, name, quantizer(name))
                   for name in (names if names is not None else weight_names(model))}
