@@ -1,8 +1,8 @@
 """The ``quant_sweep`` stage (STP, docs/methods/stp.md): post-training weight quantization over bit widths.
 
 Uniform symmetric quantizers (:class:`~snncompress.compress.quantizers.UniformQuantizer`), one
-scale per layer as in STP or, with ``per_channel``, one per output channel, are attached to every conv/linear weight of a copy of the model at each bit
-width of ``bits``; the smallest width whose validation accuracy is within
+scale per layer as in STP or, with ``per_channel``, one per output channel, are attached to every
+conv/linear weight of a copy of the model at each bit width of ``bits``; the smallest width whose validation accuracy is within
 ``tolerance`` of the float model's is applied. The quantizers stay on the
 output model, so the checkpoint stores each weight as bit-packed integer codes
 plus its float32 scales (one, or one per output channel), which is what the footprint counts.

@@ -44,7 +44,7 @@ from ..models import SpikingNetwork
 from .callbacks import Callback, ClampNeurons, EnforceMasks, KeepBestEpoch, TrainState
 from .memory import checkpoint_layers, lean_memory
 from .resume import Progress, load_snapshot, run_key, save_snapshot
-from .speed import CompiledForward, autocast, batch_layout, flush_subnormals, to_memory_format
+from .speed import CompiledForward, autocast, batch_layout, subnormals_as_zero, to_memory_format
 
 #: steps between two host reads of the loss sums on a GPU (a CPU reads after every step: it costs nothing)
 GPU_CHECK_EVERY = 50
@@ -172,7 +172,7 @@ def train(model: SpikingNetwork, train_loader, val_loader, cfg: TrainConfig, *,
     checkpoint_layers(model, cfg.checkpoint_layers)
     to_memory_format(model, cfg.channels_last)
     try:
-        with interrupt_flag() as interrupted, flush_subnormals(device):
+        with interrupt_flag() as interrupted, subnormals_as_zero(device):
             run = _Run(model, train_loader, val_loader, cfg, device, csv_path, desc,
                        [ClampNeurons(), EnforceMasks(), *callbacks], snapshot_path, interrupted)
             return run.epochs()

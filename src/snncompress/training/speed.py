@@ -17,7 +17,7 @@ option), off by default, and runs the same code on CPU tensors as on a GPU:
     (no compiler, an unsupported op), the loop says so once and continues
     eagerly with the same weights.
 
-Always on, on CPU: :func:`flush_subnormals` while training (weights that weight
+Always on, on CPU: :func:`subnormals_as_zero` while training (weights that weight
 decay drives below 1.2e-38 made a training step 7x slower, issue 27).
 """
 
@@ -70,10 +70,11 @@ class CompiledForward:
 
 
 @contextlib.contextmanager
-def flush_subnormals(device):
+def subnormals_as_zero(device):
     """On CPU, treat subnormal floats (below 1.2e-38) as zero in arithmetic while the block runs (x86 FTZ/DAZ,
-    :func:`torch.set_flush_denormal`); afterwards PyTorch's default (off) again. A model whose weights decayed
-    into the subnormal range trained at 261 against 36 ms a step (one thread, batch 64) without it."""
+    :func:`torch.set_flush_denormal`; unlike :func:`snncompress.compress.state.flush_subnormals_`, which zeroes a
+    model's stored values, nothing stored changes); afterwards PyTorch's default (off) again. A model whose weights
+    decayed into the subnormal range trained at 261 against 36 ms a step (one thread, batch 64) without it."""
     flushing = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
     try:
         yield
