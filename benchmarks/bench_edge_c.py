@@ -10,7 +10,9 @@ For each LABEL=CHECKPOINT (a Fashion-MNIST / MNIST spiking VGG or convnet):
 * batch-1 latency per image on one thread, the three engines interleaved image by image in this
   one process (median over ``--latency-images``): the C engine (a shared library of the same
   sources, called through ctypes), snncompress's PyTorch inference plan
-  (:func:`snncompress.deploy.build_inference_plan`), and snnTorch running the NIR export;
+  (:func:`snncompress.deploy.build_inference_plan`), and snnTorch running the NIR export; every
+  engine runs the deployed weights (subnormal values flushed to zero first, as in the reports'
+  latency protocol);
 * flash / RAM of the engine library (``size``) on the host and for a Cortex-M4
   (``arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -Os``, if installed), beside ``footprint_bytes``;
 * additions and multiplications executed per image (a ``-DSNN_COUNT_OPS`` build) beside the
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 from snncompress.checkpoint import load_checkpoint
-from snncompress.compress.state import frozen
+from snncompress.compress.state import flush_subnormals_, frozen
 from snncompress.data import normalisation, read_fashion_mnist, read_mnist
 from snncompress.deploy import build_inference_plan
 from snncompress.deploy.c import EXPORT_FILES, write_c_folder
@@ -144,6 +146,10 @@ def latency(model, lib_path: Path, engine, pixels: np.ndarray, normalised: torch
 def measure(label: str, path: Path, build_root: Path, args) -> dict:
     loaded = load_checkpoint(path)
     model = loaded.model.eval()
+    # as deployed, and as the reports' latency protocol times it: subnormal values (trained weights
+    # decayed below 1.2e-38) set to zero before the export and every engine, so that neither the
+    # C build nor PyTorch pays x86's microcoded subnormal arithmetic
+    subnormals = flush_subnormals_(model)
     dataset = loaded.info.get("dataset", args.dataset)
     mean, std = normalisation(dataset)
     _, _, test_x, test_y = READERS[dataset](args.data_dir)
@@ -180,7 +186,7 @@ def measure(label: str, path: Path, build_root: Path, args) -> dict:
         "weight_bits": engine.weight_bits, "test_images": int(len(test_x)),
         "accuracy_c": float((c_pred == test_y).mean()), "accuracy_pytorch": float((torch_pred == test_y).mean()),
         "predictions_differing": int((c_pred != torch_pred).sum()),
-        "latency_ms": lat, "latency_images": args.latency_images, "threads": 1,
+        "latency_ms": lat, "latency_images": args.latency_images, "threads": 1, "subnormals_flushed": subnormals,
         "footprint_bytes": footprint(model)["bytes"], "size": sizes(folder),
         "ops_per_image": {"adds": float(adds), "muls": float(muls), "images": args.ops_images},
         "synops_per_image": {"ac": synops["ac"], "mac": synops["mac"], "convention": synops["pooled_spikes"]},
