@@ -449,6 +449,31 @@ def test_finetune_recalibrate_sets_narrow_thresholds_from_calibration(tmp_path):
     assert thresholds["s05"] == pytest.approx(0.5 * thresholds["s1"], rel=1e-6)
 
 
+def test_finetune_distills_from_the_unpruned_model(tmp_path, monkeypatch):
+    """distill: the narrow model's fine-tuning gets a Distillation callback whose teacher is the wide
+    train_snn model (same parameter count), with the recipe's weight; without distill it gets none."""
+    from snncompress.pipeline import run_recipe
+    from snncompress.training import callbacks
+
+    teachers = []
+    original = callbacks.Distillation.__init__
+
+    def record(self, teacher, weight, temperature=2.0):
+        teachers.append((sum(p.numel() for p in teacher.parameters()), weight))
+        original(self, teacher, weight, temperature)
+
+    monkeypatch.setattr(callbacks.Distillation, "__init__", record)
+    head = STP_RECIPE.split("  - {kind: prune_pca")[0]
+    pca = "  - {kind: prune_pca, mode: finetune, theta: 0.9, pca_images: 32, epochs: 1, max_batches: 2%s}\n"
+    tail = "measure: {robustness_images: 32, ops_images: 32, latency_repeats: 2, noise_sigmas: [0.0]}\n"
+    for label, extra in {"plain": "", "distilled": ", distill: 0.25"}.items():
+        (tmp_path / f"{label}.yaml").write_text(head + pca % extra + tail)
+        report = run_recipe(tmp_path / f"{label}.yaml", tmp_path / label)
+    stages = {s["name"]: s["metrics"] for s in report["stages"]}
+    assert teachers == [(stages["train_snn"]["params"], 0.25)]
+    assert stages["prune_pca"]["params"] < stages["train_snn"]["params"]
+
+
 class _ReadForbidden:
     """A loader that fails the test when anything iterates it."""
 

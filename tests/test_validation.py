@@ -229,6 +229,8 @@ CHAIN_CASES = [
      "stages[1] (prune_pca): calib_images: not used with mode: finetune without recalibrate: true"),
     ("[{kind: train_snn}, {kind: prune_pca, mode: scratch, recalibrate: true}]",
      "stages[1] (prune_pca): recalibrate: not used with mode: scratch"),
+    ("[{kind: train_snn}, {kind: prune_pca, mode: scratch, distill: 0.5}]",
+     "stages[1] (prune_pca): distill: not used with mode: scratch"),
     ("[{kind: train_ann, optimizer: sgd, momentum: 0}]",
      "stages[0] (train_ann): momentum: optimizer sgd (Nesterov) needs momentum > 0"),
     ("[{kind: train_ann, momentum: 0.5}]", "stages[0] (train_ann): momentum: only used with optimizer: sgd"),

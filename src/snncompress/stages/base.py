@@ -221,11 +221,11 @@ class TrainOptions(StageOptions, TrainConfig):
 
 class DistillOptions(TrainOptions):
     """Options of a training stage that can distil from a frozen teacher (``temporal``: the model it starts from,
-    at its T; ``train_snn``: that model's ANN twin, the converted ANN)."""
+    at its T; ``train_snn``: that model's ANN twin, the converted ANN; ``prune_pca``: the unpruned model)."""
 
     distill: float = Field(0.0, ge=0, le=1, description="weight of distillation from the stage's teacher (temporal: "
-                                                        "its starting model at its T; train_snn: the converted ANN) "
-                                                        "in the loss; 0 = off")
+                                                        "its starting model at its T; train_snn: the converted ANN; "
+                                                        "prune_pca: the unpruned model) in the loss; 0 = off")
     distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of the distillation term")
 
     def check(self, chain: Chain) -> None:

@@ -5,7 +5,8 @@
   share one width, the max over the group), trained either from scratch
   through the hybrid pipeline (``mode: scratch``, the paper: ANN, threshold
   calibration, SNN) or by inheriting the most significant channels' weights
-  and fine-tuning the SNN (``mode: finetune``).
+  and fine-tuning the SNN (``mode: finetune``, optionally distilling from the
+  unpruned model).
 * ``temporal``: lower T along a decreasing schedule, fine-tuning at each step,
   until accuracy falls more than ``tolerance`` below the stage's start.
 
@@ -40,10 +41,16 @@ from .base import (Chain, DistillOptions, StageContext, StageResult, TrainOption
 # ----------------------------------------------------------------------------- prune_pca
 
 
-class PrunePCAOptions(TrainOptions):
-    """PCA channel pruning; ``epochs``/``lr``/... train the narrow SNN (finetune: fine-tuning, scratch: BPTT)."""
+class PrunePCAOptions(DistillOptions):
+    """PCA channel pruning; ``epochs``/``lr``/... train the narrow SNN (finetune: fine-tuning, scratch: BPTT).
+
+    ``distill`` (finetune only): the narrow model learns from the unpruned one as well as from the labels.
+    """
 
     needs, produces = "snn", "snn"
+    #: distill came after runs existed: hashed only when set, so their prune_pca folders stay finished
+    HASHED_WHEN_CHANGED: ClassVar[frozenset[str]] = DistillOptions.HASHED_WHEN_CHANGED | {"distill",
+                                                                                          "distill_temperature"}
     #: options each mode leaves unused (calibration: also finetune without recalibrate)
     SCRATCH_ONLY: ClassVar[set[str]] = {"ann_epochs", "ann_lr", "ann_weight_decay"}
     CALIBRATION: ClassVar[set[str]] = {"calib_images", "calib_timesteps", "calib_percentile", "calib_scale"}
@@ -75,7 +82,7 @@ class PrunePCAOptions(TrainOptions):
         """An option the chosen mode does not use is an error (it would be silently ignored)."""
         super().check(chain)
         if self.mode == "scratch":
-            unused = {"recalibrate"}
+            unused = {"recalibrate", "distill", "distill_temperature"}
         else:
             unused = self.SCRATCH_ONLY | (set() if self.recalibrate else self.CALIBRATION)
         given = sorted(self.model_fields_set & unused)
@@ -114,11 +121,15 @@ def train_from_scratch(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCA
     return kept_row(fit(ctx, narrow, opts.train_config(seed), "train_log.csv", "pca-snn"))["val_accuracy"]
 
 
-def finetune_inherited(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions) -> float:
-    """Fine-tune the narrow SNN that inherited the kept channels' weights; returns its val accuracy."""
+def finetune_inherited(ctx: StageContext, narrow: SpikingNetwork, opts: PrunePCAOptions,
+                       wide: SpikingNetwork) -> float:
+    """Fine-tune the narrow SNN that inherited the kept channels' weights (distilling from ``wide``, the
+    unpruned model, when ``distill`` > 0); returns its val accuracy."""
     if opts.epochs == 0:
         return evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
-    return kept_row(fit(ctx, narrow, opts.train_config(ctx.seed), "train_log.csv", "pca-finetune"))["val_accuracy"]
+    callbacks = opts.distillation(lambda: copy.deepcopy(wide))
+    return kept_row(fit(ctx, narrow, opts.train_config(ctx.seed), "train_log.csv", "pca-finetune",
+                        callbacks))["val_accuracy"]
 
 
 def plot_variance(pca: dict[str, LayerPCA], theta: float, path: Path) -> str:
@@ -161,7 +172,7 @@ def prune_pca(ctx: StageContext, opts: PrunePCAOptions) -> StageResult:
         if opts.recalibrate:  # thresholds tuned for the wide net can silence the narrow one
             recalibrate(ctx, narrow, opts)
         accuracy_after_surgery = evaluate_accuracy(narrow, ctx.val_loader, ctx.device)
-        accuracy = finetune_inherited(ctx, narrow, opts)
+        accuracy = finetune_inherited(ctx, narrow, opts, model)
     else:
         narrow = narrow_fresh(model, widths, groups).to(ctx.device)
         accuracy_after_surgery, accuracy = None, train_from_scratch(ctx, narrow, opts)
