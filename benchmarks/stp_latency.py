@@ -3,11 +3,12 @@
     python benchmarks/stp_latency.py --run runs/stp-fmnist          # the default threads (2 here)
 
 Loads the checkpoints that ``report.json`` names as baseline and final, and times
-both in both forms (each as deployed: subnormal values flushed, the plan at its
+both in three forms (each as deployed: subnormal values flushed, the plan at its
 fastest thread count up to the process's) with the reports' own protocol (:func:`snncompress.metrics.latency.measure_latency`;
 ``eager``: the model's own forward; ``plan``: the lean
-:class:`~snncompress.deploy.plan.InferencePlan`) on the same image,
-interleaving the four variants round by round so that machine-speed drift hits
+:class:`~snncompress.deploy.plan.InferencePlan`, BatchNorm folded as the reports time it;
+``plan-unfolded``: the plan with ``fold_batchnorm=False``, the eager arithmetic bit for bit)
+on the same image, interleaving the six variants round by round so that machine-speed drift hits
 all of them alike. Prints each variant's median ms/image per round and over all
 rounds, and the baseline/final speed-up per form. Absolute times on a shared VM
 drift; the ratios, measured in one process, are the figures to quote.
@@ -16,6 +17,7 @@ drift; the ratios, measured in one process, are the figures to quote.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -25,7 +27,11 @@ import torch
 
 from snncompress import load
 from snncompress.deploy import build_inference_plan
-from snncompress.metrics.latency import LATENCY_FORMS, measure_latency
+from snncompress.metrics.latency import measure_latency
+
+#: name -> (measure_latency form, plan builder)
+FORMS = {"eager": ("eager", build_inference_plan), "plan": ("plan", build_inference_plan),
+         "plan-unfolded": ("plan", functools.partial(build_inference_plan, fold_batchnorm=False))}
 
 
 def load_models(run: Path) -> dict:
@@ -57,10 +63,12 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.passes} passes x {args.rounds} rounds")
     for r in range(args.rounds):
         for role, model in models.items():
-            for form in LATENCY_FORMS:
+            for name, (form, build_plan) in FORMS.items():
                 timed = measure_latency(model, images, repeats=args.passes, warmup=20 if r == 0 else 3, form=form,
-                                        build_plan=build_inference_plan)
-                key = f"{role} {timed['latency_form']}"
+                                        build_plan=build_plan)
+                if timed["latency_form"] != form:  # no plan for this model: eager is timed already
+                    continue
+                key = f"{role} {name}"
                 per_round.setdefault(key, []).append(timed["latency_ms"])
                 threads_used.setdefault(key, set()).add(timed["latency_threads"])
                 flushed[role] = timed["latency_subnormals_flushed"]
@@ -68,7 +76,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in per_round.items()}
     print("threads used: " + ", ".join(f"{k} {sorted(v)}" for k, v in threads_used.items())
           + "; subnormal values flushed: " + ", ".join(f"{k} {v}" for k, v in flushed.items()))
-    for form in ("eager", "plan"):
+    for form in FORMS:
         b, f = med.get(f"baseline {form}"), med.get(f"final {form}")
         if b and f:
             per_round_ratio = [x / y for x, y in zip(per_round[f"baseline {form}"], per_round[f"final {form}"])]

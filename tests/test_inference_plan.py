@@ -41,7 +41,7 @@ def _convnet(timesteps: int, *, per_channel: bool = False, reset: str = "soft", 
 def test_plan_logits_equal_eager_logits(timesteps, per_channel, reset, batchnorm, dtype):
     model = _convnet(timesteps, per_channel=per_channel, reset=reset, batchnorm=batchnorm, dtype=dtype)
     images = torch.randn(5, 1, 12, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
-    plan = build_inference_plan(model)
+    plan = build_inference_plan(model, fold_batchnorm=False)
     assert plan is not None
     plan.train()  # inference only: stays in eval mode
     assert not plan.training and not model.training
@@ -50,6 +50,51 @@ def test_plan_logits_equal_eager_logits(timesteps, per_channel, reset, batchnorm
     assert eager.abs().sum() > 0 and eager.std() > 0, "the test net must spike for the comparison to mean anything"
     assert lean.shape == (5, 10) and lean.dtype == dtype
     assert torch.equal(eager, lean)
+
+
+def _with_trained_batchnorm(model):
+    """Running statistics and affine parameters far from the identity, as training leaves them."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            c = bn.num_features
+            bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.3)
+            bn.running_var.copy_(torch.rand(c, generator=generator) * 2 + 0.2)
+            bn.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+            bn.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+    return model
+
+
+@needs_cext
+@pytest.mark.parametrize("timesteps,dtype", [(1, torch.float32), (4, torch.float32), (3, torch.float64)])
+def test_folded_batchnorm_plan_matches_eager_logits(timesteps, dtype):
+    """Folding removes every BatchNorm step and keeps the logits to float rounding (no spike flips on these
+    images: a flip would move a logit by a whole weight); the unfolded plan is bit-identical."""
+    model = _with_trained_batchnorm(_convnet(timesteps, per_channel=True, batchnorm=True, dtype=dtype))
+    images = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
+    folded, exact = build_inference_plan(model), build_inference_plan(model, fold_batchnorm=False)
+    batchnorms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert batchnorms == 2 and len(exact.steps) - len(folded.steps) == batchnorms
+    with torch.inference_mode():
+        eager, lean = model(images), folded(images)
+        assert torch.equal(exact(images), eager)
+    assert eager.abs().sum() > 0 and eager.std() > 0
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(lean, eager, rtol=0, atol=tolerance * eager.abs().max().item())
+    assert torch.equal(lean.argmax(1), eager.argmax(1))
+
+
+@needs_cext
+def test_folded_plan_reads_the_weights_at_build_time():
+    """The folded layer is a copy: a later weight change reaches the unfolded plan, not the folded one."""
+    model = _with_trained_batchnorm(_convnet(2, batchnorm=True))
+    images = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    folded, exact = build_inference_plan(model), build_inference_plan(model, fold_batchnorm=False)
+    with torch.inference_mode():
+        before = folded(images)
+        model.features[0].weight.mul_(3.0)
+        assert torch.equal(folded(images), before)
+        assert not torch.equal(exact(images), before)
 
 
 @needs_cext

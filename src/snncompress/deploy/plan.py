@@ -9,7 +9,8 @@ than the arithmetic (a pruned T = 1 convnet spends most of its time there).
 :class:`InferencePlan` walks the same modules once at build time and keeps, per
 layer, only what the forward needs:
 
-* convolution / BatchNorm / linear: the module's own ``forward`` (no hooks);
+* convolution / BatchNorm / linear: the module's own ``forward`` (no hooks); a
+  BatchNorm right after a convolution or linear layer is folded into it (below);
 * LIF: the C forward kernel (:mod:`snncompress.kernels.cpu`) with its leak and
   threshold vectors prepared once; the current before the first LIF is read
   with time stride 0 (computed once, never copied T times);
@@ -18,8 +19,18 @@ layer, only what the forward needs:
 
 Activations stay time-folded ``[T*B, ...]`` from the first LIF on; the logits
 are summed over t exactly as the eager model does. The plan reads the model's
-current tensors (it copies nothing and changes nothing), so build it after
-training; outputs equal the eager model's (tests check bit-equality).
+current tensors and changes nothing, so build it after training.
+
+BatchNorm folding (``fold_batchnorm``, on by default as in every deployment
+runtime, and as the C export and the NIR graph already do): an eval-mode
+``BN(layer(x)) = gain * layer(x) + shift`` becomes one layer with weights
+``gain * W`` (per output channel) and bias ``gain * b + shift``, computed in
+float64 at build time. The plan then holds copies of those layers' weights
+(rebuild it after changing them) and one pass less per BatchNorm. Its logits
+equal the eager model's up to float rounding: the folded sums round
+differently, so a membrane potential within about 1e-7 (relative) of its
+threshold may spike in one and not in the other. ``fold_batchnorm=False``
+keeps the eager arithmetic exactly (tests check bit-equality).
 
 :func:`build_inference_plan` returns None for what the plan does not cover
 (ResNets, ANN mode, Poisson encoding, non-CPU tensors, dtypes other than
@@ -34,12 +45,28 @@ import torch
 from torch import nn
 
 from ..metrics.latency import median_ms
+from ..models.chain import batchnorm_affine
 from ..neuron import LIF
 from ..kernels import cpu
 
 
 #: Layers the plan runs with their own (plain-class) forward.
 STATELESS_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
+#: Layers a BatchNorm right after them is folded into.
+FOLDABLE_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def _folded_forward(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d, dtype: torch.dtype):
+    """The forward of ``bn(layer(x))`` (eval mode) as one layer: weight ``gain * W`` per output channel, bias
+    ``gain * b + shift`` (``gain, shift`` of :func:`batchnorm_affine`, float64, then ``dtype``)."""
+    gain, shift = batchnorm_affine(bn)
+    weight = layer.weight.detach().double().cpu()
+    weight = (weight * gain.view(-1, *[1] * (weight.dim() - 1))).to(dtype).contiguous()
+    bias = shift if layer.bias is None else shift + gain * layer.bias.detach().double().cpu()
+    bias = bias.to(dtype).contiguous()
+    if isinstance(layer, nn.Conv2d):  # the layer's own padding mode, stride, dilation and groups
+        return functools.partial(nn.Conv2d._conv_forward, layer, weight=weight, bias=bias)
+    return functools.partial(nn.functional.linear, weight=weight, bias=bias)
 
 
 def _lif_vectors(lif: LIF, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +81,8 @@ class InferencePlan(nn.Module):
 
     Build it with :func:`build_inference_plan`. It holds references to the model's
     modules and parameters; a later change of the model's weights is seen by the plan,
-    a change of leak/threshold is not (rebuild it).
+    except in layers a BatchNorm was folded into (copies), and a change of leak/threshold
+    is not (rebuild it).
     """
 
     def __init__(self, model: nn.Module, steps: list[tuple], timesteps: int, dtype: torch.dtype):
@@ -137,12 +165,18 @@ def _pool_size(m: nn.AvgPool2d) -> int | None:
     return int(k)
 
 
-def _plan_steps(seq: nn.Sequential, dtype: torch.dtype) -> list[tuple] | None:
+def _plan_steps(seq: nn.Sequential, dtype: torch.dtype, fold_batchnorm: bool) -> list[tuple] | None:
     """The plan of one ``nn.Sequential`` of the model, or None if it holds a layer the plan lacks."""
     from ..models.base import TimeDropout
 
-    steps = []
+    steps, previous = [], None  # previous: the layer of the last step, if it can take a BatchNorm in
     for m in seq:
+        if (fold_batchnorm and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and previous is not None
+                and m.track_running_stats and m.running_var is not None):
+            steps[-1] = ("module", _folded_forward(previous, m, dtype))
+            previous = None
+            continue
+        previous = m if isinstance(m, FOLDABLE_LAYERS) else None
         if isinstance(m, LIF):
             if m.state_quantizer is not None:  # the C kernel keeps a float membrane
                 return None
@@ -163,10 +197,12 @@ def _plan_steps(seq: nn.Sequential, dtype: torch.dtype) -> list[tuple] | None:
     return steps
 
 
-def build_inference_plan(model: nn.Module) -> InferencePlan | None:
+def build_inference_plan(model: nn.Module, fold_batchnorm: bool = True) -> InferencePlan | None:
     """The lean inference form of a spiking VGG/convnet on CPU, or None where it does not apply.
 
-    The model is put in eval mode (nothing else about it changes).
+    ``fold_batchnorm``: fold each BatchNorm into the convolution or linear layer before it (module
+    docstring; False keeps the eager model's arithmetic bit for bit). The model is put in eval mode
+    (nothing else about it changes).
     """
 
     if "plan" not in getattr(model, "EXPORTS", ()) or not model.spiking:
@@ -178,7 +214,8 @@ def build_inference_plan(model: nn.Module) -> InferencePlan | None:
     if dtype not in (torch.float32, torch.float64) or any(p.device.type != "cpu" or p.dtype != dtype
                                                            for p in params):
         return None
-    features, classifier = _plan_steps(model.features, dtype), _plan_steps(model.classifier, dtype)
+    features = _plan_steps(model.features, dtype, fold_batchnorm)
+    classifier = _plan_steps(model.classifier, dtype, fold_batchnorm)
     if features is None or classifier is None:
         return None
     model.eval()
