@@ -11,8 +11,8 @@ layer, only what the forward needs:
 
 * convolution / BatchNorm / linear: the module's own ``forward`` (no hooks); a
   BatchNorm right after a convolution or linear layer is folded into it (below);
-* LIF: the C forward kernel (:mod:`snncompress.kernels.cpu`) with its leak and
-  threshold vectors prepared once; the current before the first LIF is read
+* LIF: the C forward kernel bound once to its leak and threshold vectors
+  (:class:`snncompress.kernels.cpu.BoundForward`); the current before the first LIF is read
   with time stride 0 (computed once, never copied T times);
 * 2x2 average pooling: the C pooling kernel (bit-identical to PyTorch's);
 * dropout: nothing (eval mode).
@@ -113,19 +113,6 @@ class InferencePlan(nn.Module):
         """Inference only: the plan and its model stay in eval mode (BatchNorm keeps its running stats)."""
         return super().train(False)
 
-    def _lif(self, x: torch.Tensor, leak: torch.Tensor, thr: torch.Tensor, hard: bool,
-             has_time: bool) -> torch.Tensor:
-        """Spikes ``[T*B, ...]`` of currents ``x`` (``[T*B, ...]``, or ``[B, ...]`` broadcast over T)."""
-        x = x.contiguous()
-        t = self.timesteps
-        batch = x.shape[0] // t if has_time else x.shape[0]
-        out = torch.empty((t * batch, *x.shape[1:]), dtype=x.dtype)
-        n = out.numel() // t
-        c = thr.numel()
-        layout = (1, n) if c == 1 else (c, n // (batch * c))
-        cpu.launch_forward(x, n if has_time else 0, leak, thr, hard, layout, t, out)
-        return out
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` (normalised, the model's dtype, CPU) -> logits ``[B, K]`` (summed over t)."""
         process_threads = torch.get_num_threads()
@@ -142,8 +129,8 @@ class InferencePlan(nn.Module):
         with torch.inference_mode():
             for step in self.steps:
                 kind = step[0]
-                if kind == "lif":
-                    x, has_time = self._lif(x, *step[1:], has_time), True
+                if kind == "lif":  # spikes [T*B, ...] of x ([T*B, ...], or [B, ...] broadcast over T)
+                    x, has_time = step[1](x, has_time), True
                 elif kind == "pool":
                     x = cpu.avgpool_forward(x.contiguous(), step[1])
                 elif kind == "flatten":
@@ -165,7 +152,7 @@ def _pool_size(m: nn.AvgPool2d) -> int | None:
     return int(k)
 
 
-def _plan_steps(seq: nn.Sequential, dtype: torch.dtype, fold_batchnorm: bool) -> list[tuple] | None:
+def _plan_steps(seq: nn.Sequential, dtype: torch.dtype, timesteps: int, fold_batchnorm: bool) -> list[tuple] | None:
     """The plan of one ``nn.Sequential`` of the model, or None if it holds a layer the plan lacks."""
     from ..models.base import TimeDropout
 
@@ -180,7 +167,7 @@ def _plan_steps(seq: nn.Sequential, dtype: torch.dtype, fold_batchnorm: bool) ->
         if isinstance(m, LIF):
             if m.state_quantizer is not None:  # the C kernel keeps a float membrane
                 return None
-            steps.append(("lif", *_lif_vectors(m, dtype), m.reset == "hard"))
+            steps.append(("lif", cpu.BoundForward(*_lif_vectors(m, dtype), m.reset == "hard", timesteps)))
         elif isinstance(m, STATELESS_LAYERS):
             # the plain class's forward: lean_memory's subclasses only change what backward keeps
             base = next(cls for cls in STATELESS_LAYERS if isinstance(m, cls))
@@ -214,8 +201,8 @@ def build_inference_plan(model: nn.Module, fold_batchnorm: bool = True) -> Infer
     if dtype not in (torch.float32, torch.float64) or any(p.device.type != "cpu" or p.dtype != dtype
                                                            for p in params):
         return None
-    features = _plan_steps(model.features, dtype, fold_batchnorm)
-    classifier = _plan_steps(model.classifier, dtype, fold_batchnorm)
+    features = _plan_steps(model.features, dtype, model.timesteps, fold_batchnorm)
+    classifier = _plan_steps(model.classifier, dtype, model.timesteps, fold_batchnorm)
     if features is None or classifier is None:
         return None
     model.eval()

@@ -190,6 +190,35 @@ def launch_forward(current, its, lk, th, hard, layout, steps, out, u=None) -> No
        _threads(steps * n))
 
 
+class BoundForward:
+    """The C forward kernel bound once to a layer's prepared ``leak``/``threshold`` vectors (length 1 or ``C``),
+    reset and ``timesteps``, for inference (no membrane kept): the inference plan's LIF step.
+
+    ``bound(current, has_time)`` -> spikes ``[T*B, ...]`` of currents ``[T*B, ...]`` (time-folded), or of
+    ``[B, ...]`` read once and broadcast over the T steps (``has_time`` False). Same arithmetic as
+    :func:`launch_forward`; at batch 1 and T = 1 its per-call Python work (library lookup, pointer and
+    layout arguments) cost about as much as the kernel itself, so it is done here once.
+    """
+
+    __slots__ = ("leak", "threshold", "timesteps", "_kernel", "_vectors", "_channels", "_hard")
+
+    def __init__(self, leak: torch.Tensor, threshold: torch.Tensor, hard: bool, timesteps: int):
+        self.leak, self.threshold, self.timesteps = leak, threshold, int(timesteps)  # kept alive: raw pointers below
+        lib = load_library()
+        self._kernel = lib.lif_fwd_f32 if threshold.dtype == torch.float32 else lib.lif_fwd_f64
+        self._vectors = (leak.data_ptr(), threshold.data_ptr())
+        self._channels, self._hard = threshold.numel(), int(hard)
+
+    def __call__(self, current: torch.Tensor, has_time: bool) -> torch.Tensor:
+        current, t, c = current.contiguous(), self.timesteps, self._channels
+        batch = current.shape[0] // t if has_time else current.shape[0]
+        out = torch.empty((t * batch, *current.shape[1:]), dtype=current.dtype)
+        n = out.numel() // t
+        self._kernel(current.data_ptr(), n if has_time else 0, out.data_ptr(), None, *self._vectors, t, n,
+                     c, n if c == 1 else n // (batch * c), self._hard, _threads(t * n))
+        return out
+
+
 def _forward_kernel(current, its, leak, threshold, hard, layout, out, u=None) -> None:
     """:func:`launch_forward` with the LIF's own ``leak`` / ``threshold`` tensors (scalar or per channel)."""
     c = layout[0]
