@@ -2,6 +2,10 @@
 
     python benchmarks/stp_latency.py --run runs/stp-fmnist          # the default threads (2 here)
 
+The timed image is the run's first test image, as in the reports (``--image noise``: a Gaussian
+noise image instead, what this benchmark timed before session 38; spike patterns, and with them the
+time of the LIF kernels, differ).
+
 Loads the checkpoints that ``report.json`` names as baseline and final, and times
 both in three forms (each as deployed: subnormal values flushed, the plan at its
 fastest thread count up to the process's) with the reports' own protocol (:func:`snncompress.metrics.latency.measure_latency`;
@@ -27,7 +31,9 @@ import torch
 
 from snncompress import load
 from snncompress.deploy import build_inference_plan
-from snncompress.metrics.latency import measure_latency
+from snncompress.data import load_data
+from snncompress.errors import UserError
+from snncompress.metrics.latency import latency_images, measure_latency
 
 #: name -> (measure_latency form, plan builder)
 FORMS = {"eager": ("eager", build_inference_plan), "plan": ("plan", build_inference_plan),
@@ -46,21 +52,36 @@ def load_models(run: Path) -> dict:
     return models
 
 
+def timed_images(run: Path, kind: str, batch: int, in_shape) -> torch.Tensor:
+    """``[batch, *in_shape]``: the first test images of the run's dataset (``test``), or Gaussian noise."""
+    if kind == "noise":
+        return torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(0))
+    dataset = json.loads((run / "report.json").read_text())["dataset"]
+    _, test_loader, _ = load_data(dataset, None, batch, augment=False)
+    return latency_images(test_loader, batch)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished `snncompress run` folder")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--passes", type=int, default=300, help="timed passes per variant and round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--image", choices=("test", "noise"), default="test",
+                    help="time the first test image(s) (as the reports do) or Gaussian noise")
     args = ap.parse_args()
     if not (args.run / "report.json").is_file():
         sys.exit(f"error: {args.run} has no report.json (run `snncompress run` first)")
     models = load_models(args.run)
-    images = torch.randn(args.batch, *models["final"].spec["in_shape"], generator=torch.Generator().manual_seed(0))
+    try:
+        images = timed_images(args.run, args.image, args.batch, models["final"].spec["in_shape"])
+    except UserError as err:  # e.g. no SNNCOMPRESS_DATA for the test image
+        sys.exit(f"error: {err} (or time a noise image: --image noise)")
     per_round: dict[str, list[float]] = {}
     threads_used: dict[str, set[int]] = {}
     flushed: dict[str, int] = {}
-    print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.passes} passes x {args.rounds} rounds")
+    print(f"threads {torch.get_num_threads()}, batch {args.batch} ({args.image} image), {args.passes} passes x "
+          f"{args.rounds} rounds")
     for r in range(args.rounds):
         for role, model in models.items():
             for name, (form, build_plan) in FORMS.items():
