@@ -40,9 +40,8 @@ FORMS = {"eager": ("eager", build_inference_plan), "plan": ("plan", build_infere
          "plan-unfolded": ("plan", functools.partial(build_inference_plan, fold_batchnorm=False))}
 
 
-def load_models(run: Path) -> dict:
-    """``{"baseline": model, "final": model}`` from the checkpoints ``report.json`` names."""
-    report = json.loads((run / "report.json").read_text())
+def load_models(run: Path, report: dict) -> dict:
+    """``{"baseline": model, "final": model}`` from the checkpoints the run's ``report`` names."""
     models = {}
     for role in ("baseline", "final"):
         checkpoint = report[role].get("checkpoint")
@@ -52,11 +51,10 @@ def load_models(run: Path) -> dict:
     return models
 
 
-def timed_images(run: Path, kind: str, batch: int, in_shape) -> torch.Tensor:
-    """``[batch, *in_shape]``: the first test images of the run's dataset (``test``), or Gaussian noise."""
+def timed_images(dataset: str, kind: str, batch: int, in_shape) -> torch.Tensor:
+    """``[batch, *in_shape]``: the first test images of ``dataset`` (``test``), or Gaussian noise."""
     if kind == "noise":
         return torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(0))
-    dataset = json.loads((run / "report.json").read_text())["dataset"]
     _, test_loader, _ = load_data(dataset, None, batch, augment=False)
     return latency_images(test_loader, batch)
 
@@ -72,9 +70,10 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.run / "report.json").is_file():
         sys.exit(f"error: {args.run} has no report.json (run `snncompress run` first)")
-    models = load_models(args.run)
+    report = json.loads((args.run / "report.json").read_text())
+    models = load_models(args.run, report)
     try:
-        images = timed_images(args.run, args.image, args.batch, models["final"].spec["in_shape"])
+        images = timed_images(report["dataset"], args.image, args.batch, models["final"].spec["in_shape"])
     except UserError as err:  # e.g. no SNNCOMPRESS_DATA for the test image
         sys.exit(f"error: {err} (or time a noise image: --image noise)")
     per_round: dict[str, list[float]] = {}

@@ -158,8 +158,9 @@ def _plan_steps(seq: nn.Sequential, dtype: torch.dtype, timesteps: int, fold_bat
 
     steps, previous = [], None  # previous: the layer of the last step, if it can take a BatchNorm in
     for m in seq:
+        # running_var is None when the BatchNorm keeps no running statistics (eval uses batch statistics)
         if (fold_batchnorm and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and previous is not None
-                and m.track_running_stats and m.running_var is not None):
+                and m.running_var is not None):
             steps[-1] = ("module", _folded_forward(previous, m, dtype))
             previous = None
             continue
